@@ -1,0 +1,118 @@
+"""Metadata stamped into every shipped file, the cache-key fingerprint and the `.sha256` sidecar.
+
+OpenKara keys its compiled-session cache on `openkara.model_cache_key` and skips ONNX Runtime's
+own graph optimization when `openkara.optimized_by == onnxruntime`, so both must be exact: the
+key is a SHA-256 over the model with every metadata entry removed, which anyone can recompute
+from the released file with `invoke fingerprint FILE`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import onnx
+
+CACHE_KEY = "openkara.model_cache_key"
+OPTIMIZED_BY = "openkara.optimized_by"
+OPTIMIZED_BY_VALUE = "onnxruntime"
+MODEL_NAME = "openkara.model_name"
+STEMS = "openkara.stems"
+SAMPLE_RATE = "openkara.sample_rate"
+SEGMENT_SAMPLES = "openkara.segment_samples"
+AUDIO_CHANNELS = "openkara.audio_channels"
+PROVENANCE = "openkara.provenance"
+
+REQUIRED_KEYS = (
+    CACHE_KEY,
+    OPTIMIZED_BY,
+    MODEL_NAME,
+    STEMS,
+    SAMPLE_RATE,
+    SEGMENT_SAMPLES,
+    AUDIO_CHANNELS,
+    PROVENANCE,
+)
+
+
+def fingerprint(model: onnx.ModelProto) -> str:
+    """SHA-256 of the model serialized without any metadata_props.
+
+    Serialization is deterministic (fields in tag order, no maps in the ONNX schema), so the
+    same graph, weights and headers always give the same key, whatever metadata says.
+    """
+    bare = onnx.ModelProto()
+    bare.CopyFrom(model)
+    del bare.metadata_props[:]
+    return hashlib.sha256(bare.SerializeToString(deterministic=True)).hexdigest()
+
+
+def read_metadata(model: onnx.ModelProto) -> dict[str, str]:
+    return {prop.key: prop.value for prop in model.metadata_props}
+
+
+def stamp(model: onnx.ModelProto, entries: Mapping[str, str]) -> None:
+    """Replace all metadata with `entries` plus the cache key computed over the result."""
+    del model.metadata_props[:]
+    key = fingerprint(model)
+    for name, value in sorted({**entries, CACHE_KEY: key}.items()):
+        model.metadata_props.add(key=name, value=value)
+
+
+def provenance(model: onnx.ModelProto) -> dict:
+    return json.loads(read_metadata(model).get(PROVENANCE, "{}"))
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sidecar_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def sidecar_text(path: Path, digest: str) -> str:
+    """The `sha256sum` line format: `<hex>  <file name>` (two spaces: binary-agnostic mode)."""
+    return f"{digest}  {path.name}\n"
+
+
+def read_sidecar(path: Path) -> tuple[str, str]:
+    """Return (hex digest, file name) from `path`'s sidecar; ValueError if malformed."""
+    side = sidecar_path(path)
+    text = side.read_text(encoding="utf-8").strip()
+    digest, sep, name = text.partition("  ")
+    if not sep or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise ValueError(f"{side} is not a `sha256sum` line ('<64 hex>  <name>'): {text!r}")
+    return digest, name
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temp path beside `final`; rename it over `final` only if the block succeeds.
+
+    A crash or exception leaves no partial file under the final name (rename is atomic on one
+    file system), and the temp file is removed.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(final: Path, text: str) -> None:
+    with atomic_path(final) as tmp:
+        tmp.write_text(text, encoding="utf-8")

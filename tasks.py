@@ -1,0 +1,96 @@
+"""Invoke tasks: thin wrappers over the `converter` package (run `invoke --list`).
+
+Every CI step is one of these tasks or a nox session, so anything CI does runs the same locally.
+User errors (`converter.errors.UserError`) become one clear message and exit status 1, without
+a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+
+from invoke import Collection, Exit, task
+
+from converter.errors import UserError
+
+MODELS = "htdemucs, htdemucs_ft or htdemucs_6s"
+
+
+def _cli(func):
+    """Log to stderr and turn UserError into `Exit(message, 1)`."""
+
+    @functools.wraps(func)
+    def wrapper(c, *args, **kwargs):
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
+        )
+        try:
+            return func(c, *args, **kwargs)
+        except UserError as exc:
+            raise Exit(f"error: {exc}", code=1) from None
+
+    return wrapper
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None
+
+
+@task(
+    help={
+        "model": f"Pretrained model to convert: {MODELS}.",
+        "repo": "Local demucs model repo (SIG-CHECKSUM.th files + NAME.yaml); default: the hub.",
+        "out_dir": "Where to write NAME.onnx and NAME.onnx.sha256 (default: models/).",
+    }
+)
+@_cli
+def convert(c, model="htdemucs", repo=None, out_dir="models"):
+    """Convert a pretrained Demucs model to one optimized, validated ONNX file."""
+    from converter.pipeline import convert as run
+
+    run(model, repo=_path(repo), out_dir=Path(out_dir))
+
+
+@task(
+    help={
+        "model": f"Model whose file to validate: {MODELS}.",
+        "repo": "Local demucs model repo to build the PyTorch reference from (default: the hub).",
+        "out_dir": "Folder holding NAME.onnx (default: models/).",
+    }
+)
+@_cli
+def validate(c, model="htdemucs", repo=None, out_dir="models"):
+    """Check models/NAME.onnx against demucs in PyTorch (per-stem MSE gate)."""
+    from converter.pipeline import validate as run
+
+    run(model, repo=_path(repo), out_dir=Path(out_dir))
+
+
+@task(help={"file": "ONNX file whose openkara.model_cache_key to recompute."})
+@_cli
+def fingerprint(c, file):
+    """Print the cache key of FILE and whether it matches the stamped one."""
+    from converter.pipeline import fingerprint_report
+
+    print(fingerprint_report(Path(file)))
+
+
+@task(
+    help={
+        "out": "Folder to write the repo into (created).",
+        "size": "'full' (pretrained hyper-parameters) or 'small' (fast tests).",
+        "models": "Comma-separated bag names to write (default: all three).",
+    }
+)
+@_cli
+def fake_repo(c, out, size="full", models="htdemucs,htdemucs_ft,htdemucs_6s"):
+    """Write random-weight checkpoints in demucs' own repo format (offline testing)."""
+    from converter.fakerepo import write_repo
+
+    write_repo(Path(out), size=size, names=[m for m in models.split(",") if m])
+
+
+ns = Collection(convert, validate, fingerprint, fake_repo)
