@@ -1,0 +1,178 @@
+"""HTDemucs' forward pass, rewritten so that a TorchScript trace exports to a lean ONNX graph.
+
+The demucs modules (encoders, decoders, transformer layers) are called as they are, with their
+weights; only the glue of `HTDemucs.forward` and `CrossTransformerEncoder.forward` is restated,
+for three reasons:
+
+- the complex STFT/ISTFT moves out, to `converter.spectral`, shared by all models of a bag;
+- `expand_as` on the frequency embedding becomes a broadcast, which would otherwise let the
+  exporter fold a full-size tensor into the file;
+- the transformer's sinusoidal position embeddings (5.5 + 2.75 MB at full size) are computed
+  in-graph from a value that depends on the input, so neither the exporter nor ONNX Runtime's
+  constant folding can bake them into initializers and blow the file-size budget.
+
+Everything else is the demucs arithmetic in demucs' order, for eval mode, `cac=True` and the
+training segment length (what `apply_model(..., split=False)` feeds the model).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from demucs.htdemucs import HTDemucs
+from demucs.transformer import CrossTransformerEncoder
+from torch import nn
+
+
+def _anchor(mix: torch.Tensor) -> torch.Tensor:
+    """A zero that depends on the input (non-finite inputs give non-finite stems anyway)."""
+    return mix[0, 0, 0] * 0.0
+
+
+def _sin_embedding(
+    length: int, dim: int, max_period: float, anchor: torch.Tensor
+) -> torch.Tensor:
+    """`demucs.transformer.create_sin_embedding(length, dim)` as [1, length, dim]."""
+    half = dim // 2
+    adim = torch.arange(half).view(1, -1)
+    period = max_period ** (adim / (half - 1))  # the float32 constant demucs computes
+    pos = torch.arange(length).view(-1, 1) + anchor
+    phase = pos / period
+    return torch.cat([torch.cos(phase), torch.sin(phase)], dim=-1)[None]
+
+
+def _sin_embedding_2d(
+    dim: int, height: int, width: int, max_period: float, anchor: torch.Tensor
+) -> torch.Tensor:
+    """`create_2d_sin_embedding(dim, height, width)` rearranged to [1, width·height, dim]."""
+    half = dim // 2
+    div_term = torch.exp(torch.arange(0.0, half, 2) * -(math.log(max_period) / half))
+
+    def interleaved(count: int) -> torch.Tensor:
+        pos = torch.arange(0.0, count).unsqueeze(1) + anchor
+        angle = pos * div_term
+        return torch.stack([torch.sin(angle), torch.cos(angle)], dim=-1).reshape(count, half)
+
+    along_width = interleaved(width)[:, None, :].expand(width, height, half)
+    along_height = interleaved(height)[None, :, :].expand(width, height, half)
+    return torch.cat([along_width, along_height], dim=-1).reshape(1, width * height, dim)
+
+
+def _cross_transformer(
+    module: CrossTransformerEncoder, x: torch.Tensor, xt: torch.Tensor, anchor: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`CrossTransformerEncoder.forward` in eval mode with in-graph position embeddings."""
+    if module.emb != "sin":
+        raise NotImplementedError(f"transformer embedding {module.emb!r} (pretrained use 'sin')")
+    batch, channels, freqs, frames = x.shape
+    x = x.permute(0, 3, 2, 1).reshape(batch, frames * freqs, channels)
+    pos_2d = _sin_embedding_2d(channels, freqs, frames, module.max_period, anchor)
+    x = module.norm_in(x) + module.weight_pos_embed * pos_2d
+
+    batch, channels_t, length_t = xt.shape
+    xt = xt.permute(0, 2, 1)
+    pos = _sin_embedding(length_t, channels_t, module.max_period, anchor)
+    xt = module.norm_in_t(xt) + module.weight_pos_embed * pos
+
+    for idx in range(module.num_layers):
+        if idx % 2 == module.classic_parity:
+            x = module.layers[idx](x)
+            xt = module.layers_t[idx](xt)
+        else:
+            old_x = x
+            x = module.layers[idx](x, xt)
+            xt = module.layers_t[idx](xt, old_x)
+
+    x = x.reshape(batch, frames, freqs, channels).permute(0, 3, 2, 1)
+    xt = xt.permute(0, 2, 1)
+    return x, xt
+
+
+class Network(nn.Module):
+    """One HTDemucs without its STFT/ISTFT: (mix, spectrogram) -> (spectral out, time out).
+
+    `stems` selects (and `scales` weights) the sources this model contributes to a bag, so a
+    model whose bag weight for a stem is zero produces nothing for it.
+    """
+
+    def __init__(self, model: HTDemucs, stems: list[int], scales: list[float]):
+        super().__init__()
+        if not isinstance(model, HTDemucs):
+            raise TypeError(f"only HTDemucs models are supported, got {type(model).__name__}")
+        if not model.cac or model.wiener_iters:
+            raise NotImplementedError("only cac=True models without Wiener filtering")
+        self.model = model
+        self.stems = list(stems)
+        self.scales = [float(s) for s in scales]
+
+    def forward(self, mix: torch.Tensor, mag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        model = self.model
+        anchor = _anchor(mix)
+        x = mag
+        batch, channels, freqs, frames = x.shape
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        std = x.std(dim=(1, 2, 3), keepdim=True)
+        x = (x - mean) / (1e-5 + std)
+
+        xt = mix
+        meant = xt.mean(dim=(1, 2), keepdim=True)
+        stdt = xt.std(dim=(1, 2), keepdim=True)
+        xt = (xt - meant) / (1e-5 + stdt)
+
+        saved, saved_t, lengths, lengths_t = [], [], [], []
+        for idx, encode in enumerate(model.encoder):
+            lengths.append(x.shape[-1])
+            inject = None
+            if idx < len(model.tencoder):
+                lengths_t.append(xt.shape[-1])
+                tenc = model.tencoder[idx]
+                xt = tenc(xt)
+                if not tenc.empty:
+                    saved_t.append(xt)
+                else:
+                    inject = xt
+            x = encode(x, inject)
+            if idx == 0 and model.freq_emb is not None:
+                frs = torch.arange(x.shape[-2])
+                emb = model.freq_emb(frs).t()[None, :, :, None]
+                x = x + model.freq_emb_scale * emb
+            saved.append(x)
+
+        if model.crosstransformer:
+            if model.bottom_channels:
+                b, c, f, t = x.shape
+                x = model.channel_upsampler(x.reshape(b, c, f * t)).reshape(b, -1, f, t)
+                xt = model.channel_upsampler_t(xt)
+            x, xt = _cross_transformer(model.crosstransformer, x, xt, anchor)
+            if model.bottom_channels:
+                b, c, f, t = x.shape
+                x = model.channel_downsampler(x.reshape(b, c, f * t)).reshape(b, -1, f, t)
+                xt = model.channel_downsampler_t(xt)
+
+        for idx, decode in enumerate(model.decoder):
+            skip = saved.pop(-1)
+            x, pre = decode(x, skip, lengths.pop(-1))
+            offset = model.depth - len(model.tdecoder)
+            if idx >= offset:
+                tdec = model.tdecoder[idx - offset]
+                length_t = lengths_t.pop(-1)
+                if tdec.empty:
+                    pre = pre[:, :, 0]
+                    xt, _ = tdec(pre, None, length_t)
+                else:
+                    skip = saved_t.pop(-1)
+                    xt, _ = tdec(xt, skip, length_t)
+
+        sources = len(model.sources)
+        x = x.view(batch, sources, -1, freqs, frames) * std[:, None] + mean[:, None]
+        xt = xt.view(batch, sources, -1, mix.shape[-1]) * stdt[:, None] + meant[:, None]
+        return self._select(x), self._select(xt)
+
+    def _select(self, out: torch.Tensor) -> torch.Tensor:
+        if self.stems != list(range(out.shape[1])):
+            out = out[:, self.stems]
+        if any(scale != 1.0 for scale in self.scales):
+            shape = [1, len(self.scales)] + [1] * (out.dim() - 2)
+            out = out * torch.tensor(self.scales).view(shape)
+        return out

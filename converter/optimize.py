@@ -1,0 +1,92 @@
+"""Offline graph optimization with ONNX Runtime, restricted to what every official build runs.
+
+ORT_ENABLE_EXTENDED on the CPU EP fuses GELU, MatMul+scale, LayerNorm and friends into
+`com.microsoft` ops that every official CPU build registers, and its output is byte-identical
+across runs and thread counts. ORT_ENABLE_ALL (layout) would add `com.microsoft.nchwc` nodes:
+x86-64-only kernels whose block size depends on the CPU and which fail on Apple Silicon, so
+it is never used. ORT also writes every domain it knows into `opset_import`, which older ORT
+versions refuse, so unused imports are dropped here.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+LEVEL = "ORT_ENABLE_EXTENDED"
+MAX_IR_VERSION = 9  # ONNX Runtime 1.17, the oldest supported, reads IR <= 9
+FORBIDDEN_DOMAIN_PREFIXES = ("com.microsoft.nchwc", "com.ms.internal")
+
+
+def _node_domains(graph: onnx.GraphProto) -> set[str]:
+    domains = set()
+    for node in graph.node:
+        domains.add(node.domain or "")
+        for attr in node.attribute:
+            for sub in [attr.g, *attr.graphs] if attr.type in (5, 10) else []:
+                domains |= _node_domains(sub)
+    return domains
+
+
+def used_domains(model: onnx.ModelProto) -> set[str]:
+    """Domains of all nodes, including model-local functions and nested subgraphs."""
+    domains = _node_domains(model.graph)
+    for function in model.functions:
+        domains |= {node.domain or "" for node in function.node}
+        domains.add(function.domain)
+    return domains
+
+
+def prune_opset_imports(model: onnx.ModelProto) -> list[str]:
+    """Drop opset_import entries no node uses; return the dropped domains."""
+    used = used_domains(model)
+    keep = [o for o in model.opset_import if (o.domain or "") in used]
+    dropped = sorted(o.domain for o in model.opset_import if (o.domain or "") not in used)
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+    return dropped
+
+
+def optimize(model: onnx.ModelProto, workdir: Path | None = None) -> onnx.ModelProto:
+    """Run ORT's EXTENDED optimizations on the CPU EP and return the optimized, pruned model."""
+    with tempfile.TemporaryDirectory(prefix="optimize-", dir=workdir) as tmp:
+        source, target = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
+        onnx.save(model, source)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = str(target)
+        log.info("onnxruntime %s: optimizing at %s on the CPU EP", ort.__version__, LEVEL)
+        ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(target)
+
+    dropped = prune_opset_imports(optimized)
+    log.info("dropped unused opset imports: %s", ", ".join(dropped) or "none")
+    forbidden = sorted(
+        {n.domain for n in optimized.graph.node if n.domain.startswith(FORBIDDEN_DOMAIN_PREFIXES)}
+    )
+    if forbidden:
+        raise UserError(
+            f"optimization produced nodes in {forbidden}, which official ONNX Runtime builds on "
+            f"other platforms cannot run; optimize at {LEVEL}, never ORT_ENABLE_ALL"
+        )
+    if optimized.ir_version > MAX_IR_VERSION:
+        log.info("lowering ir_version %d -> %d", optimized.ir_version, MAX_IR_VERSION)
+        optimized.ir_version = MAX_IR_VERSION
+    ops = {}
+    for node in optimized.graph.node:
+        key = f"{node.domain}:{node.op_type}" if node.domain else node.op_type
+        ops[key] = ops.get(key, 0) + 1
+    log.info(
+        "optimized graph: %d nodes (%s)",
+        len(optimized.graph.node),
+        ", ".join(f"{k}={v}" for k, v in sorted(ops.items(), key=lambda kv: -kv[1])[:12]),
+    )
+    return optimized

@@ -1,0 +1,49 @@
+"""Timed, logged pipeline steps, with a heartbeat for long calls that report nothing themselves.
+
+A TorchScript export or an ONNX Runtime optimization of a full-size model is one opaque call of
+a minute or more; the heartbeat line tells the user it is alive and how long it has run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import resource
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+log = logging.getLogger("converter")
+
+HEARTBEAT_SECONDS = 15.0
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+
+
+@contextlib.contextmanager
+def step(name: str, timings: dict[str, float] | None = None) -> Iterator[None]:
+    """Log `name` at start and end (seconds, peak RSS); beat every HEARTBEAT_SECONDS meanwhile."""
+    log.info("%s ...", name)
+    start = time.perf_counter()
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(HEARTBEAT_SECONDS):
+            log.info("%s: still running, %.0f s", name, time.perf_counter() - start)
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+    elapsed = time.perf_counter() - start
+    if timings is not None:
+        timings[name] = elapsed
+    log.info("%s: done in %.1f s (peak RSS %.0f MB)", name, elapsed, peak_rss_mb())
