@@ -89,8 +89,8 @@ class Stft(nn.Module):
         self.register_buffer("window", _tensor(window.reshape(a, 1, b * c)))
         self.register_buffer("stage1", _tensor(stage1))
         self.register_buffer("stage2", _tensor(stage2))
-        self.register_buffer("twiddle_re", _tensor(twiddle.real[:, :, None, :]))
-        self.register_buffer("twiddle_im", _tensor(twiddle.imag[:, :, None, :]))
+        self.register_buffer("twiddle_re", _tensor(twiddle.real[:, None, :, None, :]))
+        self.register_buffer("twiddle_im", _tensor(twiddle.imag[:, None, :, None, :]))
         self.register_buffer("stage3", _tensor(stage3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,12 +110,12 @@ class Stft(nn.Module):
         y = y.reshape(2, a, signals * frames, b, c).permute(1, 0, 3, 2, 4)
         y = torch.matmul(self.stage2, y.reshape(a, 2 * b, -1))  # [p, (ri, q), (M, c)]
         y = y.reshape(a, 2, b, signals * frames, c)
-        re, im = y[:, 0], y[:, 1]
+        re, im = y[:, :1], y[:, 1:]  # Slice, not Gather: [p, 1, q, M, c]
         re, im = (
             re * self.twiddle_re - im * self.twiddle_im,
             re * self.twiddle_im + im * self.twiddle_re,
         )
-        y = torch.matmul(torch.cat([re, im], dim=-1), self.stage3)  # [p, q, M, (ri, r)]
+        y = torch.matmul(torch.cat([re, im], dim=-1), self.stage3)  # [p, 1, q, M, (ri, r)]
         y = y.reshape(a, b, batch, channels, frames, 2, c // 2)
         y = y.permute(2, 3, 5, 6, 1, 0, 4)  # [B, C, ri, r, q, p, T]: k = p + A q + A B r
         return y.reshape(batch, 2 * channels, self.n_fft // 2, frames)
@@ -155,8 +155,8 @@ class Istft(nn.Module):
         dc_weight[0] = 0.5
         self.register_buffer("dc_weight", _tensor(dc_weight))
         self.register_buffer("stage3", _tensor(stage3))
-        self.register_buffer("twiddle_re", _tensor(twiddle.real[:, :, None, :]))
-        self.register_buffer("twiddle_im", _tensor(twiddle.imag[:, :, None, :]))
+        self.register_buffer("twiddle_re", _tensor(twiddle.real[:, :, None, None, :]))
+        self.register_buffer("twiddle_im", _tensor(twiddle.imag[:, :, None, None, :]))
         self.register_buffer("stage2", _tensor(stage2))
         self.register_buffer("stage1", _tensor(stage1))
         self.register_buffer("window", _tensor(window.reshape(4, self.hop)))
@@ -171,7 +171,7 @@ class Istft(nn.Module):
         z = (z * self.dc_weight).reshape(signals, 2, c // 2, b, a, frames)
         z = z.permute(4, 3, 0, 5, 1, 2).reshape(a, b, signals * frames, c)  # [p, q, M, (ri, r)]
         y = torch.matmul(z, self.stage3).reshape(a, b, signals * frames, 2, c)
-        re, im = y[:, :, :, 0], y[:, :, :, 1]
+        re, im = y[:, :, :, :1], y[:, :, :, 1:]  # [p, q, M, 1, c]
         re, im = (
             re * self.twiddle_re - im * self.twiddle_im,
             re * self.twiddle_im + im * self.twiddle_re,
@@ -183,9 +183,9 @@ class Istft(nn.Module):
         y = y.reshape(a, b, signals, frames, c).permute(2, 3, 0, 1, 4)
         y = y.reshape(signals, frames, 4, hop) * self.window
         # Overlap-add: quarter m of frame t lands in hop block t + m.
-        out = F.pad(y[:, :, 0], (0, 0, 0, 3))  # [signals, frames + 3, hop]
+        out = F.pad(y[:, :, :1], (0, 0, 0, 0, 0, 3))  # [signals, frames + 3, 1, hop]
         for m in range(1, 4):
-            out = out + F.pad(y[:, :, m], (0, 0, m, 3 - m))
+            out = out + F.pad(y[:, :, m : m + 1], (0, 0, 0, 0, m, 3 - m))
         pad = hop // 2 * 3
         out = out.reshape(signals, (frames + 3) * hop)[:, pad : pad + self.length]
         return out.reshape(batch, sources, channels, self.length)

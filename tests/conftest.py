@@ -1,0 +1,37 @@
+"""Shared fixtures: random-weight demucs repos in demucs' own format, and small converted files.
+
+Everything runs offline: the repos are written with `converter.fakerepo` (demucs'
+`serialize_model` + `save_with_checksum` + bag YAML files) and loaded through demucs' real loader.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from converter.fakerepo import write_repo
+from converter.pipeline import convert
+
+PRODUCTS = ("htdemucs", "htdemucs_ft", "htdemucs_6s")
+
+
+@pytest.fixture(scope="session")
+def small_repo(tmp_path_factory) -> Path:
+    """All three products at a small size (same architecture features, seconds to convert)."""
+    return write_repo(tmp_path_factory.mktemp("small-repo"), size="small")
+
+
+@pytest.fixture(scope="session")
+def small_models(small_repo, tmp_path_factory) -> dict[str, Path]:
+    """{name: converted, validated NAME.onnx} for the three products, small size."""
+    logging.getLogger("converter").setLevel(logging.INFO)
+    out = tmp_path_factory.mktemp("small-models")
+    return {name: convert(name, repo=small_repo, out_dir=out) for name in PRODUCTS}
+
+
+@pytest.fixture(scope="session")
+def full_repo(tmp_path_factory) -> Path:
+    """htdemucs with the exact pretrained hyper-parameters (41,984,456 random weights)."""
+    return write_repo(tmp_path_factory.mktemp("full-repo"), size="full", names=["htdemucs"])

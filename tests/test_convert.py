@@ -1,0 +1,173 @@
+"""`convert` / `validate` end to end on small random-weight repos in demucs' format."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from converter import metadata as meta
+from converter import validation
+from converter.errors import UserError
+from converter.export import bag_plan
+from converter.fakerepo import model_kwargs, write_bag, write_checkpoint
+from converter.pipeline import convert, fingerprint_report, toolchain_versions, validate
+from converter.validation import ValidationError, reference, session
+
+STEMS = {
+    "htdemucs": ["drums", "bass", "other", "vocals"],
+    "htdemucs_ft": ["drums", "bass", "other", "vocals"],
+    "htdemucs_6s": ["drums", "bass", "other", "vocals", "guitar", "piano"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(STEMS))
+def test_converted_file_interface_metadata_and_sidecar(small_models, name):
+    path = small_models[name]
+    model = onnx.load(path)
+    length = int(model_kwargs(name, "small")["segment"] * 44100)
+    (inp,), (out,) = model.graph.input, model.graph.output
+    dims = lambda v: [d.dim_value for d in v.type.tensor_type.shape.dim]  # noqa: E731
+    assert (inp.name, dims(inp)) == ("audio", [1, 2, length])
+    assert (out.name, dims(out)) == ("stems", [1, len(STEMS[name]), 2, length])
+    assert {o.domain: o.version for o in model.opset_import}[""] == 17
+    assert model.ir_version <= 9
+    assert not [n for n in model.graph.node if n.domain.startswith("com.microsoft.nchwc")]
+    assert {n.op_type for n in model.graph.node}.isdisjoint({"STFT", "DFT"})
+
+    stamped = meta.read_metadata(model)
+    assert set(meta.REQUIRED_KEYS) <= set(stamped)
+    assert stamped[meta.CACHE_KEY] == meta.fingerprint(model)
+    assert stamped[meta.OPTIMIZED_BY] == "onnxruntime"
+    assert stamped[meta.STEMS].split(",") == STEMS[name]
+    assert stamped[meta.SEGMENT_SAMPLES] == str(length)
+    provenance = json.loads(stamped[meta.PROVENANCE])
+    assert provenance["model"] == name
+    assert provenance["toolchain"] == toolchain_versions()
+    assert provenance["optimization_level"] == "ORT_ENABLE_EXTENDED"
+    assert [c["signature"] for c in provenance["checkpoints"]] == provenance["signatures"]
+    assert all(len(c["sha256"]) == 64 and c["checksum"] for c in provenance["checkpoints"])
+
+    digest, file_name = meta.read_sidecar(path)
+    assert file_name == path.name and digest == meta.sha256_file(path)
+    assert path.with_name(f"{name}.onnx.sha256").read_text().endswith(f"  {name}.onnx\n")
+    assert "matches" in fingerprint_report(path)
+
+
+def test_ft_provenance_lists_every_member_and_the_weights(small_models):
+    provenance = meta.provenance(onnx.load(small_models["htdemucs_ft"]))
+    assert provenance["signatures"] == ["f7e0c4bc", "d12395a8", "92cfc3b6", "04573f0d"]
+    assert provenance["weights"] == [[float(i == j) for j in range(4)] for i in range(4)]
+
+
+def test_reference_npz_holds_demucs_output_for_the_contract_input(small_models, small_repo):
+    from converter.loading import load
+
+    path = small_models["htdemucs"]
+    recorded = np.load(path.with_name("htdemucs.reference.npz"))
+    bag = load("htdemucs", small_repo)
+    assert np.array_equal(recorded["stems"], reference(bag, recorded["audio"]))
+    got = session(path).run(None, {"audio": recorded["audio"]})[0]
+    assert np.mean((got - recorded["stems"]) ** 2) <= validation.MAX_MSE
+
+
+def test_one_hot_bag_takes_each_stem_from_its_own_model(small_repo, small_models):
+    """Stem k of htdemucs_ft must equal model k's stem k alone (not an average of the bag)."""
+    from demucs.apply import apply_model
+
+    from converter.loading import load
+
+    bag = load("htdemucs_ft", small_repo)
+    audio = validation.fixed_inputs(2, bag.segment_samples, 44100)["0.1 noise"]
+    got = session(small_models["htdemucs_ft"]).run(None, {"audio": audio})[0]
+    with torch.no_grad():
+        for k, model in enumerate(bag.models):
+            alone = apply_model(model, torch.from_numpy(audio), split=False, shifts=0).numpy()
+            assert np.mean((got[:, k] - alone[:, k]) ** 2) <= validation.MAX_MSE
+        average = (
+            sum(apply_model(m, torch.from_numpy(audio), split=False, shifts=0) for m in bag.models)
+            / 4
+        )
+    assert np.mean((got - average.numpy()) ** 2) > 1e3 * validation.MAX_MSE
+
+
+def test_mixed_weight_bag_follows_demucs_rule(tmp_path):
+    """Two models, weights not one-hot: stem s = sum_m w[m][s] out_m / sum_m w[m][s]."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    kwargs = model_kwargs("htdemucs", "small")
+    for sig in ("aaaa0001", "bbbb0002"):
+        write_checkpoint(repo, sig, kwargs)
+    weights = [[1.0, 0.0, 2.0, 0.5], [3.0, 1.0, 0.0, 0.5]]
+    write_bag(repo, "htdemucs", ["aaaa0001", "bbbb0002"], weights)
+    assert [[(c.member, c.scale) for c in stem] for stem in bag_plan(weights, 4)] == [
+        [(0, 0.25), (1, 0.75)], [(1, 1.0)], [(0, 1.0)], [(0, 0.5), (1, 0.5)],
+    ]  # fmt: skip
+    path = convert("htdemucs", repo=repo, out_dir=tmp_path / "out")  # validates against demucs
+    assert meta.provenance(onnx.load(path))["weights"] == weights
+
+
+def test_zero_total_weight_is_refused():
+    with pytest.raises(ValueError, match="stem 1 has zero total weight"):
+        bag_plan([[1.0, 0.0], [1.0, 0.0]], 2)
+
+
+def test_rebuild_is_byte_identical(small_repo, small_models, tmp_path):
+    again = convert("htdemucs_6s", repo=small_repo, out_dir=tmp_path)
+    assert meta.sha256_file(again) == meta.sha256_file(small_models["htdemucs_6s"])
+
+
+def test_failed_gate_leaves_no_file_behind(small_repo, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "htdemucs.onnx.sha256").write_text("stale\n")
+    monkeypatch.setattr(validation, "MAX_MSE", -1.0)
+    with pytest.raises(ValidationError, match=r"stem 'drums' on input|stem '\w+' on input"):
+        convert("htdemucs", repo=small_repo, out_dir=out)
+    assert sorted(p.name for p in out.iterdir()) == ["htdemucs.onnx.sha256"]  # untouched
+
+
+def test_unwritable_out_dir_is_refused_before_any_work(small_repo, tmp_path):
+    if os.geteuid() == 0:
+        target = Path("/proc/openkara-not-writable")  # root ignores permission bits
+    else:
+        target = tmp_path / "ro"
+        target.mkdir()
+        target.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    with pytest.raises(UserError, match="cannot write to --out-dir .*pass a writable folder"):
+        convert("htdemucs", repo=small_repo, out_dir=target)
+
+
+def test_validate_reruns_the_gate_on_an_existing_file(small_repo, small_models, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    for suffix in (".onnx", ".onnx.sha256", ".reference.npz"):
+        shutil.copy(small_models["htdemucs"].with_name("htdemucs" + suffix), out)
+    validate("htdemucs", repo=small_repo, out_dir=out)
+    with pytest.raises(UserError, match="run `invoke convert --model htdemucs_6s` first"):
+        validate("htdemucs_6s", repo=small_repo, out_dir=out)
+
+
+def test_validation_names_stem_input_and_numbers_on_failure(small_repo, small_models, monkeypatch):
+    from converter.loading import load
+
+    bag = load("htdemucs", small_repo)
+    real = validation.reference
+
+    def shifted(bag, audio):  # what a wrong bag rule or framing bug looks like to the gate
+        out = real(bag, audio)
+        out[:, 2] += 1e-3
+        return out
+
+    monkeypatch.setattr(validation, "reference", shifted)
+    with pytest.raises(ValidationError) as caught:
+        validation.validate_file(small_models["htdemucs"], bag)
+    message = str(caught.value)
+    assert "stem 'other'" in message and "MSE 1.0" in message and "on input" in message

@@ -1,0 +1,30 @@
+"""One end-to-end conversion of the full-size htdemucs architecture (random weights)."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+
+from converter import metadata as meta
+from converter.loading import load
+from converter.pipeline import convert
+
+pytestmark = pytest.mark.slow
+
+HTDEMUCS_PARAMETERS = 41_984_456
+
+
+def test_full_size_htdemucs_converts_within_budget(full_repo, tmp_path):
+    bag = load("htdemucs", full_repo)
+    assert sum(p.numel() for p in bag.models[0].parameters()) == HTDEMUCS_PARAMETERS
+    assert bag.segment_samples == 343980
+
+    path = convert("htdemucs", repo=full_repo, out_dir=tmp_path)  # validation gate included
+
+    assert path.stat().st_size <= 1.01 * HTDEMUCS_PARAMETERS * 4
+    model = onnx.load(path)
+    dims = [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim]
+    assert dims == [1, 4, 2, 343980]
+    assert meta.read_metadata(model)[meta.CACHE_KEY] == meta.fingerprint(model)
+    assert meta.read_sidecar(path)[0] == meta.sha256_file(path)
+    assert path.with_name("htdemucs.reference.npz").is_file()
