@@ -93,4 +93,56 @@ def fake_repo(c, out, size="full", models="htdemucs,htdemucs_ft,htdemucs_6s"):
     write_repo(Path(out), size=size, names=[m for m in models.split(",") if m])
 
 
-ns = Collection(convert, validate, fingerprint, fake_repo)
+@task(
+    help={
+        "tag": "Release tag: model-vX.Y.Z (htdemucs), model-ft-vX.Y.Z (htdemucs_ft) or "
+        "model-6s-vX.Y.Z (htdemucs_6s), optionally with -rc.N (prerelease).",
+        "repo": "Local demucs model repo, as for convert (air-gapped runs, tests); default: the hub.",
+        "dry_run": "Print the plan (release, assets, sizes, digests) and write nothing.",
+    }
+)
+@_cli
+def release(c, tag, repo=None, dry_run=False):
+    """Convert, validate, gate and publish one model as a GitHub release (safe to re-run).
+
+    Needs GITHUB_TOKEN and GITHUB_REPOSITORY (GITHUB_API_URL optional), as GitHub Actions sets.
+    """
+    from converter.release import release as run
+
+    print(run(tag, repo=_path(repo), dry_run=dry_run))
+
+
+@task
+@_cli
+def check_upstream(c):
+    """Open one issue (label upstream-update) when the package index has a newer demucs.
+
+    Reads the pin from requirements/constraints.txt and the index from pip's configuration;
+    needs GITHUB_TOKEN and GITHUB_REPOSITORY.
+    """
+    from converter.upstream import check
+
+    print(check())
+
+
+@task(
+    iterable=["file"],
+    help={
+        "file": "ONNX file to check; repeat for more, globs allowed (default: every models/*.onnx).",
+        "self_test": "Instead of checking files, prove each rule refuses a model built to break it.",
+    },
+)
+@_cli
+def contract(c, file=None, self_test=False):
+    """Static runtime-contract gate (docs/runtime-contract.md): domains, opsets, IR, I/O, metadata."""
+    from converter import contract as gate
+
+    if self_test:
+        print("\n".join(gate.self_test()))
+        print("contract self-test: every rule refuses its violation; the compliant model passes")
+        return
+    for path in gate.gate_files(file):
+        print(f"{path}: ok")
+
+
+ns = Collection(convert, validate, fingerprint, fake_repo, release, check_upstream, contract)

@@ -1,0 +1,492 @@
+"""`invoke release`: build, gate and publish one model as a GitHub release, safely re-runnable.
+
+Releases may be immutable once published (no asset can be added, replaced or deleted), so the
+order is fixed: build and gate locally, then a DRAFT release, upload, verify every asset's
+SHA-256, and only then publish. Each step first looks at what is already there, so a run that
+died anywhere is finished by running the same command again, without duplicates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from converter import github
+from converter.errors import UserError
+from converter.metadata import (
+    CACHE_KEY,
+    MODEL_NAME,
+    PROVENANCE,
+    SAMPLE_RATE,
+    SEGMENT_SAMPLES,
+    STEMS,
+    read_metadata,
+    read_sidecar,
+    sha256_file,
+    sidecar_path,
+)
+
+log = logging.getLogger(__name__)
+
+TAG_GRAMMAR = (
+    "model-vX.Y.Z (htdemucs), model-ft-vX.Y.Z (htdemucs_ft) or model-6s-vX.Y.Z (htdemucs_6s), "
+    "each optionally followed by -rc.N for a prerelease"
+)
+_NUMBER = r"(?:0|[1-9][0-9]*)"
+_TAG = re.compile(
+    rf"model-(?:(?P<flavour>ft|6s)-)?v{_NUMBER}\.{_NUMBER}\.{_NUMBER}(?P<rc>-rc\.{_NUMBER})?"
+)
+_MODEL_BY_FLAVOUR = {None: "htdemucs", "ft": "htdemucs_ft", "6s": "htdemucs_6s"}
+
+UPLOAD_ATTEMPTS = 3
+DEFAULT_SERVER_URL = "https://github.com"
+
+# What a run does with one asset name; the dry run prints exactly these.
+KEEP = "keep (same SHA-256)"
+UPLOAD = "upload"
+REPLACE = "replace (different SHA-256)"
+CLEAN_UP = "delete the unfinished upload, then upload"
+CHECK = "download and compare (no digest from GitHub)"
+REMOVE = "delete (not part of this release)"
+
+
+@dataclass(frozen=True)
+class Tag:
+    name: str
+    model: str
+    prerelease: bool
+
+
+@dataclass(frozen=True)
+class LocalAsset:
+    name: str
+    path: Path
+    size: int
+    sha256: str
+    content_type: str
+
+
+@dataclass(frozen=True)
+class Step:
+    """What to do about one asset name: `local` is what should be there, `remote` what is."""
+
+    name: str
+    action: str
+    local: LocalAsset | None
+    remote: dict | None
+
+
+def parse_tag(tag: str) -> Tag:
+    """Map a release tag to its model; anything off-grammar is refused before any work."""
+    match = _TAG.fullmatch(tag)
+    if not match:
+        raise UserError(f"tag {tag!r} is not a model release tag: use {TAG_GRAMMAR}")
+    return Tag(tag, _MODEL_BY_FLAVOUR[match["flavour"]], prerelease=bool(match["rc"]))
+
+
+def _file_metadata(path: Path) -> dict[str, str]:
+    return read_metadata(onnx.load(str(path), load_external_data=False))
+
+
+def reuse_check(path: Path, model: str) -> tuple[bool, str]:
+    """Whether `path` was built for `model` by the toolchain installed now, and why (not).
+
+    A conversion takes long (hours for htdemucs_ft on CI); a file stamped with the same
+    toolchain versions and carrying a matching sidecar is the same build and need not be redone.
+    """
+    if not path.is_file():
+        return False, f"{path} does not exist"
+    metadata = _file_metadata(path)
+    if metadata.get(MODEL_NAME) != model:
+        return False, f"{path} is stamped as model {metadata.get(MODEL_NAME)!r}, not {model!r}"
+    toolchain = json.loads(metadata.get(PROVENANCE, "{}")).get("toolchain") or {}
+    if not toolchain:
+        return False, f"{path} records no toolchain versions in {PROVENANCE}"
+    differing = [
+        f"{name} {version} (installed: {_installed(name)})"
+        for name, version in sorted(toolchain.items())
+        if _installed(name) != version
+    ]
+    if differing:
+        return False, f"{path} was built with {', '.join(differing)}"
+    try:
+        digest, name = read_sidecar(path)
+    except (OSError, ValueError) as exc:
+        return False, f"its sidecar is unusable: {exc}"
+    if name != path.name or digest != sha256_file(path):
+        return False, f"{sidecar_path(path)} does not match {path}"
+    versions = ", ".join(f"{n} {v}" for n, v in sorted(toolchain.items()))
+    return True, f"{path} was built with the installed toolchain ({versions})"
+
+
+def _installed(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def build_model(model: str, repo: Path | None, out_dir: Path) -> Path:
+    """Convert (or reuse and re-validate) `model`, then apply the runtime contract gate.
+
+    A reused file is validated again against demucs from `repo`: its stamp says which toolchain
+    built it, not from which weights, and a file from a random-weight test repo must not ship.
+    """
+    from converter import pipeline
+    from converter.contract import gate
+
+    path = out_dir / f"{model}.onnx"
+    reuse, why = reuse_check(path, model)
+    if reuse:
+        log.info("reusing %s: %s; validating it again", path, why)
+        pipeline.validate(model, repo, out_dir)
+    else:
+        log.info("converting %s: %s", model, why)
+        path = pipeline.convert(model, repo, out_dir)
+    gate(path)
+    return path
+
+
+def local_assets(path: Path) -> list[LocalAsset]:
+    """The two files to publish, after checking that the sidecar matches the model file."""
+    digest = sha256_file(path)
+    try:
+        side_digest, side_name = read_sidecar(path)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot release {path}: {exc}; run `invoke convert` again") from None
+    side = sidecar_path(path)
+    if side_digest != digest or side_name != path.name:
+        raise UserError(f"{side} does not match {path}; run `invoke convert` again")
+    return [
+        LocalAsset(path.name, path, path.stat().st_size, digest, "application/octet-stream"),
+        LocalAsset(side.name, side, side.stat().st_size, sha256_file(side), "text/plain"),
+    ]
+
+
+def contract_results(out_dir: Path, model_file: LocalAsset) -> list[dict] | None:
+    """Rows of `contract-summary.json` (written by the nox contract sessions) for these bytes.
+
+    Rows carrying another SHA-256 tested an older build of the same name and are left out.
+    """
+    summary = out_dir / "contract-summary.json"
+    if not summary.is_file():
+        return None
+    try:
+        rows = json.loads(summary.read_text(encoding="utf-8"))
+        return [
+            row
+            for row in rows
+            if row.get("model") == model_file.name
+            and row.get("sha256", model_file.sha256) == model_file.sha256
+        ]
+    except (ValueError, AttributeError, TypeError) as exc:
+        log.warning("ignoring %s: not a list of result objects (%s)", summary, exc)
+        return None
+
+
+def download_url(server_url: str, repository: str, tag: str, name: str) -> str:
+    return f"{server_url.rstrip('/')}/{repository}/releases/download/{tag}/{name}"
+
+
+def model_card(
+    tag: Tag,
+    metadata: dict[str, str],
+    model_file: LocalAsset,
+    url: str,
+    contract: list[dict] | None,
+) -> str:
+    """The release body: what the file is, where it came from, how it was checked, how to pin it."""
+    provenance = json.loads(metadata.get(PROVENANCE, "{}"))
+    toolchain = provenance.pop("toolchain", {}) or {}
+    lines = [
+        f"# {tag.model} ({tag.name})",
+        "",
+        f"Demucs v4 `{tag.model}` converted to one ONNX file for OpenKara "
+        f"(stems: {metadata.get(STEMS, '?')}; {metadata.get(SEGMENT_SAMPLES, '?')} samples "
+        f"per segment at {metadata.get(SAMPLE_RATE, '?')} Hz).",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| file | `{model_file.name}` |",
+        f"| size | {model_file.size:,} bytes ({model_file.size / 1e6:.1f} MB) |",
+        f"| SHA-256 | `{model_file.sha256}` |",
+        f"| `{CACHE_KEY}` | `{metadata.get(CACHE_KEY, '?')}` |",
+        "",
+        "## Source",
+        "",
+    ]
+    lines += [f"- {key}: `{json.dumps(value, sort_keys=True)}`" for key, value in
+              sorted(provenance.items())] or ["- (no provenance recorded)"]
+    lines += ["", "## Toolchain", ""]
+    lines += [f"- {name} {version}" for name, version in sorted(toolchain.items())] or [
+        "- (not recorded)"
+    ]
+    lines += ["", "## Runtime contract", ""]
+    if contract:
+        lines += [
+            "| onnxruntime | platform | result | load s | run s |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        lines += [
+            "| " + " | ".join("" if row.get(key) is None else str(row[key])
+                              for key in ("ort", "platform", "status", "load_s", "run_s")) + " |"
+            for row in contract
+        ]
+    else:
+        lines.append("No contract summary was recorded for this file in this run.")
+    lines += [
+        "",
+        "## OpenKara pin",
+        "",
+        "Paste into OpenKara's model pins (see docs/releasing.md, \"Updating OpenKara's pin\"):",
+        "",
+        "```toml",
+        f'url = "{url}"',
+        f'sha256 = "{model_file.sha256}"',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def find_release(client: github.Client, tag: str) -> dict | None:
+    """The release for `tag`, drafts included (`releases/tags/{tag}` hides drafts)."""
+    matches = [r for r in client.paginate(f"{client.repo_path}/releases") if r["tag_name"] == tag]
+    if not matches:
+        log.info("no release for %s yet", tag)
+        return None
+    # Two drafts for one tag only arise from runs outside the workflow's concurrency group;
+    # a published one wins, else the oldest, so every run picks the same one.
+    chosen = min(matches, key=lambda r: (r["draft"], r["id"]))
+    log.info(
+        "found %s release %s for %s%s",
+        "draft" if chosen["draft"] else "published",
+        chosen["id"],
+        tag,
+        f" (ignoring {len(matches) - 1} other drafts)" if len(matches) > 1 else "",
+    )
+    return chosen
+
+
+def list_assets(client: github.Client, release: dict) -> list[dict]:
+    return list(client.paginate(f"{client.repo_path}/releases/{release['id']}/assets"))
+
+
+def remote_sha256(client: github.Client, asset: dict) -> str:
+    """The asset's SHA-256: GitHub's `digest` when given, else by downloading and hashing."""
+    digest = asset.get("digest") or ""
+    if digest.startswith("sha256:"):
+        return digest.removeprefix("sha256:")
+    hasher = hashlib.sha256()
+    client.download_asset(asset, hasher.update)
+    return hasher.hexdigest()
+
+
+def plan_assets(existing: list[dict], wanted: list[LocalAsset]) -> list[Step]:
+    """Decide per asset name what brings the draft to exactly `wanted`."""
+    remote = {asset["name"]: asset for asset in existing}
+    steps = []
+    for local in wanted:
+        asset = remote.pop(local.name, None)
+        if asset is None:
+            action = UPLOAD
+        elif asset.get("state") != "uploaded":
+            action = CLEAN_UP
+        elif not (asset.get("digest") or "").startswith("sha256:"):
+            action = CHECK
+        elif asset["digest"] == f"sha256:{local.sha256}" and asset.get("size") == local.size:
+            action = KEEP
+        else:
+            action = REPLACE
+        steps.append(Step(local.name, action, local, asset))
+    steps += [Step(name, REMOVE, None, asset) for name, asset in sorted(remote.items())]
+    return steps
+
+
+def _delete_asset(client: github.Client, asset: dict) -> None:
+    client.request("DELETE", f"{client.repo_path}/releases/assets/{asset['id']}", expect=(404,))
+
+
+def _upload(client: github.Client, release: dict, local: LocalAsset) -> None:
+    """Upload with in-run retries; after a failure, clear what it left before trying again."""
+    for attempt in range(1, UPLOAD_ATTEMPTS + 1):
+        try:
+            client.upload_asset(release, local.path, local.name, local.content_type)
+            return
+        except github.GitHubError as exc:
+            if not exc.transient or attempt == UPLOAD_ATTEMPTS:
+                raise
+            left = [a for a in list_assets(client, release) if a["name"] == local.name]
+            # A lost response does not mean a lost upload: keep a complete, correct one.
+            done = [
+                a
+                for a in left
+                if a.get("state") == "uploaded" and remote_sha256(client, a) == local.sha256
+            ]
+            if done:
+                log.info("upload of %s failed (%s) but the asset arrived intact", local.name, exc)
+                return
+            log.warning(
+                "upload of %s failed (%s); deleting %d leftover asset(s), attempt %d of %d",
+                local.name, exc, len(left), attempt + 1, UPLOAD_ATTEMPTS,
+            )
+            for asset in left:
+                _delete_asset(client, asset)
+
+
+def sync_assets(client: github.Client, release: dict, wanted: list[LocalAsset]) -> None:
+    for step in plan_assets(list_assets(client, release), wanted):
+        if step.action == KEEP or (
+            step.action == CHECK and remote_sha256(client, step.remote) == step.local.sha256
+        ):
+            log.info("%s: already uploaded with SHA-256 %s, kept", step.name, step.local.sha256)
+            continue
+        log.info("%s: %s", step.name, step.action)
+        if step.remote is not None:
+            _delete_asset(client, step.remote)
+        if step.local is not None:
+            _upload(client, release, step.local)
+
+
+def verify(client: github.Client, release: dict, expected: dict[str, str]) -> list[str]:
+    """Problems that forbid publishing: a missing, unfinished, extra or wrong asset."""
+    remote = {asset["name"]: asset for asset in list_assets(client, release)}
+    extra = sorted(set(remote) - set(expected))
+    problems = [f"{name} is not part of this release" for name in extra]
+    for name, digest in expected.items():
+        asset = remote.get(name)
+        if asset is None:
+            problems.append(f"{name} is missing")
+        elif asset.get("state") != "uploaded":
+            problems.append(f"{name} is in state {asset.get('state')!r}, not 'uploaded'")
+        elif (actual := remote_sha256(client, asset)) != digest:
+            problems.append(f"{name} has SHA-256 {actual}, expected {digest}")
+    return problems
+
+
+def _verify_published(client: github.Client, release: dict, tag: Tag) -> str:
+    """Check a published release against its own `.sha256` asset (nothing is rebuilt)."""
+    name = f"{tag.model}.onnx"
+    side = next((a for a in list_assets(client, release) if a["name"] == f"{name}.sha256"), None)
+    problems = [f"{name}.sha256 is missing"]
+    if side is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / name
+            with open(sidecar_path(local), "wb") as file:
+                client.download_asset(side, file.write)
+            try:
+                digest, _ = read_sidecar(local)
+                expected = {name: digest, side["name"]: sha256_file(sidecar_path(local))}
+                problems = verify(client, release, expected)
+            except ValueError as exc:
+                problems = [str(exc)]
+    if problems:
+        raise UserError(
+            f"published release {tag.name} is wrong: {'; '.join(problems)}. Published releases "
+            "cannot be changed: release the fix under a new tag"
+        )
+    return f"release {tag.name} is already published and verified; nothing to do"
+
+
+def _dry_run(client: github.Client, tag: Tag, release: dict | None, out_dir: Path) -> str:
+    path = out_dir / f"{tag.model}.onnx"
+    reuse, why = reuse_check(path, tag.model)
+    lines = [f"dry run for {tag.name} in {client.repository} (nothing is written):"]
+    if release is None:
+        lines.append(f"- create draft release {tag.name} (prerelease: {tag.prerelease})")
+    else:
+        lines.append(f"- reuse draft release {tag.name} (id {release['id']})")
+    existing = list_assets(client, release) if release else []
+    if reuse:
+        lines.append(f"- reuse {path}: {why}; validate it again; contract gate")
+        steps = plan_assets(existing, local_assets(path))
+    else:
+        lines.append(f"- convert {tag.model} ({why}); validate; contract gate")
+        steps = []
+        lines.append(f"- upload {tag.model}.onnx and {tag.model}.onnx.sha256 (sizes after build)")
+        lines += [
+            f"- {a['name']}: on the draft now ({a.get('state')}, "
+            f"{a.get('digest') or 'no digest'}); kept only if it matches the build"
+            for a in existing
+        ]
+    for step in steps:
+        detail = f" ({step.local.size:,} bytes, sha256 {step.local.sha256})" if step.local else ""
+        lines.append(f"- {step.name}: {step.action}{detail}")
+    lines.append("- verify every asset's SHA-256, then publish")
+    return "\n".join(lines)
+
+
+def release(
+    tag: str,
+    repo: Path | None = None,
+    dry_run: bool = False,
+    *,
+    out_dir: Path = Path("models"),
+    client: github.Client | None = None,
+    prepare: Callable[[str, Path | None, Path], Path] = build_model,
+    server_url: str | None = None,
+) -> str:
+    """Run the whole release for `tag`; return the one-line outcome (or the dry-run plan).
+
+    `client` and `prepare` (build + validate + contract gate) are parameters so tests can point
+    the real logic at a local API double and a tiny model.
+    """
+    parsed = parse_tag(tag)
+    client = client or github.from_env()
+    found = find_release(client, parsed.name)
+    if found is not None and not found["draft"]:
+        return _verify_published(client, found, parsed)
+    if dry_run:
+        return _dry_run(client, parsed, found, out_dir)
+
+    path = prepare(parsed.model, repo, out_dir)
+    wanted = local_assets(path)
+    server = server_url or os.environ.get("GITHUB_SERVER_URL") or DEFAULT_SERVER_URL
+    body = model_card(
+        parsed,
+        _file_metadata(path),
+        wanted[0],
+        download_url(server, client.repository, parsed.name, wanted[0].name),
+        contract_results(out_dir, wanted[0]),
+    )
+    fields = {"name": f"{parsed.model} {parsed.name}", "body": body,
+              "prerelease": parsed.prerelease}
+    if found is None:
+        log.info("creating draft release %s", parsed.name)
+        draft = client.request(
+            "POST", f"{client.repo_path}/releases",
+            json={"tag_name": parsed.name, "draft": True, **fields},
+        ).json()
+    elif any(found.get(key) != value for key, value in fields.items()):
+        log.info("updating the model card of draft release %s", parsed.name)
+        draft = client.request(
+            "PATCH", f"{client.repo_path}/releases/{found['id']}", json=fields
+        ).json()
+    else:
+        log.info("draft release %s is up to date", parsed.name)
+        draft = found
+
+    sync_assets(client, draft, wanted)
+    problems = verify(client, draft, {asset.name: asset.sha256 for asset in wanted})
+    if problems:
+        raise UserError(
+            f"not publishing {parsed.name}: {'; '.join(problems)}; run the release again"
+        )
+    log.info("all assets verified; publishing %s", parsed.name)
+    published = client.request(
+        "PATCH", f"{client.repo_path}/releases/{draft['id']}", json={"draft": False}
+    ).json()
+    return (
+        f"published {parsed.name}: {wanted[0].name} ({wanted[0].size:,} bytes, sha256 "
+        f"{wanted[0].sha256}) at {published.get('html_url', '')}"
+    )
