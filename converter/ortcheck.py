@@ -1,0 +1,352 @@
+"""Load-test ONNX files on the ONNX Runtime of the running interpreter (CPU EP), standalone.
+
+`nox -s contract` runs this file once per supported ORT version, each time in a venv that holds
+only that official `onnxruntime` wheel and a pinned numpy, so it imports nothing but numpy,
+onnxruntime and the standard library and is run as a script: `python converter/ortcheck.py
+[--results-dir DIR] [MODEL.onnx ...]` (default: every `models/*.onnx`).
+
+For each model it creates a CPU session twice, with graph optimization disabled (what OpenKara
+does for files marked `openkara.optimized_by=onnxruntime`) and at ORT's default level, runs one
+inference on the reference input recorded at conversion time (`NAME.reference.npz` beside
+`NAME.onnx`) and applies the validation gate (per-stem MSE <= 1e-10, all finite). It also checks
+that every `com.microsoft` op of the static gate's allow-list has a CPU kernel in this build, so
+CI proves the list on every platform and version rather than only on the machine that wrote it.
+
+Rows go to `DIR/contract-results/<ort version>.json`. `--summary` (nox's `contract_summary`
+session, queued after every `contract(...)` session) merges them into `DIR/contract-summary.json`,
+which the release reads, and prints the table of every version, so that table ends the run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Run as a script, Python puts converter/ first on sys.path, where a sibling module named like a
+# standard or numpy module (say a future converter/platform.py) would shadow it in the bare venv.
+if sys.path and os.path.realpath(sys.path[0]) == os.path.dirname(os.path.realpath(__file__)):
+    del sys.path[0]
+
+import argparse  # noqa: E402 - after the sys.path fix above
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import platform  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+log = logging.getLogger("ortcheck")
+
+# `com.microsoft` ops a shipped file may contain: the fp32 fusions ORT's EXTENDED level applies
+# for the CPU EP. Derived by intersecting `get_all_opkernel_def()` (domain com.microsoft,
+# CPUExecutionProvider) of the official Linux x64 wheels 1.17.3 ... 1.32.0, then keeping only
+# fusion targets that are portable C++ kernels (not `com.microsoft.nchwc`, which is x86-only, nor
+# quantized/x86-specific ones such as MatMulFpQ4). Linux x64 alone proves nothing for arm64, so
+# `missing_allowed_kernels()` re-checks the list on every platform and version CI runs.
+# `converter.contract` imports this set so the static gate and the load test cannot disagree.
+COM_MICROSOFT_ALLOWED = frozenset(
+    {
+        "BiasGelu",
+        "FastGelu",
+        "FusedConv",
+        "FusedGemm",
+        "FusedMatMul",
+        "Gelu",
+        "QuickGelu",
+        "SkipLayerNormalization",
+        "SkipSimplifiedLayerNormalization",
+    }
+)
+
+INPUT_NAME = "audio"
+OUTPUT_NAME = "stems"
+# The validation gate of the conversion (per-stem MSE against demucs in PyTorch).
+MAX_STEM_MSE = 1e-10
+REFERENCE_SUFFIX = ".reference.npz"
+RESULTS_SUBDIR = "contract-results"
+SUMMARY_NAME = "contract-summary.json"
+DEFAULT_MODELS = "models/*.onnx"
+
+HOW_TO_MAKE_A_MODEL = (
+    "convert one first: `invoke convert --model htdemucs` (offline: `invoke fake-repo --out "
+    "/tmp/demucs-repo --size small && invoke convert --model htdemucs --repo /tmp/demucs-repo`)"
+)
+
+
+def reference_path(model: Path) -> Path:
+    """`models/NAME.onnx` -> `models/NAME.reference.npz`, written by the conversion's validation."""
+    return model.with_name(model.name.removesuffix(".onnx") + REFERENCE_SUFFIX)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def platform_name() -> str:
+    return f"{platform.system()} {platform.machine()}"
+
+
+def missing_allowed_kernels() -> list[str]:
+    """Allow-listed `com.microsoft` ops that have no CPU kernel in the running ORT build."""
+    from onnxruntime.capi import _pybind_state
+
+    registered = {
+        kernel.op_name
+        for kernel in _pybind_state.get_all_opkernel_def()
+        if kernel.domain == "com.microsoft" and kernel.provider == "CPUExecutionProvider"
+    }
+    return sorted(COM_MICROSOFT_ALLOWED - registered)
+
+
+def compare(output: np.ndarray, reference: np.ndarray) -> str | None:
+    """None if `output` passes the validation gate against `reference`, else the reason."""
+    if output.shape != reference.shape:
+        return f"output shape {list(output.shape)} != reference {list(reference.shape)}"
+    if not np.isfinite(output).all():
+        return "output has non-finite values"
+    diff = output.astype(np.float64) - reference.astype(np.float64)
+    # Stems are axis 1 of [1, S, channels, samples].
+    mse = np.mean(diff * diff, axis=tuple(i for i in range(diff.ndim) if i != 1))
+    worst = int(np.argmax(mse))
+    if mse[worst] > MAX_STEM_MSE:
+        return f"stem {worst} MSE {mse[worst]:.3e} > {MAX_STEM_MSE:g}"
+    return None
+
+
+def load_and_run(path: Path, audio: np.ndarray, optimize: bool) -> tuple[np.ndarray, float, float]:
+    """Create a CPU-EP session and run one inference; returns (stems, load seconds, run seconds)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    start = time.perf_counter()
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    loaded = time.perf_counter()
+    (stems,) = session.run([OUTPUT_NAME], {INPUT_NAME: audio})
+    return stems, loaded - start, time.perf_counter() - loaded
+
+
+def check_model(path: Path, ort_version: str) -> dict:
+    """One summary row for `path`: status "ok" or the first failure, with timings."""
+    row = {
+        "ort": ort_version,
+        "platform": platform_name(),
+        "model": path.name,
+        "path": str(path.resolve()),
+        "sha256": sha256_file(path),
+        "status": "ok",
+        "load_s": None,
+        "run_s": None,
+        "default_load_s": None,
+        "default_run_s": None,
+    }
+    ref_path = reference_path(path)
+    if not ref_path.is_file():
+        row["status"] = f"no reference output {ref_path.name} (written by `invoke convert`)"
+        log.error("%s: %s", path.name, row["status"])
+        return row
+    with np.load(ref_path) as ref:
+        audio, expected = ref["audio"], ref["stems"]
+    # OpenKara's mode first (the one that matters), then ORT's default optimization level.
+    for mode, optimize, prefix in (("disabled", False, ""), ("default", True, "default_")):
+        try:
+            stems, load_s, run_s = load_and_run(path, audio, optimize)
+        except Exception as exc:  # noqa: BLE001 - any ORT failure is this row's verdict
+            row["status"] = f"[{mode}] {type(exc).__name__}: {_one_line(str(exc))}"
+            log.error("%s on ORT %s: %s", path.name, ort_version, row["status"])
+            return row
+        row[prefix + "load_s"], row[prefix + "run_s"] = round(load_s, 3), round(run_s, 3)
+        reason = compare(stems, expected)
+        if reason:
+            row["status"] = f"[{mode}] {reason}"
+            log.error("%s on ORT %s: %s", path.name, ort_version, row["status"])
+            return row
+        log.info(
+            "%s on ORT %s, optimization %s: ok (load %.2f s, run %.2f s)",
+            path.name,
+            ort_version,
+            mode,
+            load_s,
+            run_s,
+        )
+    return row
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def merge_results(results_dir: Path) -> tuple[list[dict], dict[str, list[str]]]:
+    """Rows of every `results_dir/contract-results/*.json` whose model file is unchanged, and
+    the allow-listed kernels each version lacked.
+
+    Rows for a file that has since been rewritten or removed are dropped, so the summary the
+    release reads never vouches for bytes that were not tested.
+    """
+    rows, missing = [], {}
+    for result in sorted((results_dir / RESULTS_SUBDIR).glob("*.json")):
+        record = json.loads(result.read_text(encoding="utf-8"))
+        if record.get("missing_kernels"):
+            missing[record["ort"]] = record["missing_kernels"]
+        for row in record["rows"]:
+            model = Path(row["path"])
+            if model.is_file() and sha256_file(model) == row["sha256"]:
+                rows.append(row)
+            else:
+                log.info("dropping stale result: ORT %s, %s changed or gone", row["ort"], model)
+    rows.sort(key=lambda row: (_version_key(row["ort"]), row["path"]))
+    return rows, missing
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split(".") if part.isdigit())
+
+
+def _display_path(path: str) -> str:
+    """Relative to the cwd when below it: CI tests several files of the same name."""
+    try:
+        return str(Path(path).relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return path
+
+
+def format_table(rows: list[dict]) -> str:
+    """Plain-text table: ORT version x model -> ok / reason, load and run seconds (both modes)."""
+
+    def seconds(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    header = ("ORT", "platform", "model", "load s", "run s", "load s (default)", "run s (default)")
+    lines = [
+        (
+            row["ort"],
+            row["platform"],
+            _display_path(row["path"]),
+            seconds(row["load_s"]),
+            seconds(row["run_s"]),
+            seconds(row["default_load_s"]),
+            seconds(row["default_run_s"]),
+            row["status"],
+        )
+        for row in rows
+    ]
+    header = (*header, "status")
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *lines, strict=True)]
+    widths[-1] = 0  # the status column is last and may be long: no padding
+    render = [
+        " | ".join(
+            str(cell).ljust(width) for cell, width in zip(line, widths, strict=True)
+        ).rstrip()
+        for line in (header, *lines)
+    ]
+    render.insert(1, "-+-".join("-" * (width or len("status")) for width in widths))
+    return "\n".join(render)
+
+
+def resolve_models(names: list[str]) -> list[Path]:
+    """The files to test: the given ones, or every `models/*.onnx` (cwd = repo root under nox)."""
+    if names:
+        paths = [Path(name) for name in names]
+        missing = [str(path) for path in paths if not path.is_file()]
+        if missing:
+            raise SystemExit(f"ortcheck: no such model file: {', '.join(missing)}")
+        return paths
+    paths = sorted(Path().glob(DEFAULT_MODELS))
+    if not paths:
+        raise SystemExit(
+            f"ortcheck: no model to test in {DEFAULT_MODELS}; {HOW_TO_MAKE_A_MODEL}, "
+            "or pass files: `nox -s contract -- path/to/model.onnx`"
+        )
+    log.info("no model given: testing every %s (%d files)", DEFAULT_MODELS, len(paths))
+    return paths
+
+
+def run_version(models: list[Path], results_dir: Path, expect: str | None) -> int:
+    """Load-test `models` on the installed ORT; record and print its rows; 1 if any failed."""
+    import onnxruntime as ort
+
+    version = ort.__version__
+    log.info(
+        "ONNX Runtime %s, numpy %s, %s, Python %s",
+        version,
+        np.__version__,
+        platform_name(),
+        platform.python_version(),
+    )
+    if expect and version != expect:
+        raise SystemExit(f"ortcheck: expected onnxruntime {expect}, found {version}")
+    missing = missing_allowed_kernels()
+    if missing:
+        log.error("allow-listed com.microsoft ops without a CPU kernel here: %s", missing)
+    else:
+        log.info(
+            "all %d allow-listed com.microsoft ops have CPU kernels", len(COM_MICROSOFT_ALLOWED)
+        )
+    rows = [check_model(path, version) for path in models]
+
+    results = results_dir / RESULTS_SUBDIR
+    results.mkdir(parents=True, exist_ok=True)
+    record = {"ort": version, "platform": platform_name(), "missing_kernels": missing, "rows": rows}
+    (results / f"{version}.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    print(format_table(rows))
+    failed = [row for row in rows if row["status"] != "ok"]
+    if missing or failed:
+        kernels = f", allow-listed kernels missing: {', '.join(missing)}" if missing else ""
+        print(f"ORT {version}: FAILED ({len(failed)} of {len(rows)} models{kernels})")
+        return 1
+    print(f"ORT {version}: all {len(rows)} models ok")
+    return 0
+
+
+def summarize(results_dir: Path) -> int:
+    """Merge every version's rows into contract-summary.json, print the table; 1 if any failed."""
+    rows, missing = merge_results(results_dir)
+    summary_path = results_dir / SUMMARY_NAME
+    summary_path.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    log.info("wrote %s (%d rows)", summary_path, len(rows))
+    print(f"\nRuntime contract load tests, every result so far ({summary_path}):")
+    print(format_table(rows))
+    for version, ops in missing.items():
+        print(
+            f"ORT {version}: allow-listed com.microsoft ops without a CPU kernel: {', '.join(ops)}"
+        )
+    failed = [row for row in rows if row["status"] != "ok"]
+    print(f"{len(rows) - len(failed)} ok, {len(failed)} failed")
+    return 1 if failed or missing or not rows else 0
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="ortcheck", description=__doc__.split("\n\n")[0])
+    parser.add_argument("models", nargs="*", help=f"ONNX files (default: {DEFAULT_MODELS})")
+    parser.add_argument(
+        "--results-dir",
+        type=Path,
+        default=Path("models"),
+        help="where contract-results/ and contract-summary.json go (default: models/)",
+    )
+    parser.add_argument(
+        "--expect-ort",
+        help="fail unless the installed onnxruntime is this version (guards the nox venv)",
+    )
+    parser.add_argument(
+        "--summary",
+        action="store_true",
+        help="only merge every version's results into the summary and print the table",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+    if args.summary:
+        return summarize(args.results_dir)
+    return run_version(resolve_models(args.models), args.results_dir, args.expect_ort)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

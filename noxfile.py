@@ -1,0 +1,83 @@
+"""Nox sessions: the test suite, the static contract gate and the per-ORT-version load tests.
+
+Thin by design: the logic lives in `converter/` (the gate) and `converter/ortcheck.py` (the
+load test, a standalone script); this file only builds the venvs from pinned versions.
+
+    nox -s tests [-- PYTEST ARGS]
+    nox -s gate [-- FILE.onnx ...]                     # self-test, then the static gate
+    nox -s contract [-- FILE.onnx ...]                 # every ORT version, default models/*.onnx
+    nox -s "contract(ort='1.23.2')" [-- FILE.onnx ...] # one version
+
+Model paths are relative to the repository root (nox runs from here). `contract` also accepts
+`--results-dir DIR` before the files (default: models/, where contract-summary.json goes).
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).resolve().parent
+CONSTRAINTS = "requirements/constraints.txt"
+# 1.23.2 is the last ONNX Runtime release with macOS x86_64 wheels.
+LAST_MACOS_X86_64 = (1, 23, 2)
+
+nox.options.sessions = ["tests", "gate"]
+
+
+def _contract_pins() -> dict[str, str]:
+    """ORT version -> numpy version, from requirements/contract.txt (their one home)."""
+    pins = {}
+    for line in (ROOT / "requirements/contract.txt").read_text(encoding="utf-8").splitlines():
+        requirements = dict(word.split("==") for word in line.split("#")[0].split())
+        if requirements:
+            pins[requirements["onnxruntime"]] = requirements["numpy"]
+    return pins
+
+
+CONTRACT_PINS = _contract_pins()
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The pytest suite with the pinned toolchain (offline; `-- -m 'not slow'` for a quick run)."""
+    session.install("-c", CONSTRAINTS, "-r", "requirements/dev.in")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def gate(session: nox.Session) -> None:
+    """Prove every static rule refuses its violation, then gate FILEs (default models/*.onnx)."""
+    session.install("-c", CONSTRAINTS, "onnx", "numpy", "invoke")
+    session.run("invoke", "contract", "--self-test")
+    session.run("invoke", "contract", *(f"--file={name}" for name in session.posargs))
+
+
+@nox.session
+@nox.parametrize("ort", list(CONTRACT_PINS))
+def contract(session: nox.Session, ort: str) -> None:
+    """Load-test models on the official onnxruntime==ORT wheel, CPU EP, nothing else installed."""
+    # Queued first so the merged table ends the run even when this session fails or skips.
+    session.notify("contract_summary", posargs=session.posargs)
+    version = tuple(int(part) for part in ort.split("."))
+    if sys.platform == "darwin" and platform.machine() == "x86_64" and version > LAST_MACOS_X86_64:
+        session.skip(f"onnxruntime {ort} has no macOS x86_64 wheel (the last is 1.23.2)")
+    # --no-deps: ORT's declared extras (protobuf, sympy, ...) are not needed to load and run a
+    # model, and leaving them out proves the loader and the file need nothing but ORT + numpy.
+    session.install(
+        "--no-deps", "--only-binary=:all:", f"onnxruntime=={ort}", f"numpy=={CONTRACT_PINS[ort]}"
+    )
+    session.run("python", "converter/ortcheck.py", "--expect-ort", ort, *session.posargs)
+
+
+@nox.session(venv_backend="none")
+def contract_summary(session: nox.Session) -> None:
+    """Merge every contract(...) result into contract-summary.json and print the table.
+
+    Queued by the contract sessions to run after them; needs only the standard library and numpy,
+    so it runs on nox's own interpreter.
+    """
+    session.run(sys.executable, "converter/ortcheck.py", "--summary", *session.posargs)

@@ -1,0 +1,94 @@
+"""`nox -s contract`: session names, pinned versions, and one real run on an official wheel.
+
+The real run builds a fresh venv holding only onnxruntime + numpy (seconds with a warm pip
+cache), so it is marked slow; CI runs every version on every platform through nox itself.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from converter import contract, ortcheck
+
+ROOT = Path(__file__).resolve().parent.parent
+# The issue's list: the latest patch of every minor from 1.17 to the newest release.
+VERSIONS = (
+    "1.17.3 1.18.1 1.19.2 1.20.1 1.21.1 1.22.1 1.23.2 1.24.4 "
+    "1.25.1 1.26.0 1.27.0 1.28.0 1.29.0 1.30.0 1.31.1 1.32.0"
+).split()
+
+
+def _nox(*args: str, envdir: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nox",
+            "--noxfile",
+            str(ROOT / "noxfile.py"),
+            "--envdir",
+            str(envdir),
+            *args,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+
+
+def test_one_session_per_pinned_version_selectable_by_name(tmp_path):
+    listed = _nox("--list", envdir=tmp_path).stdout
+    for version in VERSIONS:
+        assert f"contract(ort='{version}')" in listed
+    pins = (ROOT / "requirements/contract.txt").read_text().split("\n")
+    pairs = [line.split() for line in pins if line.startswith("onnxruntime==")]
+    assert [ort.removeprefix("onnxruntime==") for ort, _ in pairs] == VERSIONS
+    # ORT 1.17/1.18 are built against numpy 1 (1.17 fails to import under numpy 2).
+    numpy = {ort.removeprefix("onnxruntime=="): np for ort, np in pairs}
+    assert numpy["1.17.3"] == numpy["1.18.1"] == "numpy==1.26.4"
+    newer = [np for ort, np in numpy.items() if tuple(map(int, ort.split("."))) >= (1, 19)]
+    assert all(np.startswith("numpy==2.") for np in newer)
+
+
+@pytest.mark.slow
+def test_contract_session_loads_and_checks_a_model_on_the_official_wheel(tmp_path):
+    good = contract.write_tiny(tmp_path / "models/tiny.onnx")
+    orphan = tmp_path / "models/orphan.onnx"
+    contract.write_model(contract.tiny_model(), orphan)  # no reference npz beside it
+    results = tmp_path / "models"
+
+    run = _nox(
+        "-s",
+        "contract(ort='1.32.0')",
+        "--",
+        "--results-dir",
+        str(results),
+        str(good),
+        str(orphan),
+        envdir=tmp_path / "nox",
+    )
+
+    assert run.returncode == 1, run.stdout + run.stderr  # the orphan fails, and so does the run
+    output = run.stdout + run.stderr
+    assert "ONNX Runtime 1.32.0" in output
+    assert "Runtime contract load tests, every result so far" in output  # contract_summary ran
+    summary = json.loads((results / ortcheck.SUMMARY_NAME).read_text())
+    by_model = {row["model"]: row for row in summary}
+    assert by_model["tiny.onnx"]["ort"] == "1.32.0" and by_model["tiny.onnx"]["status"] == "ok"
+    assert (
+        by_model["tiny.onnx"]["load_s"] is not None and by_model["tiny.onnx"]["run_s"] is not None
+    )
+    assert by_model["orphan.onnx"]["status"].startswith("no reference output orphan.reference.npz")
+    # The venv held only onnxruntime and numpy: the loader needs nothing else.
+    pip = next((tmp_path / "nox").glob("contract*/bin/pip"), None) or next(
+        (tmp_path / "nox").glob("contract*/Scripts/pip.exe")
+    )
+    freeze = subprocess.run([str(pip), "freeze"], capture_output=True, text=True, check=True).stdout
+    assert sorted(line.split("==")[0] for line in freeze.split()) == ["numpy", "onnxruntime"]
