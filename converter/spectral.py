@@ -62,8 +62,8 @@ def _hann(n_fft: int) -> np.ndarray:
     return torch.hann_window(n_fft, periodic=True, dtype=torch.float64).numpy()
 
 
-class Stft(nn.Module):
-    """[B, C, L] waveform -> [B, 2C, n_fft/2, ceil(L/hop)] spectrogram, channels (C, re/im)."""
+class _Framing(nn.Module):
+    """HTDemucs' framing: hop n_fft/4, ceil(length/hop) frames, the DFT radices."""
 
     def __init__(self, n_fft: int, length: int):
         super().__init__()
@@ -71,7 +71,15 @@ class Stft(nn.Module):
         self.hop = n_fft // 4
         self.length = length
         self.frames = _frame_count(length, self.hop)
-        a, b, c = self.radices = dft_factors(n_fft)
+        self.radices = dft_factors(n_fft)
+
+
+class Stft(_Framing):
+    """[B, C, L] waveform -> [B, 2C, n_fft/2, ceil(L/hop)] spectrogram, channels (C, re/im)."""
+
+    def __init__(self, n_fft: int, length: int):
+        super().__init__(n_fft, length)
+        a, b, c = self.radices
         n_a, n_b, n_c = np.arange(a), np.arange(b), np.arange(c)
         # Stage 1 (a -> p), rows (re/im, p); the window and 1/sqrt(N) of `normalized=True` ride
         # on the input multiply instead, as the window depends on all three digits of n.
@@ -121,7 +129,7 @@ class Stft(nn.Module):
         return y.reshape(batch, 2 * channels, self.n_fft // 2, frames)
 
 
-class Istft(nn.Module):
+class Istft(_Framing):
     """[B, S, 2C, n_fft/2, T] spectrogram, channels (C, re/im) -> [B, S, C, length] waveform.
 
     The Nyquist bin is taken as zero, as in `HTDemucs._ispec`; like torch.istft (a C2R FFT),
@@ -129,12 +137,8 @@ class Istft(nn.Module):
     """
 
     def __init__(self, n_fft: int, length: int):
-        super().__init__()
-        self.n_fft = n_fft
-        self.hop = n_fft // 4
-        self.length = length
-        self.frames = _frame_count(length, self.hop)
-        a, b, c = self.radices = dft_factors(n_fft)
+        super().__init__(n_fft, length)
+        a, b, c = self.radices
         n_a, n_b, n_c = np.arange(a), np.arange(b), np.arange(c)
         # x[n] = Re Σ_{k<N/2} d_k Z_k W_N^{-nk} / sqrt(N), d_0 = 1 and d_k = 2: the real output of
         # a Hermitian spectrum. The 2/sqrt(N) sits in stage 3, the d_0 = 1 in `dc_weight`.
