@@ -7,7 +7,6 @@ unvalidated `NAME.onnx` (or a sidecar that belongs to another file) behind.
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import os
@@ -25,7 +24,7 @@ from .errors import UserError
 from .export import OPSET, export_bag
 from .loading import LoadedBag, load
 from .optimize import LEVEL, optimize
-from .progress import peak_rss_mb, step
+from .progress import peak_rss_mb, release_memory, step
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +119,7 @@ def convert(model: str, repo: Path | None = None, out_dir: Path = Path("models")
         staged = [staging / p.name for p in finals]
         digest = write_with_sidecar(graph, staged[0])
         del graph  # hundreds of MB of protobuf, not needed by the gates
-        gc.collect()
+        release_memory()
         with step("validate", timings):
             validate_file(staged[0], bag, reference_out=staged[2])
         with step("contract gate", timings):

@@ -17,6 +17,7 @@ import numpy as np
 from .errors import UserError
 from .loading import LoadedBag
 from .metadata import atomic_path
+from .progress import release_memory
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ def validate_file(path: Path, bag: LoadedBag, reference_out: Path | None = None)
     # All PyTorch runs first: their activations are freed before ONNX Runtime allocates its
     # own, which keeps a four-model bag's conversion peak well below the sum of both.
     wanted = {name: reference(bag, audio) for name, audio in tqdm(inputs.items(), desc="demucs", unit="input")}
+    release_memory()
     sess = session(path)
     (inp,), (out,) = sess.get_inputs(), sess.get_outputs()
     want_in, want_out = [1, channels, length], [1, len(bag.sources), channels, length]
