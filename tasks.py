@@ -145,4 +145,47 @@ def contract(c, file=None, self_test=False):
         print(f"{path}: ok")
 
 
-ns = Collection(convert, validate, fingerprint, fake_repo, release, check_upstream, contract)
+@task(
+    help={
+        "song": "Audio file to separate (WAV, FLAC or anything libsndfile reads); mono is duplicated.",
+        "model": "Converted ONNX file (default: models/htdemucs.onnx); stems come from its metadata.",
+        "out_dir": "Stems go to OUT_DIR/SONG/STEM.wav, 32-bit float (default: separated/).",
+        "overlap": "Overlap of consecutive segments, in [0, 1) (default 0.25, as demucs).",
+        "shifts": "Random time shifts to average (demucs' shift trick; default 0: off).",
+        "seed": "Seed of the shift offsets, for reproducible runs (default: random).",
+        "overwrite": "Replace stem files that already exist.",
+    }
+)
+@_cli
+def separate(
+    c, song, model="models/htdemucs.onnx", out_dir="separated", overlap=0.25, shifts=0,
+    seed=None, overwrite=False,
+):  # fmt: skip
+    """Separate a song into stems with a converted file (numpy + onnxruntime only, no torch)."""
+    from converter.separate import separate as run
+
+    run(
+        Path(song), Path(model), Path(out_dir), overlap=overlap, shifts=shifts,
+        overwrite=overwrite, seed=int(seed) if seed is not None else None,
+    )  # fmt: skip
+
+
+@task(
+    help={
+        "model": f"Model to convert and measure: {MODELS}.",
+        "repo": "Local demucs model repo, as for convert; default: the hub.",
+        "runs": "Timed runs per engine, after 2 warm-ups; the median is reported (default 5).",
+        "profile": "Op types to list from onnxruntime's profiler (default 10; 0: no profile).",
+        "out_dir": "Where to write NAME.json (default: bench-results/).",
+    }
+)
+@_cli
+def bench(c, model="htdemucs", repo=None, runs=5, profile=10, out_dir="bench-results"):
+    """PyTorch eager vs onnxruntime latency and RSS, GMAC, conversion cost; table + JSON."""
+    from converter.bench import bench as run
+    from converter.bench import table
+
+    print(table(run(model, repo=_path(repo), runs=runs, profile=profile, out_dir=Path(out_dir))))
+
+
+ns = Collection(convert, validate, fingerprint, fake_repo, release, check_upstream, contract, separate, bench)
