@@ -9,7 +9,10 @@ for three reasons:
   exporter fold a full-size tensor into the file;
 - the transformer's sinusoidal position embeddings (5.5 + 2.75 MB at full size) are computed
   in-graph from a value that depends on the input, so neither the exporter nor ONNX Runtime's
-  constant folding can bake them into initializers and blow the file-size budget.
+  constant folding can bake them into initializers and blow the file-size budget;
+- attention is computed for blocks of query rows one after the other, so no attention matrix
+  exceeds ATTENTION_BLOCK_BYTES (a full one is 231 MB at full size, and ONNX Runtime's arena
+  sizes itself on the largest live tensors).
 
 Everything else is the demucs arithmetic in demucs' order, for eval mode, `cac=True` and the
 training segment length (what `apply_model(..., split=False)` feeds the model).
@@ -23,6 +26,9 @@ import torch
 from demucs.htdemucs import HTDemucs
 from demucs.transformer import CrossTransformerEncoder
 from torch import nn
+from torch.nn import functional as F
+
+ATTENTION_BLOCK_BYTES = 64 << 20
 
 
 def _anchor(mix: torch.Tensor) -> torch.Tensor:
@@ -59,6 +65,52 @@ def _sin_embedding_2d(
     return torch.cat([along_width, along_height], dim=-1).reshape(1, width * height, dim)
 
 
+def _attention(mha: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """`mha(query, key, key, need_weights=False)[0]` for batch-first eval, in row blocks."""
+    if not (mha.batch_first and mha._qkv_same_embed_dim and mha.bias_k is None and not mha.add_zero_attn):
+        raise NotImplementedError("only the plain batch-first attention of HTDemucs converts")
+    dim, heads = mha.embed_dim, mha.num_heads
+    head_dim = dim // heads
+    weight, bias = mha.in_proj_weight, mha.in_proj_bias
+    q = F.linear(query, weight[:dim], bias[:dim])
+    k = F.linear(key, weight[dim : 2 * dim], bias[dim : 2 * dim])
+    v = F.linear(key, weight[2 * dim :], bias[2 * dim :])
+    batch, len_q, len_k = q.shape[0], q.shape[1], k.shape[1]
+    q = q.reshape(batch, len_q, heads, head_dim).transpose(1, 2) * head_dim**-0.5
+    k = k.reshape(batch, len_k, heads, head_dim).permute(0, 2, 3, 1)
+    v = v.reshape(batch, len_k, heads, head_dim).transpose(1, 2)
+    blocks = math.ceil(batch * heads * len_q * len_k * 4 / ATTENTION_BLOCK_BYTES)
+    rows = math.ceil(len_q / blocks)
+    out = torch.cat(
+        [torch.softmax(q[:, :, i : i + rows] @ k, dim=-1) @ v for i in range(0, len_q, rows)],
+        dim=2,
+    )
+    return mha.out_proj(out.transpose(1, 2).reshape(batch, len_q, dim))
+
+
+def _feed_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return layer.linear2(layer.activation(layer.linear1(x)))
+
+
+def _self_layer(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`MyTransformerEncoderLayer.forward` (eval, norm_first, dense attention)."""
+    if not layer.norm_first or layer.sparse:
+        raise NotImplementedError("only norm-first, dense transformer layers convert")
+    normed = layer.norm1(x)
+    x = x + layer.gamma_1(_attention(layer.self_attn, normed, normed))
+    x = x + layer.gamma_2(_feed_forward(layer, layer.norm2(x)))
+    return layer.norm_out(x) if layer.norm_out else x
+
+
+def _cross_layer(layer: nn.Module, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """`CrossTransformerEncoderLayer.forward` (eval, norm_first, dense attention)."""
+    if not layer.norm_first or layer.sparse:
+        raise NotImplementedError("only norm-first, dense transformer layers convert")
+    x = q + layer.gamma_1(_attention(layer.cross_attn, layer.norm1(q), layer.norm2(k)))
+    x = x + layer.gamma_2(_feed_forward(layer, layer.norm3(x)))
+    return layer.norm_out(x) if layer.norm_out else x
+
+
 def _cross_transformer(
     module: CrossTransformerEncoder, x: torch.Tensor, xt: torch.Tensor, anchor: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,12 +129,10 @@ def _cross_transformer(
 
     for idx in range(module.num_layers):
         if idx % 2 == module.classic_parity:
-            x = module.layers[idx](x)
-            xt = module.layers_t[idx](xt)
+            x = _self_layer(module.layers[idx], x)
+            xt = _self_layer(module.layers_t[idx], xt)
         else:
-            old_x = x
-            x = module.layers[idx](x, xt)
-            xt = module.layers_t[idx](xt, old_x)
+            x, xt = _cross_layer(module.layers[idx], x, xt), _cross_layer(module.layers_t[idx], xt, x)
 
     x = x.reshape(batch, frames, freqs, channels).permute(0, 3, 2, 1)
     xt = xt.permute(0, 2, 1)
