@@ -23,7 +23,7 @@ from . import metadata as meta
 from .errors import UserError
 from .export import OPSET, export_bag
 from .loading import LoadedBag, load
-from .optimize import LEVEL, optimize
+from .optimize import DISABLED_OPTIMIZERS, LEVEL, optimize
 from .progress import peak_rss_mb, release_memory, step
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ def metadata_entries(bag: LoadedBag, ir_version: int) -> dict[str, str]:
         "opset": OPSET,
         "ir_version": ir_version,
         "optimization_level": LEVEL,
+        "disabled_optimizers": list(DISABLED_OPTIMIZERS),
         "converter": __version__,
     }
     return {
