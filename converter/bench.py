@@ -4,8 +4,8 @@ Every engine is measured in its own child process (`python -m converter.bench KI
 so each peak RSS belongs to that engine alone and no engine warms caches for another. Latency
 is the median of N runs after 2 warm-ups, on one segment, with as many threads as cores for
 both engines. onnxruntime is measured at its default session options and at the options apps
-actually choose (OpenKara disables graph optimization for pre-optimized files; `invoke
-separate` also turns the memory arena off), because they differ by large factors. The arithmetic
+actually choose (OpenKara and `invoke separate` disable graph optimization for pre-optimized
+files), and with the memory arena off, because they differ by large factors. The arithmetic
 is counted from the graph (GMAC, spectral vs network) and divided by this machine's measured
 SGEMM throughput: the time no implementation of this graph can beat here.
 
@@ -39,12 +39,12 @@ WARMUPS = 2
 # Session options compared, by label: (graph optimization on, CPU memory arena on).
 ORT_CONFIGS = {
     "default options": (True, True),
-    "graph optimization off (OpenKara)": (False, True),
+    "graph optimization off (OpenKara, separate)": (False, True),
     "memory arena off": (True, False),
-    "optimization + arena off (separate)": (False, False),
+    "optimization + arena off": (False, False),
 }
 DEFAULT_CONFIG = "default options"
-PROFILED_CONFIG = "graph optimization off (OpenKara)"
+PROFILED_CONFIG = "graph optimization off (OpenKara, separate)"
 # The targets for htdemucs on a 2-core x86-64 machine, at ORT's default options.
 TARGET_RATIO = 0.70
 TARGET_RSS_GB = 2.5

@@ -75,9 +75,6 @@ class Engine:
         if not path.is_file():
             raise UserError(f"model file {path} does not exist; convert one with `invoke convert`")
         options = ort.SessionOptions()
-        # The arena keeps every peak allocation for the session's lifetime (RSS grows run after
-        # run); without it a long song stays at one segment's working set. No arithmetic changes.
-        options.enable_cpu_mem_arena = False
         # OpenKara skips ORT's optimizer for files optimized offline (all converted files are);
         # the metadata can only be read from a session, so that is the first one tried.
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
