@@ -93,7 +93,7 @@ def _publish(staged: list[Path], finals: list[Path]) -> None:
     """Move staged files over the final names; the old sidecar goes first so it never vouches
     for a file it does not describe."""
     finals[1].unlink(missing_ok=True)
-    for source, target in zip(staged, finals):
+    for source, target in zip(staged, finals, strict=True):
         os.replace(source, target)
 
 
