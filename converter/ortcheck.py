@@ -81,6 +81,8 @@ def reference_path(model: Path) -> Path:
 
 
 def sha256_file(path: Path) -> str:
+    """`converter.metadata.sha256_file`, restated: this script must import nothing but numpy,
+    onnxruntime and the standard library (it runs in venvs that hold only those)."""
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         for block in iter(lambda: file.read(1 << 20), b""):

@@ -13,6 +13,7 @@ import pytest
 
 from converter.fakerepo import write_repo
 from converter.pipeline import convert
+from tests.fake_github import FakeGitHub
 
 PRODUCTS = ("htdemucs", "htdemucs_ft", "htdemucs_6s")
 
@@ -35,3 +36,11 @@ def small_models(small_repo, tmp_path_factory) -> dict[str, Path]:
 def full_repo(tmp_path_factory) -> Path:
     """htdemucs with the exact pretrained hyper-parameters (41,984,456 random weights)."""
     return write_repo(tmp_path_factory.mktemp("full-repo"), size="full", names=["htdemucs"])
+
+
+@pytest.fixture
+def fake() -> FakeGitHub:
+    """A GitHub-like REST server (and package index) on 127.0.0.1, fresh for each test."""
+    server = FakeGitHub()
+    yield server
+    server.close()

@@ -10,14 +10,7 @@ import pytest
 
 from converter import github
 from converter.errors import UserError
-from tests.fake_github import REPOSITORY, TOKEN, Fault, FakeGitHub
-
-
-@pytest.fixture
-def fake():
-    server = FakeGitHub()
-    yield server
-    server.close()
+from tests.fake_github import REPOSITORY, TOKEN, Fault
 
 
 @pytest.fixture

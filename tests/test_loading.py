@@ -36,10 +36,16 @@ def test_empty_repo(tmp_path):
         load("htdemucs", tmp_path)
 
 
-def test_checkpoint_with_wrong_checksum(small_repo, tmp_path):
+def copy_with_checkpoint(small_repo, tmp_path):
+    """A writable copy of the small repo and its htdemucs checkpoint file."""
     repo = tmp_path / "repo"
     shutil.copytree(small_repo, repo)
     (path,) = repo.glob("955717e8-*.th")
+    return repo, path
+
+
+def test_checkpoint_with_wrong_checksum(small_repo, tmp_path):
+    repo, path = copy_with_checkpoint(small_repo, tmp_path)
     data = bytearray(path.read_bytes())
     data[-100] ^= 0xFF
     path.write_bytes(bytes(data))
@@ -48,9 +54,7 @@ def test_checkpoint_with_wrong_checksum(small_repo, tmp_path):
 
 
 def test_truncated_checkpoint_without_checksum(small_repo, tmp_path):
-    repo = tmp_path / "repo"
-    shutil.copytree(small_repo, repo)
-    (path,) = repo.glob("955717e8-*.th")
+    repo, path = copy_with_checkpoint(small_repo, tmp_path)
     path.rename(repo / "955717e8.th")
     (repo / "955717e8.th").write_bytes(path.name.encode() * 10)
     with pytest.raises(UserError, match="checkpoint is corrupt or not a demucs package"):

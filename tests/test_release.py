@@ -78,13 +78,6 @@ class Builder:
 
 
 @pytest.fixture
-def fake():
-    server = FakeGitHub()
-    yield server
-    server.close()
-
-
-@pytest.fixture
 def client(fake):
     return github.Client(
         api_url=fake.api_url,

@@ -11,33 +11,26 @@ from packaging.version import Version
 
 from converter import github, upstream
 from converter.errors import UserError
-from tests.fake_github import REPOSITORY, TOKEN, Fault, FakeGitHub
+from tests.fake_github import REPOSITORY, TOKEN, Fault
+
+
+def index_file(filename: str, yanked: bool | str = False) -> dict:
+    """One file entry of a PEP 691 project page."""
+    return {"filename": filename, "yanked": yanked, "hashes": {"sha256": "0" * 64}, "url": filename}
 
 
 def wheel(version: str, yanked: bool | str = False) -> dict:
-    return {
-        "filename": f"demucs-{version}-py3-none-any.whl",
-        "yanked": yanked,
-        "hashes": {"sha256": "0" * 64},
-        "url": f"demucs-{version}-py3-none-any.whl",
-    }
+    return index_file(f"demucs-{version}-py3-none-any.whl", yanked)
 
 
 def sdist(version: str, yanked: bool | str = False) -> dict:
-    return {
-        "filename": f"demucs-{version}.tar.gz",
-        "yanked": yanked,
-        "hashes": {"sha256": "0" * 64},
-        "url": f"demucs-{version}.tar.gz",
-    }
+    return index_file(f"demucs-{version}.tar.gz", yanked)
 
 
 @pytest.fixture
-def fake():
-    server = FakeGitHub()
-    server.index_files = [sdist("4.0.0"), sdist("4.0.1"), sdist("4.1.0"), wheel("4.1.0")]
-    yield server
-    server.close()
+def fake(fake):
+    fake.index_files = [sdist("4.0.0"), sdist("4.0.1"), sdist("4.1.0"), wheel("4.1.0")]
+    return fake
 
 
 @pytest.fixture
@@ -195,26 +188,19 @@ def test_cli_prints_one_line_and_exits_zero(fake, tmp_path):
         "PIP_INDEX_URL": fake.index_url,
     }
     root = Path(__file__).resolve().parent.parent
-    for expected in ("opened issue #1", "already tracked by issue #1"):
-        done = subprocess.run(
+
+    def check_upstream() -> subprocess.CompletedProcess:
+        return subprocess.run(
             [sys.executable, "-m", "invoke", "check-upstream"],
-            cwd=root,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+            cwd=root, env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    for expected in ("opened issue #1", "already tracked by issue #1"):
+        done = check_upstream()
         assert done.returncode == 0, done.stderr
         assert expected in done.stdout and len(done.stdout.strip().splitlines()) == 1
         assert TOKEN not in done.stdout + done.stderr
     env.pop("GITHUB_TOKEN")
-    done = subprocess.run(
-        [sys.executable, "-m", "invoke", "check-upstream"],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = check_upstream()
     assert done.returncode == 1 and "GITHUB_TOKEN not set" in done.stderr
     assert len(fake.issues) == 1
