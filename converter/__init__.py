@@ -1,9 +1,9 @@
 """Convert Meta's pretrained Demucs v4 models to ONNX files for the OpenKara app.
 
 One module per pipeline step: `loading` (demucs' own loader), `spectral` (STFT/ISTFT as real
-matmuls), `exportable` (the ONNX-friendly HTDemucs forward), `export`, `optimize` (ONNX Runtime
-offline optimization), `metadata`, `validation`, `contract`, `pipeline` (convert, end to end),
-`github`, `release`, `upstream`.
+matmuls), `exportable` (the ONNX-friendly HTDemucs forward), `export`, `runtime_shapes` (shape
+arithmetic that no optimizer folds), `optimize` (ONNX Runtime offline optimization), `metadata`,
+`validation`, `contract`, `pipeline` (convert, end to end), `github`, `release`, `upstream`.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -5,7 +5,9 @@ ORT_ENABLE_EXTENDED on the CPU EP fuses GELU, MatMul+scale, LayerNorm and friend
 across runs and thread counts. ORT_ENABLE_ALL (layout) would add `com.microsoft.nchwc` nodes:
 x86-64-only kernels whose block size depends on the CPU and which fail on Apple Silicon, so
 it is never used. ORT also writes every domain it knows into `opset_import`, which older ORT
-versions refuse, so unused imports are dropped here.
+versions refuse, so unused imports are dropped here. Constant folding runs with the rest: the
+graph's shape arithmetic reaches this step anchored to the input (`converter.runtime_shapes`),
+so only true constants fold, and an app's session finds nothing left to fold at load time.
 """
 
 from __future__ import annotations
@@ -22,13 +24,6 @@ from .errors import UserError
 log = logging.getLogger(__name__)
 
 LEVEL = "ORT_ENABLE_EXTENDED"
-# Constant folding turns the exporter's shape arithmetic into initializers. It saves no time
-# (1.48 vs 1.50 s per htdemucs segment) but, measured on ORT 1.32, raises a session's peak RSS
-# at OpenKara's settings from 1.29 to 3.5 GB (a pure-malloc run of the decoder alone: 0.68 vs
-# 1.87 GB), so the shipped graph keeps its Shape nodes. Constant sharing goes with it: a file
-# saved with shared constants but unfolded shapes fails to load at ORT's default level
-# ("Attempt to replace the existing tensor"), because ORT then folds at load time.
-DISABLED_OPTIMIZERS = ("ConstantFolding", "ConstantSharing")
 MAX_IR_VERSION = 9  # ONNX Runtime 1.17, the oldest supported, reads IR <= 9
 FORBIDDEN_DOMAIN_PREFIXES = ("com.microsoft.nchwc", "com.ms.internal")
 
@@ -70,14 +65,8 @@ def optimize(model: onnx.ModelProto, workdir: Path | None = None) -> onnx.ModelP
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         options.optimized_model_filepath = str(target)
-        log.info(
-            "onnxruntime %s: optimizing at %s on the CPU EP without %s",
-            ort.__version__, LEVEL, ", ".join(DISABLED_OPTIMIZERS),
-        )  # fmt: skip
-        ort.InferenceSession(
-            str(source), options, providers=["CPUExecutionProvider"],
-            disabled_optimizers=list(DISABLED_OPTIMIZERS),
-        )  # fmt: skip
+        log.info("onnxruntime %s: optimizing at %s on the CPU EP", ort.__version__, LEVEL)
+        ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
         optimized = onnx.load(target)
 
     dropped = prune_opset_imports(optimized)

@@ -21,10 +21,11 @@ import onnx
 from . import __version__
 from . import metadata as meta
 from .errors import UserError
-from .export import OPSET, export_bag
+from .export import INPUT, OPSET, export_bag
 from .loading import LoadedBag, load
-from .optimize import DISABLED_OPTIMIZERS, LEVEL, optimize
+from .optimize import LEVEL, optimize
 from .progress import peak_rss_mb, release_memory, step
+from .runtime_shapes import anchor_shapes
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,6 @@ def metadata_entries(bag: LoadedBag, ir_version: int) -> dict[str, str]:
         "opset": OPSET,
         "ir_version": ir_version,
         "optimization_level": LEVEL,
-        "disabled_optimizers": list(DISABLED_OPTIMIZERS),
         "converter": __version__,
     }
     return {
@@ -109,6 +109,7 @@ def convert(model: str, repo: Path | None = None, out_dir: Path = Path("models")
         bag = load(model, repo)
     with step("export", timings):
         graph = export_bag(bag, timings)
+    anchor_shapes(graph, INPUT)
     with step("optimize", timings):
         graph = optimize(graph, workdir=out_dir)
     meta.stamp(graph, metadata_entries(bag, graph.ir_version))
