@@ -5,10 +5,10 @@ so each peak RSS belongs to that engine alone and no engine warms caches for ano
 is the median of N runs after 2 warm-ups, on one segment, with as many threads as cores for
 both engines. onnxruntime is measured at its default session options and at the options apps
 actually choose (OpenKara and `invoke separate` disable graph optimization for pre-optimized
-files), and with the memory pattern or the memory arena off, because their peak RSS differs
-by large factors. The arithmetic
-is counted from the graph (GMAC, spectral vs network) and divided by this machine's measured
-SGEMM throughput: the time no implementation of this graph can beat here.
+files), and with the memory pattern or the memory arena off, because their peak RSS differs by
+large factors. The arithmetic is counted from the graph (GMAC, spectral vs network) and divided
+by this machine's measured SGEMM throughput: the time no implementation of this graph can beat
+here.
 
 Shared and throttled machines change speed by 2x within minutes, so every timing child probes
 numpy's SGEMM throughput before and after its runs, and the parent measures SGEMM at the start
