@@ -12,7 +12,10 @@ for three reasons:
   constant folding can bake them into initializers and blow the file-size budget;
 - attention is computed for blocks of query rows one after the other, so no attention matrix
   exceeds ATTENTION_BLOCK_BYTES (a full one is 231 MB at full size, and ONNX Runtime's arena
-  sizes itself on the largest live tensors).
+  sizes itself on the largest live tensors);
+- the frequency branch's residual branches (DConv) normalize with LayerNormalization instead of
+  GroupNorm's InstanceNormalization + Mul + Add, which makes fewer passes over their largest
+  tensors (see `_dconv_rows`).
 
 Everything else is the demucs arithmetic in demucs' order, for eval mode, `cac=True` and the
 training segment length (what `apply_model(..., split=False)` feeds the model).
@@ -23,6 +26,8 @@ from __future__ import annotations
 import math
 
 import torch
+from demucs.demucs import DConv
+from demucs.hdemucs import HDecLayer, HEncLayer
 from demucs.htdemucs import HTDemucs
 from demucs.transformer import CrossTransformerEncoder
 from torch import nn
@@ -86,6 +91,76 @@ def _attention(mha: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tenso
         dim=2,
     )
     return mha.out_proj(out.transpose(1, 2).reshape(batch, len_q, dim))
+
+
+def _dconv_rows(dconv: DConv, x: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    """`DConv.forward` on [rows, C, T], each GroupNorm(1, d) as LayerNormalization over (d, T).
+
+    GroupNorm(1, d) exports as InstanceNormalization on a reshape, then a Mul and an Add for the
+    per-channel affine: five reads and three writes of the tensor in ONNX Runtime. Normalizing
+    the same (d, T) block with LayerNormalization takes the affine along (two reads, one write),
+    but wants it as a full [d, T] scale and bias; those are built at run time from `anchor`, so
+    no constant folding turns them into megabytes of repeated weights. The LayerScale after the
+    GLU multiplies the GLU's value half only, so it folds into that half's affine.
+    """
+    frames = int(x.shape[-1])
+    row = torch.zeros(1, frames) + anchor
+    for layer in dconv.layers:
+        mods = list(layer)
+        kinds = [type(m).__name__ for m in mods]
+        if kinds != ["Conv1d", "GroupNorm", "GELU", "Conv1d", "GroupNorm", "GLU", "LayerScale"] or any(
+            m.num_groups != 1 for m in (mods[1], mods[4])
+        ):
+            raise NotImplementedError(f"only DConv layers without attention or LSTM convert: {kinds}")
+        conv1, norm1, act, conv2, norm2, _, layer_scale = mods
+        channels = layer_scale.scale.shape[0]
+        h = conv1(x)
+        h = F.layer_norm(
+            h, (norm1.num_channels, frames), norm1.weight[:, None] + row, norm1.bias[:, None] + row, norm1.eps
+        )
+        z = conv2(act(h))
+        fold = torch.cat([layer_scale.scale, torch.ones_like(layer_scale.scale)])[:, None]
+        z = F.layer_norm(
+            z, (norm2.num_channels, frames), norm2.weight[:, None] * fold + row, norm2.bias[:, None] * fold + row,
+            norm2.eps,
+        )  # fmt: skip
+        x = x + z[:, :channels] * torch.sigmoid(z[:, channels:])
+    return x
+
+
+def _freq_dconv(dconv: DConv, y: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    """DConv over time for every frequency row of [B, C, Fr, T], as `HEncLayer` applies it."""
+    batch, channels, freqs, frames = y.shape
+    y = _dconv_rows(dconv, y.permute(0, 2, 1, 3).reshape(-1, channels, frames), anchor)
+    return y.view(batch, freqs, channels, frames).permute(0, 2, 1, 3)
+
+
+def _encode(
+    layer: HEncLayer, x: torch.Tensor, inject: torch.Tensor | None, anchor: torch.Tensor
+) -> torch.Tensor:
+    """`HEncLayer.forward`; a frequency layer's DConv goes through `_freq_dconv`."""
+    if not layer.freq or layer.empty or not layer.dconv:
+        return layer(x, inject)
+    y = layer.conv(x)
+    if inject is not None:
+        y = y + (inject[:, :, None] if inject.dim() == 3 else inject)
+    y = _freq_dconv(layer.dconv, F.gelu(layer.norm1(y)), anchor)
+    return F.glu(layer.norm2(layer.rewrite(y)), dim=1) if layer.rewrite else y
+
+
+def _decode(
+    layer: HDecLayer, x: torch.Tensor, skip: torch.Tensor, length: int, anchor: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`HDecLayer.forward`; a frequency layer's DConv goes through `_freq_dconv`."""
+    if not layer.freq or layer.empty or not layer.dconv or x.dim() != 4:
+        return layer(x, skip, length)
+    x = x + skip
+    y = F.glu(layer.norm1(layer.rewrite(x)), dim=1) if layer.rewrite else x
+    y = _freq_dconv(layer.dconv, y, anchor)
+    z = layer.norm2(layer.conv_tr(y))
+    if layer.pad:
+        z = z[..., layer.pad : -layer.pad, :]
+    return (z if layer.last else F.gelu(z)), y
 
 
 def _feed_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -182,7 +257,7 @@ class Network(nn.Module):
                     saved_t.append(xt)
                 else:
                     inject = xt
-            x = encode(x, inject)
+            x = _encode(encode, x, inject, anchor)
             if idx == 0 and model.freq_emb is not None:
                 frs = torch.arange(x.shape[-2])
                 emb = model.freq_emb(frs).t()[None, :, :, None]
@@ -202,7 +277,7 @@ class Network(nn.Module):
 
         for idx, decode in enumerate(model.decoder):
             skip = saved.pop(-1)
-            x, pre = decode(x, skip, lengths.pop(-1))
+            x, pre = _decode(decode, x, skip, lengths.pop(-1), anchor)
             offset = model.depth - len(model.tdecoder)
             if idx >= offset:
                 tdec = model.tdecoder[idx - offset]

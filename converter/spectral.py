@@ -75,30 +75,39 @@ class _Framing(nn.Module):
 
 
 class Stft(_Framing):
-    """[B, C, L] waveform -> [B, 2C, n_fft/2, ceil(L/hop)] spectrogram, channels (C, re/im)."""
+    """[B, C, L] waveform -> [B, 2C, n_fft/2, ceil(L/hop)] spectrogram, channels (C, re/im).
+
+    The mirror of `Istft`: frames are laid out [sample, signal, frame] so the frame axis stays
+    innermost, the digits are contracted a, b, c by left matrix products, and the twiddles sit
+    in per-(p, q) stage-3 matrices.
+    """
 
     def __init__(self, n_fft: int, length: int):
         super().__init__(n_fft, length)
         a, b, c = self.radices
-        n_a, n_b, n_c = np.arange(a), np.arange(b), np.arange(c)
-        # Stage 1 (a -> p), rows (re/im, p); the window and 1/sqrt(N) of `normalized=True` ride
-        # on the input multiply instead, as the window depends on all three digits of n.
-        w_a = _unit(np.outer(n_a, n_a), a)
-        stage1 = np.concatenate([w_a.real, w_a.imag])  # [2A, A]
-        # Stage 2 (b -> q) per p, with the twiddle W_{AB}^{bp} folded in: [A, 2B, 2B].
-        w_b = _unit(np.outer(n_b, n_b), b)[None] * _unit(np.outer(n_a, n_b), a * b)[:, None, :]
-        stage2 = np.block([[w_b.real, -w_b.imag], [w_b.imag, w_b.real]])
-        # Twiddle W_N^{c(p + A q)} indexed [p, q, 1, c] to broadcast over frames.
-        twiddle = _twiddle(a, b, c)
-        # Stage 3 (c -> r < C/2), right-multiplied: [(re/im, c), (re/im, r)].
-        w_c = _unit(np.outer(n_c, np.arange(c // 2)), c)
-        stage3 = np.block([[w_c.real, w_c.imag], [-w_c.imag, w_c.real]])
+        n_a, n_b, n_c, n_r = np.arange(a), np.arange(b), np.arange(c), np.arange(c // 2)
+        # X[k] = Σ_n x[n] W_N^{nk} with n = BC·a + C·b + c and k = p + A·q + AB·r:
+        # W_N^{nk} = W_A^{ap} · W_{AB}^{bp} W_B^{bq} · W_N^{c(p+Aq)} W_C^{cr}.
+        # Stage 1 (a -> p): rows (p, re/im).
+        w_a = _unit(np.outer(n_a, n_a), a)  # [p, a]
+        stage1 = np.stack([w_a.real, w_a.imag], 1).reshape(2 * a, a)
+        # Stage 2 (b -> q) for every p: rows (q, re/im), columns (re/im, b).
+        w_b = _unit(np.outer(n_b, n_b), b)[None] * _unit(np.outer(n_a, n_b), a * b)[:, :, None]
+        w_b = w_b.transpose(0, 2, 1)  # [p, q, b]
+        stage2 = np.stack(
+            [np.concatenate([w_b.real, -w_b.imag], 2), np.concatenate([w_b.imag, w_b.real], 2)], 2
+        ).reshape(a, 2 * b, 2 * b)
+        # Stage 3 (c -> r < C/2) for every (p, q): rows (re/im, r), columns (re/im, c).
+        p, q = n_a[:, None, None, None], n_b[None, :, None, None]
+        w_c = _unit(n_r[:, None] * n_c, c) * _unit(n_c * (p + a * q), n_fft)  # [p, q, r, c]
+        stage3 = np.concatenate(
+            [np.concatenate([w_c.real, -w_c.imag], 3), np.concatenate([w_c.imag, w_c.real], 3)], 2
+        ).reshape(a * b, c, 2 * c)
+        # The window and the 1/sqrt(N) of `normalized=True`, per sample of the frame.
         window = _hann(n_fft) / math.sqrt(n_fft)
-        self.register_buffer("window", _tensor(window.reshape(a, 1, b * c)))
+        self.register_buffer("window", _tensor(window.reshape(n_fft, 1, 1)))
         self.register_buffer("stage1", _tensor(stage1))
         self.register_buffer("stage2", _tensor(stage2))
-        self.register_buffer("twiddle_re", _tensor(twiddle.real[:, None, :, None, :]))
-        self.register_buffer("twiddle_im", _tensor(twiddle.imag[:, None, :, None, :]))
         self.register_buffer("stage3", _tensor(stage3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -107,25 +116,19 @@ class Stft(_Framing):
         hop, frames = self.hop, self.frames
         a, b, c = self.radices
         signals = batch * channels
+        columns = signals * frames
         # demucs re-pads so frame t starts at t·hop of the padded signal (see `_spec`); the
         # center padding of torch.stft only touches the two dropped frames on each side.
         pad = hop // 2 * 3
         x = F.pad(x, (pad, pad + frames * hop - length), mode="reflect")
-        blocks = x.reshape(signals, frames + 3, hop)  # frame t = hop blocks t..t+3
-        framed = torch.cat([blocks[:, m : m + frames] for m in range(4)], dim=2)
-        framed = framed.reshape(signals * frames, a, b * c).transpose(0, 1) * self.window
-        y = torch.matmul(self.stage1, framed.reshape(a, -1))  # [(ri, p), (M, b, c)]
-        y = y.reshape(2, a, signals * frames, b, c).permute(1, 0, 3, 2, 4)
-        y = torch.matmul(self.stage2, y.reshape(a, 2 * b, -1))  # [p, (ri, q), (M, c)]
-        y = y.reshape(a, 2, b, signals * frames, c)
-        re, im = y[:, :1], y[:, 1:]  # Slice, not Gather: [p, 1, q, M, c]
-        re, im = (
-            re * self.twiddle_re - im * self.twiddle_im,
-            re * self.twiddle_im + im * self.twiddle_re,
-        )
-        y = torch.matmul(torch.cat([re, im], dim=-1), self.stage3)  # [p, 1, q, M, (ri, r)]
-        y = y.reshape(a, b, batch, channels, frames, 2, c // 2)
-        y = y.permute(2, 3, 5, 6, 1, 0, 4)  # [B, C, ri, r, q, p, T]: k = p + A q + A B r
+        blocks = x.reshape(signals, frames + 3, hop).permute(2, 0, 1)  # [hop, signals, t]
+        # Frame t = hop blocks t..t+3: sample n = m·hop + j of every frame, [n, signals, frames].
+        framed = torch.cat([blocks[:, :, m : m + frames] for m in range(4)]) * self.window
+        y = torch.matmul(self.stage1, framed.reshape(a, -1))  # [(p, ri), (b, c, M)]
+        y = torch.matmul(self.stage2, y.reshape(a, 2 * b, c * columns))  # [p, (q, ri), (c, M)]
+        y = torch.matmul(self.stage3, y.reshape(a * b, 2 * c, columns))  # [p, q, (ri, r), M]
+        y = y.reshape(a, b, 2, c // 2, batch, channels, frames)
+        y = y.permute(4, 5, 2, 3, 1, 0, 6)  # [B, C, ri, r, q, p, T]: k = p + A q + A B r
         return y.reshape(batch, 2 * channels, self.n_fft // 2, frames)
 
 
@@ -134,36 +137,44 @@ class Istft(_Framing):
 
     The Nyquist bin is taken as zero, as in `HTDemucs._ispec`; like torch.istft (a C2R FFT),
     the imaginary part of the DC bin is ignored.
+
+    The digits are contracted r, q, p, each stage a left matrix product over the axes that
+    already lead, so the frame axis stays innermost and the only data movement is one
+    block-wise transpose in (frames stay contiguous) and one of the output out. The twiddles,
+    the DC weight and the scale ride on per-(p, q) stage-3 matrices rather than on passes over
+    the data.
     """
 
     def __init__(self, n_fft: int, length: int):
         super().__init__(n_fft, length)
         a, b, c = self.radices
-        n_a, n_b, n_c = np.arange(a), np.arange(b), np.arange(c)
-        # x[n] = Re Σ_{k<N/2} d_k Z_k W_N^{-nk} / sqrt(N), d_0 = 1 and d_k = 2: the real output of
-        # a Hermitian spectrum. The 2/sqrt(N) sits in stage 3, the d_0 = 1 in `dc_weight`.
-        scale = 2.0 / math.sqrt(n_fft)
-        w_c = np.conj(_unit(np.outer(np.arange(c // 2), n_c), c)) * scale  # [r, c]
-        stage3 = np.block([[w_c.real, w_c.imag], [-w_c.imag, w_c.real]])  # [(ri,r), (ri,c)]
-        twiddle = np.conj(_twiddle(a, b, c))
-        w_b = np.conj(
-            _unit(np.outer(n_b, n_b), b)[None] * _unit(np.outer(n_a, n_b), a * b)[:, :, None]
-        )  # [p, b, q]
-        stage2 = np.block([[w_b.real, -w_b.imag], [w_b.imag, w_b.real]])  # [p, (ri,b), (ri,q)]
-        w_a = np.conj(_unit(np.outer(n_a, n_a), a))  # [a, p]
-        stage1 = np.concatenate([w_a.real, -w_a.imag], axis=1)  # real part only: [a, (ri, p)]
+        n_a, n_b, n_c, n_r = np.arange(a), np.arange(b), np.arange(c), np.arange(c // 2)
+        p, q = n_a[:, None, None, None], n_b[None, :, None, None]
+        # x[n] = (2/sqrt(N)) Re Σ_{k<N/2} d_k Z_k W_N^{-nk}, d_0 = 1/2 and d_k = 1: the real
+        # output of a Hermitian spectrum. With n = BC·a + C·b + c and k = p + A·q + AB·r,
+        # W_N^{-nk} = W_A^{-ap} · W_{AB}^{-bp} W_B^{-bq} · W_N^{-c(p+Aq)} W_C^{-cr}.
+        k = p + a * q + a * b * n_r  # [p, q, 1, r]
+        weight = np.where(k == 0, 0.5, 1.0) * 2.0 / math.sqrt(n_fft)
+        w_c = weight * np.conj(_unit(n_c[:, None] * n_r, c) * _unit(n_c[:, None] * (p + a * q), n_fft))
+        # Stage 3 (r -> c) for every (p, q): rows (re/im, c), columns (re/im, r).
+        stage3 = np.concatenate(
+            [np.concatenate([w_c.real, -w_c.imag], 3), np.concatenate([w_c.imag, w_c.real], 3)], 2
+        ).reshape(a * b, 2 * c, c)
+        # Stage 2 (q -> b) for every p: rows (re/im, b), columns (q, re/im).
+        w_b = np.conj(_unit(np.outer(n_b, n_b), b)[None] * _unit(np.outer(n_a, n_b), a * b)[:, :, None])
+        stage2 = np.stack(
+            [np.stack([w_b.real, -w_b.imag], -1), np.stack([w_b.imag, w_b.real], -1)], 1
+        ).reshape(a, 2 * b, 2 * b)  # [p, (ri', b), (q, ri)]
+        # Stage 1 (p -> a), real part only: columns (p, re/im).
+        w_a = np.conj(_unit(np.outer(n_a, n_a), a))
+        stage1 = np.stack([w_a.real, -w_a.imag], -1).reshape(a, 2 * a)
         # torch.istft divides the overlap-add by the summed squared window, which is the constant
         # 1.5 for a periodic Hann window at hop N/4 wherever four frames overlap: all kept samples.
         window = _hann(n_fft) / 1.5
-        dc_weight = np.ones((n_fft // 2, 1))
-        dc_weight[0] = 0.5
-        self.register_buffer("dc_weight", _tensor(dc_weight))
         self.register_buffer("stage3", _tensor(stage3))
-        self.register_buffer("twiddle_re", _tensor(twiddle.real[:, :, None, None, :]))
-        self.register_buffer("twiddle_im", _tensor(twiddle.imag[:, :, None, None, :]))
         self.register_buffer("stage2", _tensor(stage2))
         self.register_buffer("stage1", _tensor(stage1))
-        self.register_buffer("window", _tensor(window.reshape(4, self.hop)))
+        self.register_buffer("window", _tensor(window.reshape(4, self.hop, 1, 1)))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         batch, sources, channels2, bins, frames = z.shape
@@ -172,24 +183,16 @@ class Istft(_Framing):
         a, b, c = self.radices
         hop = self.hop
         signals = batch * sources * channels
-        z = (z * self.dc_weight).reshape(signals, 2, c // 2, b, a, frames)
-        z = z.permute(4, 3, 0, 5, 1, 2).reshape(a, b, signals * frames, c)  # [p, q, M, (ri, r)]
-        y = torch.matmul(z, self.stage3).reshape(a, b, signals * frames, 2, c)
-        re, im = y[:, :, :, :1], y[:, :, :, 1:]  # [p, q, M, 1, c]
-        re, im = (
-            re * self.twiddle_re - im * self.twiddle_im,
-            re * self.twiddle_im + im * self.twiddle_re,
-        )
-        y = torch.cat([re, im], dim=1).reshape(a, 2 * b, -1)  # [p, (ri, q), (M, c)]
-        y = torch.matmul(self.stage2, y)  # [p, (ri, b), (M, c)]
-        y = y.reshape(a, 2, b * signals * frames * c).transpose(0, 1).reshape(2 * a, -1)
-        y = torch.matmul(self.stage1, y)  # [a, (b, M, c)]: frame samples, real
-        y = y.reshape(a, b, signals, frames, c).permute(2, 3, 0, 1, 4)
-        y = y.reshape(signals, frames, 4, hop) * self.window
+        columns = signals * frames
+        z = z.reshape(signals, 2, c // 2, b, a, frames).permute(4, 3, 1, 2, 0, 5)  # [p,q,ri,r,M]
+        y = torch.matmul(self.stage3, z.reshape(a * b, c, columns))  # [p, q, (ri, c), M]
+        y = torch.matmul(self.stage2, y.reshape(a, 2 * b, c * columns))  # [p, (ri, b), (c, M)]
+        y = torch.matmul(self.stage1, y.reshape(2 * a, -1))  # [a, (b, c, M)]: sample n, frames
+        y = y.reshape(4, hop, signals, frames) * self.window
         # Overlap-add: quarter m of frame t lands in hop block t + m.
-        out = F.pad(y[:, :, :1], (0, 0, 0, 0, 0, 3))  # [signals, frames + 3, 1, hop]
+        out = F.pad(y[:1], (0, 3))
         for m in range(1, 4):
-            out = out + F.pad(y[:, :, m : m + 1], (0, 0, 0, 0, m, 3 - m))
+            out = out + F.pad(y[m : m + 1], (m, 3 - m))  # Slice, not Gather: [1, hop, M']
         pad = hop // 2 * 3
-        out = out.reshape(signals, (frames + 3) * hop)[:, pad : pad + self.length]
+        out = out.permute(0, 2, 3, 1).reshape(signals, (frames + 3) * hop)[:, pad : pad + self.length]
         return out.reshape(batch, sources, channels, self.length)

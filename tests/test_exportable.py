@@ -1,0 +1,57 @@
+"""The restated demucs layers in `converter.exportable` against demucs' own modules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from demucs.demucs import DConv
+
+from converter.exportable import _dconv_rows
+from converter.export import trace
+
+
+def _random_dconv(channels: int, **kwargs) -> DConv:
+    torch.manual_seed(0)
+    dconv = DConv(channels, compress=8, depth=2, init=1e-3, **kwargs).eval()
+    with torch.no_grad():
+        for param in dconv.parameters():
+            param.normal_(0, 0.3)
+    return dconv
+
+
+class _Rows(torch.nn.Module):
+    def __init__(self, dconv: DConv):
+        super().__init__()
+        self.dconv = dconv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _dconv_rows(self.dconv, x, x[0, 0, 0] * 0.0)
+
+
+def test_dconv_rows_matches_demucs_dconv():
+    dconv = _random_dconv(16)
+    x = torch.randn(5, 16, 37)
+    with torch.no_grad():
+        want, got = dconv(x), _Rows(dconv)(x)
+    assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
+
+
+def test_dconv_rows_exports_layer_norm_and_no_folded_affine():
+    """GroupNorm's InstanceNormalization + Mul + Add become one LayerNormalization whose [d, T]
+    scale is built at run time, so the file holds no repeated copies of the weights."""
+    dconv = _random_dconv(16)
+    x = torch.randn(5, 16, 37)
+    proto = trace(_Rows(dconv), (x,), ["x"], ["y"])
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("LayerNormalization") == 4
+    assert "InstanceNormalization" not in ops
+    weights = sum(p.numel() for p in dconv.parameters())
+    stored = sum(
+        int(torch.tensor(list(t.dims)).prod()) for t in proto.graph.initializer if t.data_type == 1
+    )
+    assert stored < weights + 2 * 37, (stored, weights)
+
+
+def test_dconv_rows_refuses_branches_it_does_not_restate():
+    with pytest.raises(NotImplementedError, match="without attention or LSTM"):
+        _Rows(_random_dconv(16, lstm=True))(torch.randn(2, 16, 20))
