@@ -13,9 +13,9 @@ for three reasons:
 - attention is computed for blocks of query rows one after the other, so no attention matrix
   exceeds ATTENTION_BLOCK_BYTES (a full one is 231 MB at full size, and ONNX Runtime's arena
   sizes itself on the largest live tensors);
-- the frequency branch's residual branches (DConv) normalize with LayerNormalization instead of
-  GroupNorm's InstanceNormalization + Mul + Add, which makes fewer passes over their largest
-  tensors (see `_dconv_rows`).
+- the residual branches (DConv) take their GroupNorm statistics from the small tensor before
+  the expanding conv and fold normalization, affine and LayerScale into that conv, which halves
+  the passes over their largest tensors (see `_dconv_rows`).
 
 Everything else is the demucs arithmetic in demucs' order, for eval mode, `cac=True` and the
 training segment length (what `apply_model(..., split=False)` feeds the model).
@@ -93,18 +93,53 @@ def _attention(mha: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tenso
     return mha.out_proj(out.transpose(1, 2).reshape(batch, len_q, dim))
 
 
-def _dconv_rows(dconv: DConv, x: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
-    """`DConv.forward` on [rows, C, T], each GroupNorm(1, d) as LayerNormalization over (d, T).
+def _normalized_glu(
+    conv: nn.Conv1d, norm: nn.GroupNorm, scale: torch.Tensor, g: torch.Tensor, ones: torch.Tensor
+) -> torch.Tensor:
+    """`scale * GLU(norm(conv(g)))` for [rows, d, T] `g`, a 1x1 `conv` to 2C channels and
+    GroupNorm(1, 2C), without materializing `conv(g)` or taking a pass over it.
 
-    GroupNorm(1, d) exports as InstanceNormalization on a reshape, then a Mul and an Add for the
-    per-channel affine: five reads and three writes of the tensor in ONNX Runtime. Normalizing
-    the same (d, T) block with LayerNormalization takes the affine along (two reads, one write),
-    but wants it as a full [d, T] scale and bias; those are built at run time from `anchor`, so
-    no constant folding turns them into megabytes of repeated weights. The LayerScale after the
-    GLU multiplies the GLU's value half only, so it folds into that half's affine.
+    The conv output is 2C/d = 16 times larger than `g`. Its per-row mean and (biased) variance
+    follow exactly from `g`'s channel means m and centered covariance Σ, both [d]-sized:
+    mean_c = W_c m + b_c, and var = mean over c of (W_c Σ W_cᵀ + (mean_c - μ)²), the within-
+    plus between-channel parts, so nothing cancels. Normalization, affine and LayerScale are
+    then per-(row, channel) factors that fold into the conv's weights, giving each row its own
+    [2C, d + 1] matrix (the last column is the bias, against a row of ones). What is left on
+    the large tensors is the GLU itself: two products, a Sigmoid and a Mul.
     """
-    frames = int(x.shape[-1])
+    weight, bias = conv.weight[:, :, 0], conv.bias  # [2C, d], [2C]
+    frames = g.shape[-1]
+    mean = g.mean(dim=2, keepdim=True)  # [rows, d, 1]
+    centered = g - mean
+    cov = torch.matmul(centered, centered.transpose(1, 2)) / frames  # [rows, d, d]
+    channel_means = torch.matmul(weight, mean)[..., 0] + bias  # [rows, 2C]
+    within = (torch.matmul(weight, cov) * weight).sum(dim=2)  # W_c Σ W_cᵀ: [rows, 2C]
+    mu = channel_means.mean(dim=1, keepdim=True)
+    var = (within + (channel_means - mu) ** 2).mean(dim=1, keepdim=True)
+    fold = torch.cat([scale, torch.ones_like(scale)])  # LayerScale acts on the value half only
+    factor = norm.weight * fold / torch.sqrt(var + norm.eps)  # [rows, 2C]
+    shift = factor * (bias - mu) + norm.bias * fold
+    folded = torch.cat([factor[..., None] * weight, shift[..., None]], dim=2)  # [rows, 2C, d+1]
+    g = torch.cat([g, ones], dim=1)
+    channels = scale.shape[0]
+    value = torch.matmul(folded[:, :channels], g)
+    gate = torch.matmul(folded[:, channels:], g)
+    return value * torch.sigmoid(gate)
+
+
+def _dconv_rows(dconv: DConv, x: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    """`DConv.forward` on [rows, C, T], its two GroupNorm(1) per layer spelled for ONNX Runtime.
+
+    GroupNorm(1, d) exports as InstanceNormalization on a reshape, then a Mul and an Add for
+    the per-channel affine: five reads and three writes of the tensor, on one thread when there
+    is one row (the time branch). The small norm after the compressing conv becomes a
+    LayerNormalization over (d, T), whose [d, T] scale and bias are built at run time from
+    `anchor` so that no constant folding stores repeated weights; the large one, with the GLU
+    and LayerScale, is `_normalized_glu`.
+    """
+    rows, frames = int(x.shape[0]), int(x.shape[-1])
     row = torch.zeros(1, frames) + anchor
+    ones = (row + 1.0).expand(rows, 1, frames)
     for layer in dconv.layers:
         mods = list(layer)
         kinds = [type(m).__name__ for m in mods]
@@ -113,18 +148,12 @@ def _dconv_rows(dconv: DConv, x: torch.Tensor, anchor: torch.Tensor) -> torch.Te
         ):
             raise NotImplementedError(f"only DConv layers without attention or LSTM convert: {kinds}")
         conv1, norm1, act, conv2, norm2, _, layer_scale = mods
-        channels = layer_scale.scale.shape[0]
         h = conv1(x)
         h = F.layer_norm(
-            h, (norm1.num_channels, frames), norm1.weight[:, None] + row, norm1.bias[:, None] + row, norm1.eps
-        )
-        z = conv2(act(h))
-        fold = torch.cat([layer_scale.scale, torch.ones_like(layer_scale.scale)])[:, None]
-        z = F.layer_norm(
-            z, (norm2.num_channels, frames), norm2.weight[:, None] * fold + row, norm2.bias[:, None] * fold + row,
-            norm2.eps,
+            h, (norm1.num_channels, frames), norm1.weight[:, None] + row,
+            norm1.bias[:, None] + row, norm1.eps,
         )  # fmt: skip
-        x = x + z[:, :channels] * torch.sigmoid(z[:, channels:])
+        x = x + _normalized_glu(conv2, norm2, layer_scale.scale, act(h), ones)
     return x
 
 
@@ -135,31 +164,56 @@ def _freq_dconv(dconv: DConv, y: torch.Tensor, anchor: torch.Tensor) -> torch.Te
     return y.view(batch, freqs, channels, frames).permute(0, 2, 1, 3)
 
 
+def _layer_dconv(layer: HEncLayer | HDecLayer, y: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    if not layer.dconv:
+        return y
+    return _freq_dconv(layer.dconv, y, anchor) if layer.freq else _dconv_rows(layer.dconv, y, anchor)
+
+
+def _glu_after(conv: nn.Conv1d | nn.Conv2d, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`F.glu(norm(conv(x)), dim=1)`. Without a norm (HTDemucs' layers below `norm_starts`),
+    the value and gate halves come from two convs over halves of the weights: no Split of a
+    doubled output, and ONNX Runtime fuses the Sigmoid into the gate conv."""
+    if not isinstance(norm, nn.Identity):
+        return F.glu(norm(conv(x)), dim=1)
+    half = conv.out_channels // 2
+    value = conv._conv_forward(x, conv.weight[:half], conv.bias[:half])
+    gate = conv._conv_forward(x, conv.weight[half:], conv.bias[half:])
+    return value * torch.sigmoid(gate)
+
+
 def _encode(
     layer: HEncLayer, x: torch.Tensor, inject: torch.Tensor | None, anchor: torch.Tensor
 ) -> torch.Tensor:
-    """`HEncLayer.forward`; a frequency layer's DConv goes through `_freq_dconv`."""
-    if not layer.freq or layer.empty or not layer.dconv:
+    """`HEncLayer.forward`, its DConv through `_dconv_rows`."""
+    if layer.empty:
         return layer(x, inject)
+    if not layer.freq:
+        if x.dim() == 4:
+            x = x.reshape(x.shape[0], -1, x.shape[-1])
+        if x.shape[-1] % layer.stride:
+            x = F.pad(x, (0, layer.stride - x.shape[-1] % layer.stride))
     y = layer.conv(x)
     if inject is not None:
-        y = y + (inject[:, :, None] if inject.dim() == 3 else inject)
-    y = _freq_dconv(layer.dconv, F.gelu(layer.norm1(y)), anchor)
-    return F.glu(layer.norm2(layer.rewrite(y)), dim=1) if layer.rewrite else y
+        y = y + (inject[:, :, None] if inject.dim() == 3 and y.dim() == 4 else inject)
+    y = _layer_dconv(layer, F.gelu(layer.norm1(y)), anchor)
+    return _glu_after(layer.rewrite, layer.norm2, y) if layer.rewrite else y
 
 
 def _decode(
     layer: HDecLayer, x: torch.Tensor, skip: torch.Tensor, length: int, anchor: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`HDecLayer.forward`; a frequency layer's DConv goes through `_freq_dconv`."""
-    if not layer.freq or layer.empty or not layer.dconv or x.dim() != 4:
+    """`HDecLayer.forward`, its DConv through `_dconv_rows`."""
+    if layer.empty or (layer.freq and x.dim() == 3):
         return layer(x, skip, length)
     x = x + skip
-    y = F.glu(layer.norm1(layer.rewrite(x)), dim=1) if layer.rewrite else x
-    y = _freq_dconv(layer.dconv, y, anchor)
+    y = _glu_after(layer.rewrite, layer.norm1, x) if layer.rewrite else x
+    y = _layer_dconv(layer, y, anchor)
     z = layer.norm2(layer.conv_tr(y))
-    if layer.pad:
-        z = z[..., layer.pad : -layer.pad, :]
+    if layer.freq:
+        z = z[..., layer.pad : -layer.pad, :] if layer.pad else z
+    else:
+        z = z[..., layer.pad : layer.pad + length]
     return (z if layer.last else F.gelu(z)), y
 
 
@@ -252,7 +306,7 @@ class Network(nn.Module):
             if idx < len(model.tencoder):
                 lengths_t.append(xt.shape[-1])
                 tenc = model.tencoder[idx]
-                xt = tenc(xt)
+                xt = _encode(tenc, xt, None, anchor)
                 if not tenc.empty:
                     saved_t.append(xt)
                 else:
@@ -284,10 +338,10 @@ class Network(nn.Module):
                 length_t = lengths_t.pop(-1)
                 if tdec.empty:
                     pre = pre[:, :, 0]
-                    xt, _ = tdec(pre, None, length_t)
+                    xt, _ = _decode(tdec, pre, None, length_t, anchor)
                 else:
                     skip = saved_t.pop(-1)
-                    xt, _ = tdec(xt, skip, length_t)
+                    xt, _ = _decode(tdec, xt, skip, length_t, anchor)
 
         sources = len(model.sources)
         x = x.view(batch, sources, -1, freqs, frames) * std[:, None] + mean[:, None]
