@@ -182,6 +182,30 @@ def _glu_after(conv: nn.Conv1d | nn.Conv2d, norm: nn.Module, x: torch.Tensor) ->
     return value * torch.sigmoid(gate)
 
 
+def _conv_tr_freq(conv_tr: nn.ConvTranspose2d, x: torch.Tensor) -> torch.Tensor:
+    """`conv_tr(x)` for HTDemucs' frequency kernel (2s, 1) at stride (s, 1), as a (2, 1) conv
+    to s·C_out channels and a shuffle of those onto the frequency axis.
+
+    Output row s·g + j takes tap j from input row g and tap s + j from row g - 1. ONNX Runtime
+    runs ConvTranspose as a GEMM and a single-threaded col2im; the conv runs in its blocked
+    layout and the shuffle moves whole frames.
+    """
+    weight = conv_tr.weight  # [C_in, C_out, 2s, 1]
+    c_in, c_out, kernel = weight.shape[:3]
+    stride = conv_tr.stride[0]
+    if kernel != 2 * stride or conv_tr.stride[1] != 1 or conv_tr.padding != (0, 0):
+        return conv_tr(x)
+    taps = weight[..., 0].reshape(c_in, c_out, 2, stride).flip(2)  # tap 0 sees row g - 1
+    taps = taps.permute(1, 3, 0, 2).reshape(c_out * stride, c_in, 2, 1)
+    # Spelled so the exporter folds it: repeat_interleave exports shape arithmetic, which the
+    # anchored shapes keep from folding, and ONNX Runtime blocks only convs with constant bias.
+    bias = (conv_tr.bias[:, None] + torch.zeros(1, stride)).reshape(-1)
+    y = F.conv2d(x, taps, bias, padding=(1, 0))
+    batch, _, rows, frames = y.shape
+    y = y.reshape(batch, c_out, stride, rows, frames).transpose(2, 3)
+    return y.reshape(batch, c_out, rows * stride, frames)
+
+
 def _encode(
     layer: HEncLayer, x: torch.Tensor, inject: torch.Tensor | None, anchor: torch.Tensor
 ) -> torch.Tensor:
@@ -209,7 +233,7 @@ def _decode(
     x = x + skip
     y = _glu_after(layer.rewrite, layer.norm1, x) if layer.rewrite else x
     y = _layer_dconv(layer, y, anchor)
-    z = layer.norm2(layer.conv_tr(y))
+    z = layer.norm2(_conv_tr_freq(layer.conv_tr, y) if layer.freq else layer.conv_tr(y))
     if layer.freq:
         z = z[..., layer.pad : -layer.pad, :] if layer.pad else z
     else:
@@ -221,23 +245,41 @@ def _feed_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return layer.linear2(layer.activation(layer.linear1(x)))
 
 
-def _self_layer(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _norm_out(layer: nn.Module, x: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    """`layer.norm_out(x)` for [B, T, C] tokens: demucs' MyGroupNorm(1, C) transposes to
+    [B, C, T], normalizes all of it and transposes back. The same statistics are a
+    LayerNormalization over (T, C) in place, with the per-channel affine as a [T, C] scale and
+    bias built at run time (see `_dconv_rows`)."""
+    norm = layer.norm_out
+    if not norm:
+        return x
+    if norm.num_groups != 1:
+        return norm(x)
+    tokens = torch.zeros(int(x.shape[1]), 1) + anchor
+    return F.layer_norm(
+        x, (int(x.shape[1]), int(x.shape[2])), norm.weight + tokens, norm.bias + tokens, norm.eps
+    )
+
+
+def _self_layer(layer: nn.Module, x: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
     """`MyTransformerEncoderLayer.forward` (eval, norm_first, dense attention)."""
     if not layer.norm_first or layer.sparse:
         raise NotImplementedError("only norm-first, dense transformer layers convert")
     normed = layer.norm1(x)
     x = x + layer.gamma_1(_attention(layer.self_attn, normed, normed))
     x = x + layer.gamma_2(_feed_forward(layer, layer.norm2(x)))
-    return layer.norm_out(x) if layer.norm_out else x
+    return _norm_out(layer, x, anchor)
 
 
-def _cross_layer(layer: nn.Module, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+def _cross_layer(
+    layer: nn.Module, q: torch.Tensor, k: torch.Tensor, anchor: torch.Tensor
+) -> torch.Tensor:
     """`CrossTransformerEncoderLayer.forward` (eval, norm_first, dense attention)."""
     if not layer.norm_first or layer.sparse:
         raise NotImplementedError("only norm-first, dense transformer layers convert")
     x = q + layer.gamma_1(_attention(layer.cross_attn, layer.norm1(q), layer.norm2(k)))
     x = x + layer.gamma_2(_feed_forward(layer, layer.norm3(x)))
-    return layer.norm_out(x) if layer.norm_out else x
+    return _norm_out(layer, x, anchor)
 
 
 def _cross_transformer(
@@ -258,10 +300,13 @@ def _cross_transformer(
 
     for idx in range(module.num_layers):
         if idx % 2 == module.classic_parity:
-            x = _self_layer(module.layers[idx], x)
-            xt = _self_layer(module.layers_t[idx], xt)
+            x = _self_layer(module.layers[idx], x, anchor)
+            xt = _self_layer(module.layers_t[idx], xt, anchor)
         else:
-            x, xt = _cross_layer(module.layers[idx], x, xt), _cross_layer(module.layers_t[idx], xt, x)
+            x, xt = (
+                _cross_layer(module.layers[idx], x, xt, anchor),
+                _cross_layer(module.layers_t[idx], xt, x, anchor),
+            )
 
     x = x.reshape(batch, frames, freqs, channels).permute(0, 3, 2, 1)
     xt = xt.permute(0, 2, 1)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from demucs.demucs import DConv
 
-from converter.exportable import _dconv_rows
+from converter.exportable import _conv_tr_freq, _dconv_rows, _norm_out
 from converter.export import trace
 
 
@@ -56,3 +56,29 @@ def test_dconv_rows_exports_without_group_norm_or_the_expanded_conv_output():
 def test_dconv_rows_refuses_branches_it_does_not_restate():
     with pytest.raises(NotImplementedError, match="without attention or LSTM"):
         _Rows(_random_dconv(16, lstm=True))(torch.randn(2, 16, 20))
+
+
+@pytest.mark.parametrize("c_in, c_out, stride", [(8, 4, 4), (6, 3, 2)])
+def test_frequency_conv_transpose_as_conv_and_shuffle(c_in, c_out, stride):
+    torch.manual_seed(1)
+    conv_tr = torch.nn.ConvTranspose2d(c_in, c_out, (2 * stride, 1), (stride, 1)).eval()
+    x = torch.randn(2, c_in, 7, 5)
+    with torch.no_grad():
+        want, got = conv_tr(x), _conv_tr_freq(conv_tr, x)
+    assert got.shape == want.shape
+    assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
+
+
+def test_transformer_norm_out_matches_my_group_norm():
+    from demucs.transformer import MyGroupNorm
+
+    torch.manual_seed(2)
+    layer = torch.nn.Module()
+    layer.norm_out = MyGroupNorm(num_groups=1, num_channels=12).eval()
+    with torch.no_grad():
+        layer.norm_out.weight.normal_()
+        layer.norm_out.bias.normal_()
+    x = torch.randn(1, 30, 12) * 3 + 1
+    with torch.no_grad():
+        want, got = layer.norm_out(x), _norm_out(layer, x, x[0, 0, 0] * 0.0)
+    assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
