@@ -70,18 +70,31 @@ def _sin_embedding_2d(
     return torch.cat([along_width, along_height], dim=-1).reshape(1, width * height, dim)
 
 
-def _attention(mha: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """`mha(query, key, key, need_weights=False)[0]` for batch-first eval, in row blocks."""
+def _scaled_linear(linear: nn.Linear, gamma: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`gamma(linear(x))`, a channel-last LayerScale folded into the linear's weights."""
+    if isinstance(gamma, nn.Identity):
+        return linear(x)
+    return F.linear(x, linear.weight * gamma.scale[:, None], linear.bias * gamma.scale)
+
+
+def _attention(
+    mha: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor, gamma: nn.Module
+) -> torch.Tensor:
+    """`gamma(mha(query, key, key, need_weights=False)[0])` for batch-first eval, in row blocks.
+
+    The 1/sqrt(head_dim) rides on the query projection (a power of two for HTDemucs' heads,
+    so bit for bit) and the LayerScale `gamma` on the output projection.
+    """
     if not (mha.batch_first and mha._qkv_same_embed_dim and mha.bias_k is None and not mha.add_zero_attn):
         raise NotImplementedError("only the plain batch-first attention of HTDemucs converts")
     dim, heads = mha.embed_dim, mha.num_heads
     head_dim = dim // heads
     weight, bias = mha.in_proj_weight, mha.in_proj_bias
-    q = F.linear(query, weight[:dim], bias[:dim])
+    q = F.linear(query, weight[:dim] * head_dim**-0.5, bias[:dim] * head_dim**-0.5)
     k = F.linear(key, weight[dim : 2 * dim], bias[dim : 2 * dim])
     v = F.linear(key, weight[2 * dim :], bias[2 * dim :])
     batch, len_q, len_k = q.shape[0], q.shape[1], k.shape[1]
-    q = q.reshape(batch, len_q, heads, head_dim).transpose(1, 2) * head_dim**-0.5
+    q = q.reshape(batch, len_q, heads, head_dim).transpose(1, 2)
     k = k.reshape(batch, len_k, heads, head_dim).permute(0, 2, 3, 1)
     v = v.reshape(batch, len_k, heads, head_dim).transpose(1, 2)
     blocks = math.ceil(batch * heads * len_q * len_k * 4 / ATTENTION_BLOCK_BYTES)
@@ -90,7 +103,7 @@ def _attention(mha: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tenso
         [torch.softmax(q[:, :, i : i + rows] @ k, dim=-1) @ v for i in range(0, len_q, rows)],
         dim=2,
     )
-    return mha.out_proj(out.transpose(1, 2).reshape(batch, len_q, dim))
+    return _scaled_linear(mha.out_proj, gamma, out.transpose(1, 2).reshape(batch, len_q, dim))
 
 
 def _normalized_glu(
@@ -242,7 +255,8 @@ def _decode(
 
 
 def _feed_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return layer.linear2(layer.activation(layer.linear1(x)))
+    """`layer.gamma_2(linear2(activation(linear1(x))))`."""
+    return _scaled_linear(layer.linear2, layer.gamma_2, layer.activation(layer.linear1(x)))
 
 
 def _norm_out(layer: nn.Module, x: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
@@ -266,8 +280,8 @@ def _self_layer(layer: nn.Module, x: torch.Tensor, anchor: torch.Tensor) -> torc
     if not layer.norm_first or layer.sparse:
         raise NotImplementedError("only norm-first, dense transformer layers convert")
     normed = layer.norm1(x)
-    x = x + layer.gamma_1(_attention(layer.self_attn, normed, normed))
-    x = x + layer.gamma_2(_feed_forward(layer, layer.norm2(x)))
+    x = x + _attention(layer.self_attn, normed, normed, layer.gamma_1)
+    x = x + _feed_forward(layer, layer.norm2(x))
     return _norm_out(layer, x, anchor)
 
 
@@ -277,8 +291,8 @@ def _cross_layer(
     """`CrossTransformerEncoderLayer.forward` (eval, norm_first, dense attention)."""
     if not layer.norm_first or layer.sparse:
         raise NotImplementedError("only norm-first, dense transformer layers convert")
-    x = q + layer.gamma_1(_attention(layer.cross_attn, layer.norm1(q), layer.norm2(k)))
-    x = x + layer.gamma_2(_feed_forward(layer, layer.norm3(x)))
+    x = q + _attention(layer.cross_attn, layer.norm1(q), layer.norm2(k), layer.gamma_1)
+    x = x + _feed_forward(layer, layer.norm3(x))
     return _norm_out(layer, x, anchor)
 
 
