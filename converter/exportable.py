@@ -33,7 +33,7 @@ from demucs.transformer import CrossTransformerEncoder
 from torch import nn
 from torch.nn import functional as F
 
-ATTENTION_BLOCK_BYTES = 64 << 20
+ATTENTION_BLOCK_BYTES = 32 << 20
 
 
 def _anchor(mix: torch.Tensor) -> torch.Tensor:
