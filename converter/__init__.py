@@ -6,4 +6,4 @@ arithmetic that no optimizer folds), `optimize` (ONNX Runtime offline optimizati
 `validation`, `contract`, `pipeline` (convert, end to end), `github`, `release`, `upstream`.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
