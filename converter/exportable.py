@@ -56,7 +56,7 @@ def _sin_embedding(
 def _sin_embedding_2d(
     dim: int, height: int, width: int, max_period: float, anchor: torch.Tensor
 ) -> torch.Tensor:
-    """`create_2d_sin_embedding(dim, height, width)` rearranged to [1, width·height, dim]."""
+    """`create_2d_sin_embedding(dim, height, width)` rearranged to [1, height·width, dim]."""
     half = dim // 2
     div_term = torch.exp(torch.arange(0.0, half, 2) * -(math.log(max_period) / half))
 
@@ -65,9 +65,9 @@ def _sin_embedding_2d(
         angle = pos * div_term
         return torch.stack([torch.sin(angle), torch.cos(angle)], dim=-1).reshape(count, half)
 
-    along_width = interleaved(width)[:, None, :].expand(width, height, half)
-    along_height = interleaved(height)[None, :, :].expand(width, height, half)
-    return torch.cat([along_width, along_height], dim=-1).reshape(1, width * height, dim)
+    along_width = interleaved(width)[None, :, :].expand(height, width, half)
+    along_height = interleaved(height)[:, None, :].expand(height, width, half)
+    return torch.cat([along_width, along_height], dim=-1).reshape(1, height * width, dim)
 
 
 def _scaled_linear(linear: nn.Linear, gamma: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -183,6 +183,21 @@ def _layer_dconv(layer: HEncLayer | HDecLayer, y: torch.Tensor, anchor: torch.Te
     return _freq_dconv(layer.dconv, y, anchor) if layer.freq else _dconv_rows(layer.dconv, y, anchor)
 
 
+def _conv(
+    conv: nn.Conv1d | nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    """`conv` with `weight` and `bias` on `x`. A 1-D conv runs as a 2-D one over [B, C, 1, L]:
+    ONNX Runtime runs 2-D convs in its blocked layout and 1-D ones as im2col + GEMM, which
+    reached about half the speed on HTDemucs' time branch."""
+    if isinstance(conv, nn.Conv2d):
+        return conv._conv_forward(x, weight, bias)
+    y = F.conv2d(
+        x[:, :, None], weight[:, :, None], bias, stride=(1, conv.stride[0]),
+        padding=(0, conv.padding[0]), dilation=(1, conv.dilation[0]), groups=conv.groups,
+    )  # fmt: skip
+    return y[:, :, 0]
+
+
 def _glu_after(conv: nn.Conv1d | nn.Conv2d, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`F.glu(norm(conv(x)), dim=1)`. Without a norm (HTDemucs' layers below `norm_starts`),
     the value and gate halves come from two convs over halves of the weights: no Split of a
@@ -190,8 +205,8 @@ def _glu_after(conv: nn.Conv1d | nn.Conv2d, norm: nn.Module, x: torch.Tensor) ->
     if not isinstance(norm, nn.Identity):
         return F.glu(norm(conv(x)), dim=1)
     half = conv.out_channels // 2
-    value = conv._conv_forward(x, conv.weight[:half], conv.bias[:half])
-    gate = conv._conv_forward(x, conv.weight[half:], conv.bias[half:])
+    value = _conv(conv, x, conv.weight[:half], conv.bias[:half])
+    gate = _conv(conv, x, conv.weight[half:], conv.bias[half:])
     return value * torch.sigmoid(gate)
 
 
@@ -230,7 +245,7 @@ def _encode(
             x = x.reshape(x.shape[0], -1, x.shape[-1])
         if x.shape[-1] % layer.stride:
             x = F.pad(x, (0, layer.stride - x.shape[-1] % layer.stride))
-    y = layer.conv(x)
+    y = _conv(layer.conv, x, layer.conv.weight, layer.conv.bias)
     if inject is not None:
         y = y + (inject[:, :, None] if inject.dim() == 3 and y.dim() == 4 else inject)
     y = _layer_dconv(layer, F.gelu(layer.norm1(y)), anchor)
@@ -296,19 +311,47 @@ def _cross_layer(
     return _norm_out(layer, x, anchor)
 
 
+def _to_tokens(x: torch.Tensor, conv: nn.Conv1d | None) -> torch.Tensor:
+    """[B, C, L] -> [B, L, C'] tokens, through the 1x1 `conv` if any, as one product whose
+    operand transpose ONNX Runtime fuses into the GEMM (a standalone Transpose moving the
+    innermost axis is among the slowest kernels it has)."""
+    tokens = x.transpose(1, 2)
+    return tokens if conv is None else torch.matmul(tokens, conv.weight[:, :, 0].t()) + conv.bias
+
+
+def _from_tokens(tokens: torch.Tensor, conv: nn.Conv1d | None) -> torch.Tensor:
+    """[B, L, C'] tokens -> [B, C, L], the inverse of `_to_tokens`."""
+    x = tokens.transpose(1, 2)
+    return x if conv is None else torch.matmul(conv.weight[:, :, 0], x) + conv.bias[:, None]
+
+
 def _cross_transformer(
-    module: CrossTransformerEncoder, x: torch.Tensor, xt: torch.Tensor, anchor: torch.Tensor
+    model: HTDemucs, x: torch.Tensor, xt: torch.Tensor, anchor: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`CrossTransformerEncoder.forward` in eval mode with in-graph position embeddings."""
+    """The bottom of `HTDemucs.forward`: channel up-sampling, `CrossTransformerEncoder.forward`
+    in eval mode with in-graph position embeddings, channel down-sampling.
+
+    demucs orders the frequency tokens (frame, bin); here they are (bin, frame), the order of
+    [B, C, F, T] in memory, with the position embedding in the same order. Attention, layer and
+    group norms are indifferent to token order, and this one needs no transpose of the
+    innermost axis on the way in or out.
+    """
+    module = model.crosstransformer
     if module.emb != "sin":
         raise NotImplementedError(f"transformer embedding {module.emb!r} (pretrained use 'sin')")
-    batch, channels, freqs, frames = x.shape
-    x = x.permute(0, 3, 2, 1).reshape(batch, frames * freqs, channels)
+    up, up_t, down, down_t = (
+        (model.channel_upsampler, model.channel_upsampler_t,
+         model.channel_downsampler, model.channel_downsampler_t)
+        if model.bottom_channels else (None, None, None, None)
+    )  # fmt: skip
+    batch, _, freqs, frames = x.shape
+    x = _to_tokens(x.reshape(batch, -1, freqs * frames), up)
+    channels = x.shape[-1]
     pos_2d = _sin_embedding_2d(channels, freqs, frames, module.max_period, anchor)
     x = module.norm_in(x) + module.weight_pos_embed * pos_2d
 
-    batch, channels_t, length_t = xt.shape
-    xt = xt.permute(0, 2, 1)
+    xt = _to_tokens(xt, up_t)
+    length_t, channels_t = xt.shape[1], xt.shape[2]
     pos = _sin_embedding(length_t, channels_t, module.max_period, anchor)
     xt = module.norm_in_t(xt) + module.weight_pos_embed * pos
 
@@ -322,9 +365,8 @@ def _cross_transformer(
                 _cross_layer(module.layers_t[idx], xt, x, anchor),
             )
 
-    x = x.reshape(batch, frames, freqs, channels).permute(0, 3, 2, 1)
-    xt = xt.permute(0, 2, 1)
-    return x, xt
+    x = _from_tokens(x, down).reshape(batch, -1, freqs, frames)
+    return x, _from_tokens(xt, down_t)
 
 
 class Network(nn.Module):
@@ -378,15 +420,7 @@ class Network(nn.Module):
             saved.append(x)
 
         if model.crosstransformer:
-            if model.bottom_channels:
-                b, c, f, t = x.shape
-                x = model.channel_upsampler(x.reshape(b, c, f * t)).reshape(b, -1, f, t)
-                xt = model.channel_upsampler_t(xt)
-            x, xt = _cross_transformer(model.crosstransformer, x, xt, anchor)
-            if model.bottom_channels:
-                b, c, f, t = x.shape
-                x = model.channel_downsampler(x.reshape(b, c, f * t)).reshape(b, -1, f, t)
-                xt = model.channel_downsampler_t(xt)
+            x, xt = _cross_transformer(model, x, xt, anchor)
 
         for idx, decode in enumerate(model.decoder):
             skip = saved.pop(-1)
