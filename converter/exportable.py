@@ -274,41 +274,23 @@ def _feed_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return _scaled_linear(layer.linear2, layer.gamma_2, layer.activation(layer.linear1(x)))
 
 
-def _norm_out(layer: nn.Module, x: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
-    """`layer.norm_out(x)` for [B, T, C] tokens: demucs' MyGroupNorm(1, C) transposes to
-    [B, C, T], normalizes all of it and transposes back. The same statistics are a
-    LayerNormalization over (T, C) in place, with the per-channel affine as a [T, C] scale and
-    bias built at run time (see `_dconv_rows`)."""
-    norm = layer.norm_out
-    if not norm:
-        return x
-    if norm.num_groups != 1:
-        return norm(x)
-    tokens = torch.zeros(int(x.shape[1]), 1) + anchor
-    return F.layer_norm(
-        x, (int(x.shape[1]), int(x.shape[2])), norm.weight + tokens, norm.bias + tokens, norm.eps
-    )
-
-
-def _self_layer(layer: nn.Module, x: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+def _self_layer(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`MyTransformerEncoderLayer.forward` (eval, norm_first, dense attention)."""
     if not layer.norm_first or layer.sparse:
         raise NotImplementedError("only norm-first, dense transformer layers convert")
     normed = layer.norm1(x)
     x = x + _attention(layer.self_attn, normed, normed, layer.gamma_1)
     x = x + _feed_forward(layer, layer.norm2(x))
-    return _norm_out(layer, x, anchor)
+    return layer.norm_out(x) if layer.norm_out else x
 
 
-def _cross_layer(
-    layer: nn.Module, q: torch.Tensor, k: torch.Tensor, anchor: torch.Tensor
-) -> torch.Tensor:
+def _cross_layer(layer: nn.Module, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """`CrossTransformerEncoderLayer.forward` (eval, norm_first, dense attention)."""
     if not layer.norm_first or layer.sparse:
         raise NotImplementedError("only norm-first, dense transformer layers convert")
     x = q + _attention(layer.cross_attn, layer.norm1(q), layer.norm2(k), layer.gamma_1)
     x = x + _feed_forward(layer, layer.norm3(x))
-    return _norm_out(layer, x, anchor)
+    return layer.norm_out(x) if layer.norm_out else x
 
 
 def _to_tokens(x: torch.Tensor, conv: nn.Conv1d | None) -> torch.Tensor:
@@ -357,13 +339,10 @@ def _cross_transformer(
 
     for idx in range(module.num_layers):
         if idx % 2 == module.classic_parity:
-            x = _self_layer(module.layers[idx], x, anchor)
-            xt = _self_layer(module.layers_t[idx], xt, anchor)
+            x = _self_layer(module.layers[idx], x)
+            xt = _self_layer(module.layers_t[idx], xt)
         else:
-            x, xt = (
-                _cross_layer(module.layers[idx], x, xt, anchor),
-                _cross_layer(module.layers_t[idx], xt, x, anchor),
-            )
+            x, xt = _cross_layer(module.layers[idx], x, xt), _cross_layer(module.layers_t[idx], xt, x)
 
     x = _from_tokens(x, down).reshape(batch, -1, freqs, frames)
     return x, _from_tokens(xt, down_t)

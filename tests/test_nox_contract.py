@@ -92,3 +92,24 @@ def test_contract_session_loads_and_checks_a_model_on_the_official_wheel(tmp_pat
     )
     freeze = subprocess.run([str(pip), "freeze"], capture_output=True, text=True, check=True).stdout
     assert sorted(line.split("==")[0] for line in freeze.split()) == ["numpy", "onnxruntime"]
+
+
+@pytest.mark.slow
+def test_converted_models_run_on_the_oldest_pinned_wheel_at_default_options(small_models, tmp_path):
+    """ORT 1.17-1.23 fuse at session load what newer versions leave alone: a LayerNormalization
+    with a [T, C] scale after an Add passed every check on 1.32 and failed at run time on the
+    older wheels as a SkipLayerNormalization. So converted files are proven on the oldest wheel
+    too, at default session options, where those fusions happen."""
+    run = _nox(
+        "-s",
+        f"contract(ort='{VERSIONS[0]}')",
+        "--",
+        "--results-dir",
+        str(tmp_path),
+        *map(str, small_models.values()),
+        envdir=tmp_path / "nox",
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    summary = json.loads((tmp_path / ortcheck.SUMMARY_NAME).read_text())
+    assert sorted(row["model"] for row in summary) == sorted(p.name for p in small_models.values())
+    assert {(row["ort"], row["status"]) for row in summary} == {(VERSIONS[0], "ok")}
