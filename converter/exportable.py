@@ -1,8 +1,6 @@
 """HTDemucs' forward pass, rewritten so that a TorchScript trace exports to a lean ONNX graph.
 
-The demucs modules (encoders, decoders, transformer layers) are called as they are, with their
-weights; only the glue of `HTDemucs.forward` and `CrossTransformerEncoder.forward` is restated,
-for three reasons:
+The demucs modules are called with their weights; what is restated, and why:
 
 - the complex STFT/ISTFT moves out, to `converter.spectral`, shared by all models of a bag;
 - `expand_as` on the frequency embedding becomes a broadcast, which would otherwise let the
@@ -13,12 +11,17 @@ for three reasons:
 - attention is computed for blocks of query rows one after the other, so no attention matrix
   exceeds ATTENTION_BLOCK_BYTES (a full one is 231 MB at full size, and ONNX Runtime's arena
   sizes itself on the largest live tensors);
-- the residual branches (DConv) take their GroupNorm statistics from the small tensor before
-  the expanding conv and fold normalization, affine and LayerScale into that conv, which halves
-  the passes over their largest tensors (see `_dconv_rows`).
+- the encoder and decoder layers (`_encode`, `_decode`) are restated so that ONNX Runtime makes
+  fewer passes over their large tensors: the residual branches (DConv) take their GroupNorm
+  statistics from the small tensor before the expanding conv and fold normalization, affine
+  and LayerScale into it (`_dconv_rows`); a GLU is two convs; the frequency ConvTranspose is a
+  conv and a shuffle; 1-D convs run as 2-D ones;
+- transformer tokens go in memory order and LayerScales ride on the projections.
 
-Everything else is the demucs arithmetic in demucs' order, for eval mode, `cac=True` and the
-training segment length (what `apply_model(..., split=False)` feeds the model).
+Each restatement is exact up to float rounding and checked against demucs' module in
+`tests/test_exportable.py`. Everything else is the demucs arithmetic in demucs' order, for eval
+mode, `cac=True` and the training segment length (what `apply_model(..., split=False)` feeds
+the model).
 """
 
 from __future__ import annotations
