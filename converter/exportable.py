@@ -187,11 +187,16 @@ def _layer_dconv(layer: HEncLayer | HDecLayer, y: torch.Tensor, anchor: torch.Te
 
 
 def _conv(
-    conv: nn.Conv1d | nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+    conv: nn.Conv1d | nn.Conv2d,
+    x: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`conv` with `weight` and `bias` on `x`. A 1-D conv runs as a 2-D one over [B, C, 1, L]:
+    """`conv` on `x`, with `weight` and `bias` in place of its own if given. A 1-D conv runs as a 2-D one over [B, C, 1, L]:
     ONNX Runtime runs 2-D convs in its blocked layout and 1-D ones as im2col + GEMM, which
     reached about half the speed on HTDemucs' time branch."""
+    weight = conv.weight if weight is None else weight
+    bias = conv.bias if bias is None else bias
     if isinstance(conv, nn.Conv2d):
         return conv._conv_forward(x, weight, bias)
     y = F.conv2d(
@@ -248,7 +253,7 @@ def _encode(
             x = x.reshape(x.shape[0], -1, x.shape[-1])
         if x.shape[-1] % layer.stride:
             x = F.pad(x, (0, layer.stride - x.shape[-1] % layer.stride))
-    y = _conv(layer.conv, x, layer.conv.weight, layer.conv.bias)
+    y = _conv(layer.conv, x)
     if inject is not None:
         y = y + (inject[:, :, None] if inject.dim() == 3 and y.dim() == 4 else inject)
     y = _layer_dconv(layer, F.gelu(layer.norm1(y)), anchor)

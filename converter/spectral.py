@@ -44,10 +44,27 @@ def _unit(exponent: np.ndarray, n: int) -> np.ndarray:
     return np.exp(-2j * np.pi * (exponent % n) / n)
 
 
-def _twiddle(a: int, b: int, c: int) -> np.ndarray:
-    """W_N^{c(p + A q)} indexed [p, q, c]: the coupling left between the last digit pair."""
-    k_low = np.arange(a)[:, None] + a * np.arange(b)[None, :]
-    return _unit(k_low[:, :, None] * np.arange(c), a * b * c)
+def _factors(a: int, b: int, c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The three stages of W_N^{nk}, n = BC·a + C·b + c and k = p + A·q + AB·r (r < C/2):
+
+        W_N^{nk} = W_A^{ap} · W_{AB}^{bp} W_B^{bq} · W_N^{c(p+Aq)} W_C^{cr}
+
+    as complex arrays indexed [p, a], [p, q, b] and [p, q, r, c]; each stage's twiddle rides on
+    its matrix. The inverse transform uses their conjugates.
+    """
+    n_a, n_b, n_c, n_r = np.arange(a), np.arange(b), np.arange(c), np.arange(c // 2)
+    p, q = n_a[:, None, None, None], n_b[None, :, None, None]
+    w_a = _unit(np.outer(n_a, n_a), a)
+    w_b = _unit(np.outer(n_b, n_b), b)[None] * _unit(np.outer(n_a, n_b), a * b)[:, None, :]
+    w_c = _unit(n_r[:, None] * n_c, c) * _unit(n_c * (p + a * q), a * b * c)
+    return w_a, w_b, w_c
+
+
+def _as_real(w: np.ndarray) -> np.ndarray:
+    """Complex [..., M, K] as the real [..., 2M, 2K] matrix on (re/im, k) -> (re/im, m)."""
+    return np.concatenate(
+        [np.concatenate([w.real, -w.imag], -1), np.concatenate([w.imag, w.real], -1)], -2
+    )
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:
@@ -85,24 +102,15 @@ class Stft(_Framing):
     def __init__(self, n_fft: int, length: int):
         super().__init__(n_fft, length)
         a, b, c = self.radices
-        n_a, n_b, n_c, n_r = np.arange(a), np.arange(b), np.arange(c), np.arange(c // 2)
-        # X[k] = Σ_n x[n] W_N^{nk} with n = BC·a + C·b + c and k = p + A·q + AB·r:
-        # W_N^{nk} = W_A^{ap} · W_{AB}^{bp} W_B^{bq} · W_N^{c(p+Aq)} W_C^{cr}.
+        w_a, w_b, w_c = _factors(a, b, c)  # X[k] = Σ_n x[n] W_N^{nk}
         # Stage 1 (a -> p): rows (p, re/im).
-        w_a = _unit(np.outer(n_a, n_a), a)  # [p, a]
         stage1 = np.stack([w_a.real, w_a.imag], 1).reshape(2 * a, a)
         # Stage 2 (b -> q) for every p: rows (q, re/im), columns (re/im, b).
-        w_b = _unit(np.outer(n_b, n_b), b)[None] * _unit(np.outer(n_a, n_b), a * b)[:, :, None]
-        w_b = w_b.transpose(0, 2, 1)  # [p, q, b]
         stage2 = np.stack(
             [np.concatenate([w_b.real, -w_b.imag], 2), np.concatenate([w_b.imag, w_b.real], 2)], 2
         ).reshape(a, 2 * b, 2 * b)
         # Stage 3 (c -> r < C/2) for every (p, q): rows (re/im, r), columns (re/im, c).
-        p, q = n_a[:, None, None, None], n_b[None, :, None, None]
-        w_c = _unit(n_r[:, None] * n_c, c) * _unit(n_c * (p + a * q), n_fft)  # [p, q, r, c]
-        stage3 = np.concatenate(
-            [np.concatenate([w_c.real, -w_c.imag], 3), np.concatenate([w_c.imag, w_c.real], 3)], 2
-        ).reshape(a * b, c, 2 * c)
+        stage3 = _as_real(w_c).reshape(a * b, c, 2 * c)
         # The window and the 1/sqrt(N) of `normalized=True`, per sample of the frame.
         window = _hann(n_fft) / math.sqrt(n_fft)
         self.register_buffer("window", _tensor(window.reshape(n_fft, 1, 1)))
@@ -148,25 +156,20 @@ class Istft(_Framing):
     def __init__(self, n_fft: int, length: int):
         super().__init__(n_fft, length)
         a, b, c = self.radices
-        n_a, n_b, n_c, n_r = np.arange(a), np.arange(b), np.arange(c), np.arange(c // 2)
-        p, q = n_a[:, None, None, None], n_b[None, :, None, None]
         # x[n] = (2/sqrt(N)) Re Σ_{k<N/2} d_k Z_k W_N^{-nk}, d_0 = 1/2 and d_k = 1: the real
-        # output of a Hermitian spectrum. With n = BC·a + C·b + c and k = p + A·q + AB·r,
-        # W_N^{-nk} = W_A^{-ap} · W_{AB}^{-bp} W_B^{-bq} · W_N^{-c(p+Aq)} W_C^{-cr}.
-        k = p + a * q + a * b * n_r  # [p, q, 1, r]
-        weight = np.where(k == 0, 0.5, 1.0) * 2.0 / math.sqrt(n_fft)
-        w_c = weight * np.conj(_unit(n_c[:, None] * n_r, c) * _unit(n_c[:, None] * (p + a * q), n_fft))
+        # output of a Hermitian spectrum, with the conjugates of `_factors`.
+        w_a, w_b, w_c = (np.conj(w) for w in _factors(a, b, c))
+        n_a, n_b, n_r = np.arange(a), np.arange(b), np.arange(c // 2)
+        k = n_a[:, None, None, None] + a * n_b[None, :, None, None] + a * b * n_r[:, None]
+        weight = np.where(k == 0, 0.5, 1.0) * 2.0 / math.sqrt(n_fft)  # [p, q, r, 1]
         # Stage 3 (r -> c) for every (p, q): rows (re/im, c), columns (re/im, r).
-        stage3 = np.concatenate(
-            [np.concatenate([w_c.real, -w_c.imag], 3), np.concatenate([w_c.imag, w_c.real], 3)], 2
-        ).reshape(a * b, 2 * c, c)
+        stage3 = _as_real((weight * w_c).swapaxes(2, 3)).reshape(a * b, 2 * c, c)
         # Stage 2 (q -> b) for every p: rows (re/im, b), columns (q, re/im).
-        w_b = np.conj(_unit(np.outer(n_b, n_b), b)[None] * _unit(np.outer(n_a, n_b), a * b)[:, :, None])
+        w_b = w_b.transpose(0, 2, 1)  # [p, b, q]
         stage2 = np.stack(
             [np.stack([w_b.real, -w_b.imag], -1), np.stack([w_b.imag, w_b.real], -1)], 1
         ).reshape(a, 2 * b, 2 * b)  # [p, (ri', b), (q, ri)]
         # Stage 1 (p -> a), real part only: columns (p, re/im).
-        w_a = np.conj(_unit(np.outer(n_a, n_a), a))
         stage1 = np.stack([w_a.real, -w_a.imag], -1).reshape(a, 2 * a)
         # torch.istft divides the overlap-add by the summed squared window, which is the constant
         # 1.5 for a periodic Hann window at hop N/4 wherever four frames overlap: all kept samples.
