@@ -89,8 +89,12 @@ class FakeGitHub:
     def assets_of(self, release: dict) -> list[dict]:
         return [a for a in self.assets.values() if a["release_id"] == release["id"]]
 
-    def add_release(self, tag: str, *, draft: bool, files: dict[str, bytes]) -> dict:
-        release = self._new_release({"tag_name": tag, "draft": draft, "name": tag, "body": ""})
+    def add_release(
+        self, tag: str, *, draft: bool, files: dict[str, bytes], prerelease: bool = False
+    ) -> dict:
+        release = self._new_release(
+            {"tag_name": tag, "draft": draft, "prerelease": prerelease, "name": tag, "body": ""}
+        )
         for name, data in files.items():
             self._new_asset(release, name, data, "uploaded", "application/octet-stream")
         return release
