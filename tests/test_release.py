@@ -27,7 +27,7 @@ from converter.metadata import (
     sidecar_path,
     stamp,
 )
-from tests.fake_github import REPOSITORY, TOKEN, FakeGitHub, Fault
+from tests.fake_github import REPOSITORY, TOKEN, FakeGitHub, Fault, run_cli
 
 TAG = "model-v1.2.3"
 TOOLCHAIN = {name: importlib.metadata.version(name) for name in ("onnx", "requests")}
@@ -507,3 +507,67 @@ def test_real_build_converts_once_then_reuses_the_file(small_repo, client, fake,
     for tag in ("model-v1.0.0", "model-v1.0.1"):
         (only,) = fake.releases_for(tag)
         assert not only["draft"] and len(fake.assets_of(only)) == 2
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_publishing_with_the_matrix_results_imports_no_model_code(fake, tmp_path):
+    """The publish job's command, as the workflow runs it, in an interpreter where torch,
+    demucs and the other model code cannot be imported."""
+    out = tmp_path / "models"
+    path = write_model(out, "htdemucs")
+    write_evidence(tmp_path / "matrix", path)
+    summary = tmp_path / "step-summary.md"
+    done = run_cli(
+        fake, "release", "--tag", TAG, "--contract-results", str(tmp_path / "matrix"),
+        "--out-dir", str(out), cwd=ROOT, GITHUB_STEP_SUMMARY=str(summary),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.startswith(f"published {TAG}: htdemucs.onnx")
+    assert_published_once(fake, tmp_path)
+    assert f'MODEL_SHA256="{sha256_file(path)}"' in summary.read_text()
+
+
+CLI_REFUSALS = {
+    "a platform missing": (
+        lambda path, results: write_evidence(results, path, skip=("Windows AMD64",)),
+        "error: not publishing htdemucs.onnx: no passing row from Windows AMD64 "
+        "(windows-latest); run `nox -s contract",
+    ),
+    "corrupt model file": (
+        lambda path, results: (write_evidence(results, path), path.write_bytes(b"\x0a\xff")),
+        "error: {path} is not a readable ONNX file (DecodeError); delete it and run",
+    ),
+}
+
+
+@pytest.mark.parametrize(("spoil", "line"), CLI_REFUSALS.values(), ids=CLI_REFUSALS.keys())
+def test_cli_refusals_are_one_line_and_create_nothing(fake, tmp_path, spoil, line):
+    out = tmp_path / "models"
+    path = write_model(out, "htdemucs")
+    spoil(path, tmp_path / "matrix")
+    done = run_cli(
+        fake, "release", "--tag", TAG, "--contract-results", str(tmp_path / "matrix"),
+        "--out-dir", str(out), cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    errors = [text for text in done.stderr.splitlines() if text.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(line.format(path=path)), done.stderr
+    assert "Traceback" not in done.stderr
+    assert fake.writes() == [] and fake.releases == {}
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("release", "--tag", TAG, "--dry-run"), ("check-upstream",)],
+    ids=["release", "check-upstream"],
+)
+def test_credentials_in_github_api_url_are_never_printed(fake, tmp_path, args):
+    secret = "ghp_SECRET-in-the-url-0123456789"
+    url = fake.api_url.replace("http://", f"http://user:{secret}@")
+    done = run_cli(fake, *args, cwd=ROOT, GITHUB_API_URL=url)
+    assert done.returncode == 1
+    assert secret not in done.stdout + done.stderr
+    assert "error: GITHUB_API_URL carries credentials (http://***@127.0.0.1:" in done.stderr
+    assert fake.seen == []
