@@ -15,7 +15,7 @@ import pytest
 
 from converter import github, pins
 from converter.errors import UserError
-from tests.fake_github import REPOSITORY, TOKEN, FakeGitHub
+from tests.fake_github import REPOSITORY, TOKEN, FakeGitHub, run_cli
 
 SERVER = "https://github.com"
 OLD = "https://github.com/openkara/models/releases/download"
@@ -254,3 +254,26 @@ def test_a_failed_write_rolls_back_the_files_already_renamed(pin, fake, checkout
     with pytest.raises(UserError, match="no file was changed"):
         pin("model-v2.0.2")
     assert snapshot(checkout) == before  # no temp files left either
+
+
+def test_cli_dry_run_needs_no_model_code_and_changes_nothing(fake, checkout):
+    digest = publish(fake, "model-v2.0.2")
+    before = snapshot(checkout)
+    done = run_cli(
+        fake, "pin-openkara", "--tag", "model-v2.0.2", "--checkout", str(checkout), "--dry-run",
+        cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f'+    sha256: "{digest}",' in done.stdout
+    assert f"+  MODEL_URL: {SERVER}/{REPOSITORY}/releases/download/model-v2.0.2/" in done.stdout
+    assert snapshot(checkout) == before
+
+
+def test_cli_refusal_is_one_line(fake, checkout):
+    publish(fake, "model-v2.0.2", draft=True)
+    done = run_cli(
+        fake, "pin-openkara", "--tag", "model-v2.0.2", "--checkout", str(checkout),
+        cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: release model-v2.0.2 is a draft")
