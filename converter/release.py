@@ -1,9 +1,11 @@
-"""`invoke release`: build, gate and publish one model as a GitHub release, safely re-runnable.
+"""`invoke release`: publish one load-tested model as a GitHub release, safely re-runnable.
 
 Releases may be immutable once published (no asset can be added, replaced or deleted), so the
-order is fixed: build and gate locally, then a DRAFT release, upload, verify every asset's
-SHA-256, and only then publish. Each step first looks at what is already there, so a run that
-died anywhere is finished by running the same command again, without duplicates.
+order is fixed: build (or take the build the load-test matrix ran on) and gate locally, require
+passing load tests for exactly these bytes on every platform (converter/evidence.py), then a
+DRAFT release, upload, verify every asset's SHA-256, and only then publish. Each step first
+looks at what is already there, so a run that died anywhere is finished by running the same
+command again, without duplicates.
 """
 
 from __future__ import annotations
@@ -491,9 +493,6 @@ def _dry_run(
     return "\n".join(lines)
 
 
-LoadTest = Callable[[Path, Path], None]
-
-
 def release(
     tag: str,
     repo: Path | None = None,
@@ -503,7 +502,7 @@ def release(
     out_dir: Path = Path("models"),
     client: github.Client | None = None,
     prepare: Callable[[str, Path | None, Path], Path] = build_model,
-    load_test: LoadTest = run_contract_sessions,
+    load_test: Callable[[Path, Path], None] = run_contract_sessions,
     server_url: str | None = None,
 ) -> str:
     """Run the whole release for `tag`; return the one-line outcome (or the dry-run plan).

@@ -571,3 +571,14 @@ def test_credentials_in_github_api_url_are_never_printed(fake, tmp_path, args):
     assert secret not in done.stdout + done.stderr
     assert "error: GITHUB_API_URL carries credentials (http://***@127.0.0.1:" in done.stderr
     assert fake.seen == []
+
+
+def test_a_missing_allow_listed_kernel_fails_its_rows(tmp_path):
+    path = write_model(tmp_path / "models", "htdemucs")
+    write_evidence(tmp_path / "matrix", path)
+    record_path = tmp_path / "matrix" / "contract-results-macos-14" / "1.17.3.json"
+    record = json.loads(record_path.read_text())
+    record["missing_kernels"] = ["FusedConv"]
+    record_path.write_text(json.dumps(record))
+    with pytest.raises(UserError, match="failed on Darwin arm64 ORT 1.17.3: no CPU kernel for Fu"):
+        evidence.require(tmp_path / "matrix", path.name, sha256_file(path))
