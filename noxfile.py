@@ -22,23 +22,12 @@ import nox
 
 ROOT = Path(__file__).resolve().parent
 CONSTRAINTS = "requirements/constraints.txt"
-# 1.23.2 is the last ONNX Runtime release with macOS x86_64 wheels.
-LAST_MACOS_X86_64 = (1, 23, 2)
+sys.path.insert(0, str(ROOT))  # the version list and wheel rule live in converter.evidence
+from converter.evidence import contract_pins, has_wheel  # noqa: E402 - needs the path
 
 nox.options.sessions = ["tests", "gate"]
 
-
-def _contract_pins() -> dict[str, str]:
-    """ORT version -> numpy version, from requirements/contract.txt (their one home)."""
-    pins = {}
-    for line in (ROOT / "requirements/contract.txt").read_text(encoding="utf-8").splitlines():
-        requirements = dict(word.split("==") for word in line.split("#")[0].split())
-        if requirements:
-            pins[requirements["onnxruntime"]] = requirements["numpy"]
-    return pins
-
-
-CONTRACT_PINS = _contract_pins()
+CONTRACT_PINS = contract_pins()
 
 
 @nox.session
@@ -62,8 +51,7 @@ def contract(session: nox.Session, ort: str) -> None:
     """Load-test models on the official onnxruntime==ORT wheel, CPU EP, nothing else installed."""
     # Queued first so the merged table ends the run even when this session fails or skips.
     session.notify("contract_summary", posargs=session.posargs)
-    version = tuple(int(part) for part in ort.split("."))
-    if sys.platform == "darwin" and platform.machine() == "x86_64" and version > LAST_MACOS_X86_64:
+    if not has_wheel(f"{platform.system()} {platform.machine()}", ort):
         session.skip(f"onnxruntime {ort} has no macOS x86_64 wheel (the last is 1.23.2)")
     # --no-deps: ORT's declared extras (protobuf, sympy, ...) are not needed to load and run a
     # model, and leaving them out proves the loader and the file need nothing but ORT + numpy.

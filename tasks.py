@@ -99,17 +99,41 @@ def fake_repo(c, out, size="full", models="htdemucs,htdemucs_ft,htdemucs_6s"):
         "model-6s-vX.Y.Z (htdemucs_6s), optionally with -rc.N (prerelease).",
         "repo": "Local demucs model repo, as for convert (air-gapped runs, tests); default: the hub.",
         "dry_run": "Print the plan (release, assets, sizes, digests) and write nothing.",
+        "contract_results": "Folder of the load-test matrix's contract-results/*.json: publish "
+        "the file already in --out-dir with that evidence (default: build and load-test here).",
+        "out_dir": "Folder holding NAME.onnx and its sidecar (default: models/).",
     }
 )
 @_cli
-def release(c, tag, repo=None, dry_run=False):
-    """Convert, validate, gate and publish one model as a GitHub release (safe to re-run).
+def release(c, tag, repo=None, dry_run=False, contract_results=None, out_dir="models"):
+    """Publish one model as a GitHub release once every platform load-tested it (safe to re-run).
 
     Needs GITHUB_TOKEN and GITHUB_REPOSITORY (GITHUB_API_URL optional), as GitHub Actions sets.
     """
     from converter.release import release as run
 
-    print(run(tag, repo=_path(repo), dry_run=dry_run))
+    print(
+        run(
+            tag, repo=_path(repo), dry_run=dry_run, contract_results=_path(contract_results),
+            out_dir=Path(out_dir),
+        )
+    )  # fmt: skip
+
+
+@task(
+    help={
+        "tag": "Published release tag whose model to pin (model-vX.Y.Z or model-ft-vX.Y.Z).",
+        "checkout": "An OpenKara checkout whose pins to rewrite.",
+        "dry_run": "Print the unified diff and change no file.",
+        "allow_prerelease": "Also pin a -rc.N prerelease (never for a stable OpenKara build).",
+    }
+)
+@_cli
+def pin_openkara(c, tag, checkout, dry_run=False, allow_prerelease=False):
+    """Rewrite every pin of a published release's model in an OpenKara checkout, or none."""
+    from converter.pins import pin_openkara as run
+
+    print(run(tag, Path(checkout), dry_run=dry_run, allow_prerelease=allow_prerelease))
 
 
 @task
@@ -188,4 +212,7 @@ def bench(c, model="htdemucs", repo=None, runs=5, profile=10, out_dir="bench-res
     print(table(run(model, repo=_path(repo), runs=runs, profile=profile, out_dir=Path(out_dir))))
 
 
-ns = Collection(convert, validate, fingerprint, fake_repo, release, check_upstream, contract, separate, bench)
+ns = Collection(
+    convert, validate, fingerprint, fake_repo, release, pin_openkara, check_upstream, contract,
+    separate, bench,
+)  # fmt: skip

@@ -15,6 +15,7 @@ from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
+from urllib.parse import urlsplit, urlunsplit
 
 import requests
 from tqdm import tqdm
@@ -243,9 +244,18 @@ def _rate_limit_delay(response: requests.Response) -> float | None:
     return None
 
 
+def redact(url: str) -> str:
+    """The URL without credentials, for messages (mirrors and proxies embed user:token@host)."""
+    parts = urlsplit(url)
+    if parts.username or parts.password:
+        port = f":{parts.port}" if parts.port else ""
+        parts = parts._replace(netloc=f"***@{parts.hostname}{port}")
+    return urlunsplit(parts)
+
+
 def _short(url: str) -> str:
-    """The URL without its query, for messages (queries only repeat what the message says)."""
-    return url.split("?", 1)[0]
+    """The URL without its query or credentials, for messages."""
+    return redact(url.split("?", 1)[0])
 
 
 def from_env(environ: dict[str, str] | None = None) -> Client:
@@ -266,4 +276,9 @@ def from_env(environ: dict[str, str] | None = None) -> Client:
     if repository.count("/") != 1 or not all(repository.split("/")):
         raise UserError(f"GITHUB_REPOSITORY must be owner/name, got {repository!r}")
     api_url = (env.get("GITHUB_API_URL") or DEFAULT_API_URL).rstrip("/")
+    if redact(api_url) != api_url:
+        raise UserError(
+            f"GITHUB_API_URL carries credentials ({redact(api_url)}): they would replace the "
+            "token; set GITHUB_API_URL without user:password@ and the token in GITHUB_TOKEN"
+        )
     return Client(api_url=api_url, repository=repository, token=env["GITHUB_TOKEN"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.metadata
 import json
 import os
 import tempfile
@@ -38,6 +39,26 @@ REQUIRED_KEYS = (
     AUDIO_CHANNELS,
     PROVENANCE,
 )
+
+
+# The installed packages that determine the output bytes, recorded in the provenance.
+TOOLCHAIN = ("demucs", "torch", "onnx", "onnxruntime", "numpy")
+
+
+def public_version(name: str) -> str:
+    """`name`'s installed version without its local label (`2.13.0+cpu` -> `2.13.0`).
+
+    The label says which index a wheel came from (PyTorch's CPU index, a CUDA build), not what
+    it computes on the CPU; stamped, it would make one commit's bytes differ between machines.
+    """
+    try:
+        return importlib.metadata.version(name).split("+", 1)[0]
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def toolchain_versions() -> dict[str, str]:
+    return {name: public_version(name) for name in TOOLCHAIN}
 
 
 def fingerprint(model: onnx.ModelProto) -> str:

@@ -12,9 +12,11 @@ inference on the reference input recorded at conversion time (`NAME.reference.np
 that every `com.microsoft` op of the static gate's allow-list has a CPU kernel in this build, so
 CI proves the list on every platform and version rather than only on the machine that wrote it.
 
-Rows go to `DIR/contract-results/<ort version>.json`. `--summary` (nox's `contract_summary`
-session, queued after every `contract(...)` session) merges them into `DIR/contract-summary.json`,
-which the release reads, and prints the table of every version, so that table ends the run.
+Rows go to `DIR/contract-results/<ort version>.json`, each naming the tested file's SHA-256 and
+the platform: `invoke release` reads these records from every runner (converter/evidence.py).
+`--summary` (nox's `contract_summary` session, queued after every `contract(...)` session)
+merges them into `DIR/contract-summary.json` and prints the table of every version, so that
+table ends the run.
 """
 
 from __future__ import annotations

@@ -13,7 +13,6 @@ import os
 import shutil
 import tempfile
 import time
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 
 import onnx
@@ -28,14 +27,6 @@ from .progress import peak_rss_mb, release_memory, step
 from .runtime_shapes import anchor_shapes
 
 log = logging.getLogger(__name__)
-
-TOOLCHAIN = ("demucs", "torch", "onnx", "onnxruntime", "numpy")
-
-
-def toolchain_versions() -> dict[str, str]:
-    """Installed versions of the packages that determine the output bytes."""
-    return {name: importlib_metadata.version(name) for name in TOOLCHAIN}
-
 
 def file_paths(model: str, out_dir: Path) -> tuple[Path, Path, Path]:
     """(NAME.onnx, NAME.onnx.sha256, NAME.reference.npz) in `out_dir`."""
@@ -53,7 +44,7 @@ def metadata_entries(bag: LoadedBag, ir_version: int) -> dict[str, str]:
         "sample_rate": bag.samplerate,
         "segment_samples": bag.segment_samples,
         "audio_channels": bag.models[0].audio_channels,
-        "toolchain": toolchain_versions(),
+        "toolchain": meta.toolchain_versions(),
         "opset": OPSET,
         "ir_version": ir_version,
         "optimization_level": LEVEL,

@@ -1,19 +1,23 @@
-"""`invoke release`: build, gate and publish one model as a GitHub release, safely re-runnable.
+"""`invoke release`: publish one load-tested model as a GitHub release, safely re-runnable.
 
 Releases may be immutable once published (no asset can be added, replaced or deleted), so the
-order is fixed: build and gate locally, then a DRAFT release, upload, verify every asset's
-SHA-256, and only then publish. Each step first looks at what is already there, so a run that
-died anywhere is finished by running the same command again, without duplicates.
+order is fixed: build (or take the build the load-test matrix ran on) and gate locally, require
+passing load tests for exactly these bytes on every platform (converter/evidence.py), then a
+DRAFT release, upload, verify every asset's SHA-256, and only then publish. Each step first
+looks at what is already there, so a run that died anywhere is finished by running the same
+command again, without duplicates.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
+import importlib.util
 import json
 import logging
 import os
 import re
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +25,7 @@ from pathlib import Path
 
 import onnx
 
-from converter import github
+from converter import evidence, github, pins
 from converter.errors import UserError
 from converter.metadata import (
     CACHE_KEY,
@@ -30,6 +34,7 @@ from converter.metadata import (
     SAMPLE_RATE,
     SEGMENT_SAMPLES,
     STEMS,
+    public_version,
     read_metadata,
     read_sidecar,
     sha256_file,
@@ -95,7 +100,13 @@ def parse_tag(tag: str) -> Tag:
 
 
 def _file_metadata(path: Path) -> dict[str, str]:
-    return read_metadata(onnx.load(str(path), load_external_data=False))
+    try:
+        return read_metadata(onnx.load(str(path), load_external_data=False))
+    except Exception as exc:  # protobuf's DecodeError and onnx's own errors share no base
+        raise UserError(
+            f"{path} is not a readable ONNX file ({type(exc).__name__}); delete it and run "
+            "`invoke convert` (or `invoke release` without --contract-results) to rebuild it"
+        ) from None
 
 
 def reuse_check(path: Path, model: str) -> tuple[bool, str]:
@@ -106,16 +117,19 @@ def reuse_check(path: Path, model: str) -> tuple[bool, str]:
     """
     if not path.is_file():
         return False, f"{path} does not exist"
-    metadata = _file_metadata(path)
+    try:
+        metadata = _file_metadata(path)
+    except UserError:
+        return False, f"{path} is not a readable ONNX file"
     if metadata.get(MODEL_NAME) != model:
         return False, f"{path} is stamped as model {metadata.get(MODEL_NAME)!r}, not {model!r}"
     toolchain = json.loads(metadata.get(PROVENANCE, "{}")).get("toolchain") or {}
     if not toolchain:
         return False, f"{path} records no toolchain versions in {PROVENANCE}"
     differing = [
-        f"{name} {version} (installed: {_installed(name)})"
+        f"{name} {version} (installed: {public_version(name)})"
         for name, version in sorted(toolchain.items())
-        if _installed(name) != version
+        if public_version(name) != version
     ]
     if differing:
         return False, f"{path} was built with {', '.join(differing)}"
@@ -127,13 +141,6 @@ def reuse_check(path: Path, model: str) -> tuple[bool, str]:
         return False, f"{sidecar_path(path)} does not match {path}"
     versions = ", ".join(f"{n} {v}" for n, v in sorted(toolchain.items()))
     return True, f"{path} was built with the installed toolchain ({versions})"
-
-
-def _installed(name: str) -> str:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def build_model(model: str, repo: Path | None, out_dir: Path) -> Path:
@@ -173,29 +180,65 @@ def local_assets(path: Path) -> list[LocalAsset]:
     ]
 
 
-def contract_results(out_dir: Path, model_file: LocalAsset) -> list[dict] | None:
-    """Rows of `contract-summary.json` (written by the nox contract sessions) for these bytes.
+def prebuilt(model: str, out_dir: Path) -> Path:
+    """The file the load-test matrix ran on (`--contract-results`), statically gated again.
 
-    Rows carrying another SHA-256 tested an older build of the same name and are left out.
+    Nothing is converted or validated here: the publishing job installs no torch or demucs and
+    unpickles nothing; the build job validated these bytes and the evidence names their SHA-256.
     """
-    summary = out_dir / "contract-summary.json"
-    if not summary.is_file():
-        return None
-    try:
-        rows = json.loads(summary.read_text(encoding="utf-8"))
-        return [
-            row
-            for row in rows
-            if row.get("model") == model_file.name
-            and row.get("sha256", model_file.sha256) == model_file.sha256
-        ]
-    except (ValueError, AttributeError, TypeError) as exc:
-        log.warning("ignoring %s: not a list of result objects (%s)", summary, exc)
-        return None
+    from converter.contract import gate
+
+    path = out_dir / f"{model}.onnx"
+    if not path.is_file():
+        raise UserError(
+            f"{path} does not exist: --contract-results publishes the file the load tests ran "
+            "on; put the build's NAME.onnx and NAME.onnx.sha256 in --out-dir (or run without "
+            "--contract-results to build and load-test here)"
+        )
+    stamped = _file_metadata(path).get(MODEL_NAME)
+    if stamped != model:
+        raise UserError(f"{path} is stamped as model {stamped!r}, not {model!r}")
+    gate(path)
+    return path
+
+
+def run_contract_sessions(path: Path, results_dir: Path) -> None:
+    """`nox -s contract` on this platform for `path`, results into `results_dir`.
+
+    A failing session is not an error here: the evidence check names what failed.
+    """
+    root = Path(__file__).resolve().parent.parent
+    command = [
+        sys.executable, "-m", "nox", "--noxfile", str(root / "noxfile.py"), "-s", "contract",
+        "--", "--results-dir", str(results_dir.resolve()), str(path.resolve()),
+    ]  # fmt: skip
+    if importlib.util.find_spec("nox") is None:
+        raise UserError(
+            "nox is not installed: `pip install -c requirements/constraints.txt nox`, or pass "
+            "the load-test matrix's results with --contract-results"
+        )
+    log.info("load-testing %s on this platform: %s", path, " ".join(command))
+    subprocess.run(command, cwd=root, check=False)
 
 
 def download_url(server_url: str, repository: str, tag: str, name: str) -> str:
     return f"{server_url.rstrip('/')}/{repository}/releases/download/{tag}/{name}"
+
+
+def pin_section(pin: pins.Pin, cache_key: str) -> str:
+    """Markdown: the values OpenKara pins, in its own syntax (model card and step summary)."""
+    return "\n".join(
+        [
+            f"## OpenKara pin ({pin.tag})",
+            "",
+            f"- tag: `{pin.tag}`",
+            f"- URL: {pin.url}",
+            f"- SHA-256: `{pin.sha256}`",
+            f"- `{CACHE_KEY}`: `{cache_key}`",
+            "",
+            pins.snippets(pin),
+        ]
+    )
 
 
 def model_card(
@@ -203,7 +246,7 @@ def model_card(
     metadata: dict[str, str],
     model_file: LocalAsset,
     url: str,
-    contract: list[dict] | None,
+    proof: list[dict],
 ) -> str:
     """The release body: what the file is, where it came from, how it was checked, how to pin it."""
     provenance = json.loads(metadata.get(PROVENANCE, "{}"))
@@ -231,32 +274,32 @@ def model_card(
     lines += [f"- {name} {version}" for name, version in sorted(toolchain.items())] or [
         "- (not recorded)"
     ]
-    lines += ["", "## Runtime contract", ""]
-    if contract:
-        lines += [
-            "| onnxruntime | platform | result | load s | run s |",
-            "| --- | --- | --- | --- | --- |",
-        ]
-        lines += [
-            "| " + " | ".join("" if row.get(key) is None else str(row[key])
-                              for key in ("ort", "platform", "status", "load_s", "run_s")) + " |"
-            for row in contract
-        ]
-    else:
-        lines.append("No contract summary was recorded for this file in this run.")
     lines += [
         "",
-        "## OpenKara pin",
+        "## Runtime contract",
         "",
-        "Paste into OpenKara's model pins (see docs/releasing.md, \"Updating OpenKara's pin\"):",
+        f"Loaded and run on the official ONNX Runtime wheels, CPU EP, with these exact bytes "
+        f"(SHA-256 `{model_file.sha256}`):",
         "",
-        "```toml",
-        f'url = "{url}"',
-        f'sha256 = "{model_file.sha256}"',
-        "```",
-        "",
+        "| platform | onnxruntime | result | load s | run s |",
+        "| --- | --- | --- | --- | --- |",
     ]
+    lines += [
+        "| " + " | ".join("" if row.get(key) is None else str(row[key])
+                          for key in ("platform", "ort", "status", "load_s", "run_s")) + " |"
+        for row in proof
+    ]
+    pin = pins.Pin(tag.model, tag.name, model_file.name, url, model_file.sha256)
+    lines += ["", pin_section(pin, metadata.get(CACHE_KEY, "?"))]
     return "\n".join(lines)
+
+
+def write_step_summary(text: str) -> None:
+    """Append `text` to the job summary GitHub Actions shows (no-op outside Actions)."""
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary:
+        with open(summary, "a", encoding="utf-8") as file:
+            file.write(text + "\n")
 
 
 def find_release(client: github.Client, tag: str) -> dict | None:
@@ -398,27 +441,51 @@ def _verify_published(client: github.Client, release: dict, tag: Tag) -> str:
     return f"release {tag.name} is already published and verified; nothing to do"
 
 
-def _dry_run(client: github.Client, tag: Tag, release: dict | None, out_dir: Path) -> str:
+def _dry_run(
+    client: github.Client,
+    tag: Tag,
+    release: dict | None,
+    out_dir: Path,
+    contract_results: Path | None,
+) -> str:
     path = out_dir / f"{tag.model}.onnx"
-    reuse, why = reuse_check(path, tag.model)
+    if contract_results is not None:
+        ready, why = path.is_file(), f"{path} does not exist"
+        if ready:
+            why = "the build the load tests ran on; static contract gate"
+    else:
+        ready, why = reuse_check(path, tag.model)
     lines = [f"dry run for {tag.name} in {client.repository} (nothing is written):"]
     if release is None:
         lines.append(f"- create draft release {tag.name} (prerelease: {tag.prerelease})")
     else:
         lines.append(f"- reuse draft release {tag.name} (id {release['id']})")
     existing = list_assets(client, release) if release else []
-    if reuse:
-        lines.append(f"- reuse {path}: {why}; validate it again; contract gate")
-        steps = plan_assets(existing, local_assets(path))
+    steps = []
+    if ready:
+        local = local_assets(path)
+        lines.append(f"- publish {path}: {why}")
+        if contract_results is None:
+            lines.append("- validate it again; contract gate")
+        steps = plan_assets(existing, local)
     else:
         lines.append(f"- convert {tag.model} ({why}); validate; contract gate")
-        steps = []
         lines.append(f"- upload {tag.model}.onnx and {tag.model}.onnx.sha256 (sizes after build)")
         lines += [
             f"- {a['name']}: on the draft now ({a.get('state')}, "
             f"{a.get('digest') or 'no digest'}); kept only if it matches the build"
             for a in existing
         ]
+    if contract_results is None:
+        lines.append("- `nox -s contract` on this platform; then require passing load tests "
+                     f"from every platform: {', '.join(evidence.PLATFORMS)}")
+    elif ready:
+        try:
+            proof = evidence.require(contract_results, local[0].name, local[0].sha256)
+            lines.append(f"- load-test evidence in {contract_results}: {len(proof)} passing rows "
+                         "for these bytes, every platform and ORT version")
+        except UserError as exc:
+            lines.append(f"- load-test evidence in {contract_results}: REFUSED: {exc}")
     for step in steps:
         detail = f" ({step.local.size:,} bytes, sha256 {step.local.sha256})" if step.local else ""
         lines.append(f"- {step.name}: {step.action}{detail}")
@@ -431,15 +498,20 @@ def release(
     repo: Path | None = None,
     dry_run: bool = False,
     *,
+    contract_results: Path | None = None,
     out_dir: Path = Path("models"),
     client: github.Client | None = None,
     prepare: Callable[[str, Path | None, Path], Path] = build_model,
+    load_test: Callable[[Path, Path], None] = run_contract_sessions,
     server_url: str | None = None,
 ) -> str:
     """Run the whole release for `tag`; return the one-line outcome (or the dry-run plan).
 
-    `client` and `prepare` (build + validate + contract gate) are parameters so tests can point
-    the real logic at a local API double and a tiny model.
+    With `contract_results` (the load-test matrix's records) the file already in `out_dir` is
+    published; without, it is built here and load-tested on this platform. Either way nothing
+    is created on GitHub unless every platform passed with exactly these bytes. `client`,
+    `prepare` and `load_test` are parameters so tests can point the real logic at a local API
+    double and a tiny model.
     """
     parsed = parse_tag(tag)
     client = client or github.from_env()
@@ -447,18 +519,22 @@ def release(
     if found is not None and not found["draft"]:
         return _verify_published(client, found, parsed)
     if dry_run:
-        return _dry_run(client, parsed, found, out_dir)
+        return _dry_run(client, parsed, found, out_dir, contract_results)
 
-    path = prepare(parsed.model, repo, out_dir)
-    wanted = local_assets(path)
+    if contract_results is not None:
+        path = prebuilt(parsed.model, out_dir)
+        wanted = local_assets(path)
+        proof = evidence.require(contract_results, wanted[0].name, wanted[0].sha256)
+    else:
+        path = prepare(parsed.model, repo, out_dir)
+        wanted = local_assets(path)
+        with tempfile.TemporaryDirectory(prefix=".load-test-", dir=out_dir) as results:
+            load_test(path, Path(results))
+            proof = evidence.require(Path(results), wanted[0].name, wanted[0].sha256)
+    metadata = _file_metadata(path)
     server = server_url or os.environ.get("GITHUB_SERVER_URL") or DEFAULT_SERVER_URL
-    body = model_card(
-        parsed,
-        _file_metadata(path),
-        wanted[0],
-        download_url(server, client.repository, parsed.name, wanted[0].name),
-        contract_results(out_dir, wanted[0]),
-    )
+    url = download_url(server, client.repository, parsed.name, wanted[0].name)
+    body = model_card(parsed, metadata, wanted[0], url, proof)
     fields = {"name": f"{parsed.model} {parsed.name}", "body": body,
               "prerelease": parsed.prerelease}
     if found is None:
@@ -486,6 +562,8 @@ def release(
     published = client.request(
         "PATCH", f"{client.repo_path}/releases/{draft['id']}", json={"draft": False}
     ).json()
+    pin = pins.Pin(parsed.model, parsed.name, wanted[0].name, url, wanted[0].sha256)
+    write_step_summary(pin_section(pin, metadata.get(CACHE_KEY, "?")))
     return (
         f"published {parsed.name}: {wanted[0].name} ({wanted[0].size:,} bytes, sha256 "
         f"{wanted[0].sha256}) at {published.get('html_url', '')}"

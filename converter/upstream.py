@@ -13,7 +13,6 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import requests
 from packaging.utils import InvalidSdistFilename, InvalidWheelFilename
@@ -22,6 +21,7 @@ from packaging.version import InvalidVersion, Version
 
 from converter import github
 from converter.errors import UserError
+from converter.github import redact
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +65,6 @@ def index_url(environ: dict[str, str] | None = None) -> str:
     from pip._internal.models.index import PyPI
 
     return PyPI.simple_url
-
-
-def redact(url: str) -> str:
-    """The URL without credentials, for messages (private mirrors embed user:token@host)."""
-    parts = urlsplit(url)
-    if parts.username or parts.password:
-        port = f":{parts.port}" if parts.port else ""
-        parts = parts._replace(netloc=f"***@{parts.hostname}{port}")
-    return urlunsplit(parts)
 
 
 def released_versions(index: str, session: requests.Session | None = None) -> list[Version]:

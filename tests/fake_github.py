@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -89,8 +92,12 @@ class FakeGitHub:
     def assets_of(self, release: dict) -> list[dict]:
         return [a for a in self.assets.values() if a["release_id"] == release["id"]]
 
-    def add_release(self, tag: str, *, draft: bool, files: dict[str, bytes]) -> dict:
-        release = self._new_release({"tag_name": tag, "draft": draft, "name": tag, "body": ""})
+    def add_release(
+        self, tag: str, *, draft: bool, files: dict[str, bytes], prerelease: bool = False
+    ) -> dict:
+        release = self._new_release(
+            {"tag_name": tag, "draft": draft, "prerelease": prerelease, "name": tag, "body": ""}
+        )
         for name, data in files.items():
             self._new_asset(release, name, data, "uploaded", "application/octet-stream")
         return release
@@ -360,3 +367,37 @@ class _Handler(BaseHTTPRequestHandler):
     def drop(self) -> None:
         self.close_connection = True
         self.connection.shutdown(socket.SHUT_RDWR)
+
+
+# Model code and unpicklers: what publishing and pinning must never import.
+HEAVY_MODULES = ("torch", "demucs", "torchaudio", "julius", "omegaconf", "soundfile", "soxr")
+_BLOCKING_CLI = """
+import sys
+
+class Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in HEAVY:
+            raise ImportError(f"blocked import of {name}: this task must not need it")
+
+sys.meta_path.insert(0, Blocker())
+from invoke.main import program
+program.run(["invoke", *sys.argv[1:]])
+"""
+
+
+def run_cli(fake: FakeGitHub, *args: str, cwd, **env: str) -> subprocess.CompletedProcess:
+    """`invoke ARGS` as a user runs it, in a fresh interpreter that refuses to import any of
+    HEAVY_MODULES, against `fake` through the variables GitHub Actions sets."""
+    environ = {
+        **os.environ,
+        "GITHUB_API_URL": fake.api_url,
+        "GITHUB_REPOSITORY": REPOSITORY,
+        "GITHUB_TOKEN": TOKEN,
+        "GITHUB_SERVER_URL": "https://github.com",
+        **env,
+    }
+    code = f"HEAVY = {set(HEAVY_MODULES)!r}\n" + _BLOCKING_CLI
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=cwd, env=environ, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip

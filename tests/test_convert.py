@@ -18,7 +18,8 @@ from converter import validation
 from converter.errors import UserError
 from converter.export import bag_plan
 from converter.fakerepo import model_kwargs, write_bag, write_checkpoint
-from converter.pipeline import convert, fingerprint_report, toolchain_versions, validate
+from converter.metadata import toolchain_versions
+from converter.pipeline import convert, fingerprint_report, validate
 from converter.validation import ValidationError, reference, session
 
 STEMS = {

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import numpy_helper
 
-from converter import github, release
+from converter import contract, evidence, github, release
 from converter.errors import UserError
 from converter.metadata import (
     CACHE_KEY,
@@ -25,10 +25,9 @@ from converter.metadata import (
     read_metadata,
     sha256_file,
     sidecar_path,
-    sidecar_text,
     stamp,
 )
-from tests.fake_github import REPOSITORY, TOKEN, Fault, FakeGitHub
+from tests.fake_github import REPOSITORY, TOKEN, FakeGitHub, Fault, run_cli
 
 TAG = "model-v1.2.3"
 TOOLCHAIN = {name: importlib.metadata.version(name) for name in ("onnx", "requests")}
@@ -37,29 +36,20 @@ TOOLCHAIN = {name: importlib.metadata.version(name) for name in ("onnx", "reques
 def write_model(
     out_dir: Path, model: str, toolchain: dict[str, str] = TOOLCHAIN, seed: int = 0
 ) -> Path:
-    """A small valid ONNX file stamped like a converted one, with its sidecar."""
-    weight = np.random.default_rng(seed).standard_normal(300_000).astype(np.float32)  # 1.2 MB
-    graph = helper.make_graph(
-        [helper.make_node("Add", ["audio", "w"], ["stems"])],
-        model,
-        [helper.make_tensor_value_info("audio", TensorProto.FLOAT, [300_000])],
-        [helper.make_tensor_value_info("stems", TensorProto.FLOAT, [300_000])],
-        [numpy_helper.from_array(weight, "w")],
+    """A small file that passes the static contract gate, stamped like a converted `model`,
+    with its sidecar; `seed` varies its bytes (1.2 MB of them)."""
+    proto = contract.tiny_model()
+    weight = np.random.default_rng(seed).standard_normal(300_000).astype(np.float32)
+    proto.graph.initializer.append(numpy_helper.from_array(weight, "unused"))
+    entries = read_metadata(proto)
+    entries[MODEL_NAME] = model
+    entries[PROVENANCE] = json.dumps(
+        {"model": model, "signatures": ["955717e8"], "toolchain": toolchain}
     )
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    stamp(
-        proto,
-        {
-            MODEL_NAME: model,
-            PROVENANCE: json.dumps(
-                {"model": model, "signatures": ["955717e8"], "toolchain": toolchain}
-            ),
-        },
-    )
-    out_dir.mkdir(parents=True, exist_ok=True)
+    del entries[CACHE_KEY]
+    stamp(proto, entries)
     path = out_dir / f"{model}.onnx"
-    onnx.save(proto, str(path))
-    sidecar_path(path).write_text(sidecar_text(path, sha256_file(path)), encoding="utf-8")
+    contract.write_model(proto, path)
     return path
 
 
@@ -75,6 +65,40 @@ class Builder:
         if self.error is not None:
             raise self.error
         return write_model(out_dir, model, seed=self.seed)
+
+
+def write_evidence(
+    results: Path,
+    model: Path,
+    *,
+    skip: tuple[str, ...] = (),
+    fail: tuple[str, str] | None = None,
+    sha256: str | None = None,
+) -> None:
+    """ortcheck records as the load-test matrix leaves them: one folder per runner, one
+    `contract-results/<ort>.json` per version, rows carrying the file's SHA-256 and platform."""
+    for platform, versions in evidence.required().items():
+        if platform in skip:
+            continue
+        for ort in versions:
+            row = {
+                "ort": ort,
+                "platform": platform,
+                "model": model.name,
+                "path": f"/runner/{model.name}",
+                "sha256": sha256 or sha256_file(model),
+                "status": "[disabled] Fail: boom" if fail == (platform, ort) else "ok",
+                "load_s": 0.5,
+                "run_s": 1.5,
+            }
+            record = {"ort": ort, "platform": platform, "missing_kernels": [], "rows": [row]}
+            folder = results / f"contract-results-{evidence.PLATFORMS[platform]}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{ort}.json").write_text(json.dumps(record), encoding="utf-8")
+
+
+def passing_load_test(model: Path, results: Path) -> None:
+    write_evidence(results, model)
 
 
 @pytest.fixture
@@ -96,6 +120,7 @@ def run(client, tmp_path):
             out_dir=tmp_path / "models",
             client=client,
             prepare=builder or Builder(),
+            load_test=passing_load_test,
             server_url="https://gh.example",
             **kwargs,
         )
@@ -161,36 +186,11 @@ def test_missing_token_is_one_error_before_any_work(fake, tmp_path, monkeypatch)
     assert builder.calls == []
 
 
-def test_happy_path_publishes_a_verified_release_with_a_model_card(run, fake, tmp_path):
-    digest = sha256_file(write_model(tmp_path / "models", "htdemucs"))
-    summary = [
-        {
-            "ort": "1.23.2",
-            "platform": "linux-x86_64",
-            "model": "htdemucs.onnx",
-            "sha256": digest,
-            "status": "ok",
-            "load_s": 1.5,
-            "run_s": 2.5,
-        },
-        {
-            "ort": "1.17.3",
-            "platform": "linux-x86_64",
-            "model": "htdemucs.onnx",
-            "sha256": digest,
-            "status": "IR 10 > 9",
-            "load_s": None,
-            "run_s": None,
-        },
-        {
-            "ort": "1.20.1",
-            "model": "htdemucs.onnx",
-            "sha256": "e" * 64,
-            "status": "stale row for older bytes",
-        },
-        {"ort": "1.23.2", "model": "htdemucs_6s.onnx", "status": "ok"},
-    ]
-    (tmp_path / "models" / "contract-summary.json").write_text(json.dumps(summary))
+def test_happy_path_publishes_a_verified_release_with_a_model_card(
+    run, fake, tmp_path, monkeypatch
+):
+    summary = tmp_path / "step-summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
     outcome = run()
 
     published = assert_published_once(fake, tmp_path)
@@ -201,10 +201,19 @@ def test_happy_path_publishes_a_verified_release_with_a_model_card(run, fake, tm
     assert digest in body and f"{path.stat().st_size:,} bytes" in body
     key = read_metadata(onnx.load(str(path)))[CACHE_KEY]
     assert f"`{CACHE_KEY}` | `{key}`" in body
-    assert f'url = "https://gh.example/{REPOSITORY}/releases/download/{TAG}/htdemucs.onnx"' in body
-    assert f'sha256 = "{digest}"' in body
-    assert "| 1.23.2 | linux-x86_64 | ok | 1.5 | 2.5 |" in body and "IR 10 > 9" in body
-    assert "htdemucs_6s" not in body and "stale row" not in body  # only rows for these bytes
+    url = f"https://gh.example/{REPOSITORY}/releases/download/{TAG}/htdemucs.onnx"
+    # the pin in OpenKara's own syntax, on the card and in the job summary
+    for text in (body, summary.read_text()):
+        assert f'    download_url: "{url}",\n    sha256: "{digest}",' in text
+        assert f'assert_eq!(HTDEMUCS.sha256, "{digest}");' in text
+        assert f"  MODEL_URL: {url}\n  MODEL_SHA256: {digest}" in text
+        assert f"   - `htdemucs`: `{TAG}/htdemucs.onnx`" in text
+        assert f"`{CACHE_KEY}`: `{key}`" in text and f"invoke pin-openkara --tag {TAG}" in text
+    assert "```toml" not in body
+    # one passing row per platform and ORT version, for exactly these bytes
+    for platform, versions in evidence.required().items():
+        for ort in versions:
+            assert f"| {platform} | {ort} | ok | 0.5 | 1.5 |" in body
     assert f"onnx {TOOLCHAIN['onnx']}" in body and "955717e8" in body
     assert published["prerelease"] is False
     # uploads followed upload_url, every API call carried the headers
@@ -212,6 +221,79 @@ def test_happy_path_publishes_a_verified_release_with_a_model_card(run, fake, tm
     assert len(uploads) == 2 and all(s.path.startswith("/api/uploads/") for s in uploads)
     # the publish came last, after every upload
     assert fake.writes()[-1].method == "PATCH"
+
+
+REFUSED = {
+    "empty": ({"skip": tuple(evidence.PLATFORMS)}, "no load-test results"),
+    "missing platform": ({"skip": ("Darwin arm64",)}, r"no passing row from Darwin arm64"),
+    "failing row": (
+        {"fail": ("Windows AMD64", "1.17.3")},
+        r"failed on Windows AMD64 ORT 1\.17\.3: \[disabled\] Fail: boom",
+    ),
+    "other bytes": ({"sha256": "e" * 64}, "rows for other bytes .*" + "e" * 64),
+}
+
+
+@pytest.mark.parametrize(("spoil", "message"), REFUSED.values(), ids=REFUSED.keys())
+def test_evidence_is_refused_before_anything_is_created(client, fake, tmp_path, spoil, message):
+    """Both ways in: the matrix's results (--contract-results) and a local load test."""
+    out = tmp_path / "models"
+    path = write_model(out, "htdemucs")
+    write_evidence(tmp_path / "matrix", path, **spoil)
+    (tmp_path / "matrix").mkdir(exist_ok=True)
+    with pytest.raises(UserError, match=f"not publishing htdemucs.onnx: {message}"):
+        release.release(TAG, out_dir=out, client=client, contract_results=tmp_path / "matrix")
+    with pytest.raises(UserError, match=f"not publishing htdemucs.onnx: {message}"):
+        release.release(
+            TAG, out_dir=out, client=client, prepare=Builder(),
+            load_test=lambda model, results: write_evidence(results, model, **spoil),
+        )  # fmt: skip
+    assert fake.writes() == [] and fake.releases == {}
+
+
+def test_a_version_missing_on_one_platform_is_named(client, fake, tmp_path):
+    out = tmp_path / "models"
+    path = write_model(out, "htdemucs")
+    write_evidence(tmp_path / "matrix", path)
+    (tmp_path / "matrix" / "contract-results-windows-latest" / "1.23.2.json").unlink()
+    with pytest.raises(UserError, match=r"no passing row from Windows AMD64 for ORT 1\.23\.2;"):
+        release.release(TAG, out_dir=out, client=client, contract_results=tmp_path / "matrix")
+    assert fake.writes() == []
+
+
+def test_macos_x64_needs_only_the_versions_that_have_wheels():
+    versions = evidence.required()
+    assert versions["Darwin x86_64"][-1] == "1.23.2"
+    assert versions["Darwin arm64"] == list(evidence.contract_pins())
+
+
+def test_contract_results_publish_the_prebuilt_file_without_building(client, fake, tmp_path):
+    out = tmp_path / "models"
+    path = write_model(out, "htdemucs")
+    write_evidence(tmp_path / "matrix", path)
+    builder = Builder()
+    plan = release.release(
+        TAG, dry_run=True, out_dir=out, client=client, contract_results=tmp_path / "matrix",
+        prepare=builder,
+    )  # fmt: skip
+    assert "load-test evidence" in plan and "passing rows" in plan and fake.writes() == []
+    release.release(
+        TAG, out_dir=out, client=client, contract_results=tmp_path / "matrix", prepare=builder
+    )
+    assert builder.calls == []
+    assert_published_once(fake, tmp_path)
+
+
+def test_corrupt_model_file_is_one_clear_error(client, fake, tmp_path):
+    out = tmp_path / "models"
+    path = write_model(out, "htdemucs")
+    write_evidence(tmp_path / "matrix", path)
+    path.write_bytes(b"\x08\x07garbage that is not protobuf" * 10)
+    with pytest.raises(UserError, match=r"htdemucs.onnx is not a readable ONNX file .*rebuild"):
+        release.release(TAG, out_dir=out, client=client, contract_results=tmp_path / "matrix")
+    assert fake.writes() == []
+    # building instead: the corrupt file is not reused but rebuilt
+    assert release.reuse_check(path, "htdemucs") == (False, f"{path} is not a readable ONNX file")
 
 
 def test_prerelease_tag_makes_a_prerelease(run, fake, tmp_path):
@@ -309,7 +391,10 @@ def test_assets_without_digest_are_verified_by_download(client, tmp_path):
     fake = FakeGitHub(digests=False)
     try:
         client.api_url = fake.api_url
-        release.release(TAG, out_dir=tmp_path / "models", client=client, prepare=Builder())
+        release.release(
+            TAG, out_dir=tmp_path / "models", client=client, prepare=Builder(),
+            load_test=passing_load_test,
+        )  # fmt: skip
         (only,) = fake.releases_for(TAG)
         assert not only["draft"]
         assert sum(1 for s in fake.seen if s.path.startswith("/download/")) >= 2
@@ -408,13 +493,92 @@ def test_real_build_converts_once_then_reuses_the_file(small_repo, client, fake,
     release of the same model reuses the file built by the same toolchain, after validating it."""
     caplog.set_level(logging.INFO, logger="converter.release")
     out = tmp_path / "models"
-    release.release("model-v1.0.0", repo=small_repo, out_dir=out, client=client)
+    release.release(
+        "model-v1.0.0", repo=small_repo, out_dir=out, client=client, load_test=passing_load_test
+    )
     assert "converting htdemucs" in caplog.text
     built = (out / "htdemucs.onnx").stat().st_mtime_ns
     caplog.clear()
-    release.release("model-v1.0.1", repo=small_repo, out_dir=out, client=client)
+    release.release(
+        "model-v1.0.1", repo=small_repo, out_dir=out, client=client, load_test=passing_load_test
+    )
     assert "reusing" in caplog.text and "validating it again" in caplog.text
     assert (out / "htdemucs.onnx").stat().st_mtime_ns == built
     for tag in ("model-v1.0.0", "model-v1.0.1"):
         (only,) = fake.releases_for(tag)
         assert not only["draft"] and len(fake.assets_of(only)) == 2
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_publishing_with_the_matrix_results_imports_no_model_code(fake, tmp_path):
+    """The publish job's command, as the workflow runs it, in an interpreter where torch,
+    demucs and the other model code cannot be imported."""
+    out = tmp_path / "models"
+    path = write_model(out, "htdemucs")
+    write_evidence(tmp_path / "matrix", path)
+    summary = tmp_path / "step-summary.md"
+    done = run_cli(
+        fake, "release", "--tag", TAG, "--contract-results", str(tmp_path / "matrix"),
+        "--out-dir", str(out), cwd=ROOT, GITHUB_STEP_SUMMARY=str(summary),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.startswith(f"published {TAG}: htdemucs.onnx")
+    assert_published_once(fake, tmp_path)
+    assert f'MODEL_SHA256="{sha256_file(path)}"' in summary.read_text()
+
+
+CLI_REFUSALS = {
+    "a platform missing": (
+        lambda path, results: write_evidence(results, path, skip=("Windows AMD64",)),
+        "error: not publishing htdemucs.onnx: no passing row from Windows AMD64 "
+        "(windows-latest); run `nox -s contract",
+    ),
+    "corrupt model file": (
+        lambda path, results: (write_evidence(results, path), path.write_bytes(b"\x0a\xff")),
+        "error: {path} is not a readable ONNX file (DecodeError); delete it and run",
+    ),
+}
+
+
+@pytest.mark.parametrize(("spoil", "line"), CLI_REFUSALS.values(), ids=CLI_REFUSALS.keys())
+def test_cli_refusals_are_one_line_and_create_nothing(fake, tmp_path, spoil, line):
+    out = tmp_path / "models"
+    path = write_model(out, "htdemucs")
+    spoil(path, tmp_path / "matrix")
+    done = run_cli(
+        fake, "release", "--tag", TAG, "--contract-results", str(tmp_path / "matrix"),
+        "--out-dir", str(out), cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    errors = [text for text in done.stderr.splitlines() if text.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(line.format(path=path)), done.stderr
+    assert "Traceback" not in done.stderr
+    assert fake.writes() == [] and fake.releases == {}
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("release", "--tag", TAG, "--dry-run"), ("check-upstream",)],
+    ids=["release", "check-upstream"],
+)
+def test_credentials_in_github_api_url_are_never_printed(fake, tmp_path, args):
+    secret = "ghp_SECRET-in-the-url-0123456789"
+    url = fake.api_url.replace("http://", f"http://user:{secret}@")
+    done = run_cli(fake, *args, cwd=ROOT, GITHUB_API_URL=url)
+    assert done.returncode == 1
+    assert secret not in done.stdout + done.stderr
+    assert "error: GITHUB_API_URL carries credentials (http://***@127.0.0.1:" in done.stderr
+    assert fake.seen == []
+
+
+def test_a_missing_allow_listed_kernel_fails_its_rows(tmp_path):
+    path = write_model(tmp_path / "models", "htdemucs")
+    write_evidence(tmp_path / "matrix", path)
+    record_path = tmp_path / "matrix" / "contract-results-macos-14" / "1.17.3.json"
+    record = json.loads(record_path.read_text())
+    record["missing_kernels"] = ["FusedConv"]
+    record_path.write_text(json.dumps(record))
+    with pytest.raises(UserError, match="failed on Darwin arm64 ORT 1.17.3: no CPU kernel for Fu"):
+        evidence.require(tmp_path / "matrix", path.name, sha256_file(path))

@@ -1,9 +1,12 @@
-"""The GitHub Actions workflows: triggers, least privilege, pinning, and both workflow linters."""
+"""The GitHub Actions workflows: both linters, and their parsed structure (job graph, least
+privilege, what each job installs), instead of comparisons with their text."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -11,15 +14,21 @@ from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+
+from converter import evidence
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKFLOWS = ROOT / ".github" / "workflows"
-FILES = sorted(WORKFLOWS.glob("*.yml")) + sorted(WORKFLOWS.glob("*.yaml"))
-PINNED = re.compile(r"^\s*(?:-\s+)?uses:\s+[\w.-]+/[\w./-]+@[0-9a-f]{40} # v\d+(?:\.\d+)*\s*$")
+GITHUB = ROOT / ".github"
+WORKFLOWS = sorted((GITHUB / "workflows").glob("*.yml"))
+ACTIONS = sorted((GITHUB / "actions").glob("*/action.yml"))
+SHA_PINNED = re.compile(r"[\w.-]+/[\w./-]+@[0-9a-f]{40}")
+# What the job that holds `contents: write` must never install: model code and unpicklers.
+HEAVY = {"torch", "demucs", "torchaudio", "julius", "omegaconf", "dora-search", "soundfile"}
 
 
-def load(name: str) -> dict:
-    return yaml.safe_load((WORKFLOWS / name).read_text(encoding="utf-8"))
+def load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
 def triggers(workflow: dict) -> dict:
@@ -27,8 +36,10 @@ def triggers(workflow: dict) -> dict:
     return workflow.get("on", workflow.get(True))
 
 
-def steps(workflow: dict) -> list[dict]:
-    return [step for job in workflow["jobs"].values() for step in job.get("steps", [])]
+def steps(document: dict) -> list[dict]:
+    if "runs" in document:  # a composite action
+        return document["runs"]["steps"]
+    return [step for job in document["jobs"].values() for step in job.get("steps", [])]
 
 
 def tool(name: str) -> str | None:
@@ -37,70 +48,36 @@ def tool(name: str) -> str | None:
     return str(beside) if beside.exists() else shutil.which(name)
 
 
-def test_the_workflows_exist():
-    assert {"release.yml", "upstream.yml"} <= {path.name for path in FILES}
+def pip_install_args(run: str) -> list[str]:
+    """The arguments after `python -m pip install` in a one-line `run:`."""
+    words = shlex.split(run)
+    assert words[:4] == ["python", "-m", "pip", "install"], run
+    return words[4:]
 
 
-@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
-def test_every_action_is_pinned_by_commit_sha_with_a_version_comment(path):
-    uses = [line for line in path.read_text(encoding="utf-8").splitlines() if "uses:" in line]
-    assert uses, "no actions at all?"
-    assert [line for line in uses if not PINNED.match(line)] == []
+def closure(names: set[str]) -> set[str]:
+    """Every distribution `names` pull in, from the installed metadata (this venv has the
+    pinned toolchain, so this is what pip installs under the constraints)."""
+    seen: set[str] = set()
+    todo = [n.lower() for n in names]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for text in importlib.metadata.requires(name) or []:
+            requirement = Requirement(text)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                todo.append(requirement.name.lower().replace("_", "-"))
+    return seen
 
 
-@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
-def test_read_only_by_default_and_checkout_keeps_no_credentials(path):
-    workflow = load(path.name)
-    assert workflow["permissions"] == {"contents": "read"}
-    checkouts = [s for s in steps(workflow) if s.get("uses", "").startswith("actions/checkout@")]
-    assert checkouts and all(s["with"]["persist-credentials"] is False for s in checkouts)
+def requirements_in(path: Path) -> set[str]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return {line.split("#")[0].strip() for line in lines if line.split("#")[0].strip()}
 
 
-def test_only_the_release_job_may_write_contents_and_only_upstream_issues():
-    writers = {
-        (path.name, job_name, scope)
-        for path in FILES
-        for job_name, job in load(path.name)["jobs"].items()
-        for scope, level in (job.get("permissions") or {}).items()
-        if level == "write"
-    }
-    assert writers == {
-        ("release.yml", "release", "contents"),
-        ("upstream.yml", "check-upstream", "issues"),
-    }
-
-
-def test_release_runs_on_model_tags_one_run_per_tag_without_caches():
-    workflow = load("release.yml")
-    assert triggers(workflow) == {"push": {"tags": ["model-v*", "model-ft-v*", "model-6s-v*"]}}
-    assert workflow["concurrency"]["group"] == "release-${{ github.ref_name }}"
-    assert workflow["concurrency"]["cancel-in-progress"] is False
-    assert not [
-        s
-        for s in steps(workflow)
-        if "cache" in s.get("uses", "") or any("cache" in key for key in s.get("with", {}))
-    ]
-    (release_step,) = [s for s in steps(workflow) if "invoke release" in s.get("run", "")]
-    assert release_step["run"] == 'invoke release --tag "$GITHUB_REF_NAME"'
-    assert release_step["env"] == {"GITHUB_TOKEN": "${{ secrets.GITHUB_TOKEN }}"}
-    # the token reaches no other step
-    assert sum("secrets.GITHUB_TOKEN" in str(s) for s in steps(workflow)) == 1
-
-
-def test_upstream_runs_on_mondays_and_on_demand():
-    workflow = load("upstream.yml")
-    assert triggers(workflow) == {"schedule": [{"cron": "0 9 * * 1"}], "workflow_dispatch": None}
-    (job,) = workflow["jobs"].values()
-    assert job["permissions"] == {"contents": "read", "issues": "write"}
-    (check,) = [s for s in steps(workflow) if "invoke check-upstream" in s.get("run", "")]
-    assert check["env"] == {"GITHUB_TOKEN": "${{ secrets.GITHUB_TOKEN }}"}
-
-
-def test_the_release_workflow_derives_the_model_with_the_release_grammar():
-    """Its shell step asks converter.release for the model, so the grammar has one home."""
-    text = (WORKFLOWS / "release.yml").read_text(encoding="utf-8")
-    assert "from converter.release import parse_tag" in text
-    assert "${{ github.ref_name }}" not in text.split("jobs:", 1)[1]  # no template injection
+# -- linters -------------------------------------------------------------------------------
 
 
 def test_zizmor_finds_nothing():
@@ -109,12 +86,9 @@ def test_zizmor_finds_nothing():
         "zizmor is missing: pip install -c requirements/constraints.txt -r requirements/dev.in"
     )
     done = subprocess.run(
-        [zizmor, "--offline", "--no-progress", str(WORKFLOWS)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-    )
+        [zizmor, "--offline", "--no-progress", str(GITHUB)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     assert "No findings" in done.stdout
 
@@ -125,10 +99,169 @@ def test_actionlint_finds_nothing():
         "actionlint is missing: pip install -c requirements/constraints.txt -r requirements/dev.in"
     )
     done = subprocess.run(
-        [actionlint, "-no-color", *map(str, FILES)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-    )
+        [actionlint, "-no-color", *map(str, WORKFLOWS)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+# -- every workflow ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", WORKFLOWS + ACTIONS, ids=lambda p: p.parent.name + "/" + p.name)
+def test_every_action_is_pinned_by_commit_sha_or_local(path):
+    uses = [step["uses"] for step in steps(load(path)) if "uses" in step]
+    assert [u for u in uses if not (SHA_PINNED.fullmatch(u) or u.startswith("./"))] == []
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_read_only_by_default_and_checkout_keeps_no_credentials(path):
+    workflow = load(path)
+    assert workflow["permissions"] == {"contents": "read"}
+    checkouts = [s for s in steps(workflow) if s.get("uses", "").startswith("actions/checkout@")]
+    assert checkouts and all(s["with"]["persist-credentials"] is False for s in checkouts)
+
+
+def test_only_publish_writes_contents_and_only_upstream_writes_issues():
+    writers = {
+        (path.name, job_name, scope)
+        for path in WORKFLOWS
+        for job_name, job in load(path)["jobs"].items()
+        for scope, level in (job.get("permissions") or {}).items()
+        if level == "write"
+    }
+    assert writers == {
+        ("release.yml", "publish", "contents"),
+        ("upstream.yml", "check-upstream", "issues"),
+    }
+
+
+def test_the_token_reaches_only_the_steps_that_call_github():
+    users = {
+        (path.name, step.get("run", "").split()[1])
+        for path in WORKFLOWS
+        for step in steps(load(path))
+        if "secrets.GITHUB_TOKEN" in str(step)
+    }
+    assert users == {("release.yml", "release"), ("upstream.yml", "check-upstream")}
+
+
+def test_conversions_install_cpu_only_torch_through_the_one_recipe():
+    """The build jobs use the composite action; it takes torch's version from the constraints
+    file and only the CPU build's index from PyTorch, with --no-deps."""
+    (action,) = ACTIONS
+    torch_args, rest_args = [
+        pip_install_args(s["run"]) for s in steps(load(action)) if "pip" in s.get("run", "")
+    ]
+    assert torch_args[-1] == "torch" and "--no-deps" in torch_args
+    assert torch_args[torch_args.index("-c") + 1] == "requirements/constraints.txt"
+    assert "--index-url" in torch_args and "torch" not in rest_args
+    assert rest_args[:2] == ["-c", "requirements/constraints.txt"]
+    for path in WORKFLOWS:
+        for job_name, job in load(path)["jobs"].items():
+            runs = " ".join(s.get("run", "") for s in job.get("steps", []))
+            if "invoke convert" in runs:
+                uses = [s.get("uses") for s in job["steps"]]
+                assert "./.github/actions/toolchain" in uses, (path.name, job_name)
+                assert "requirements/dev.in" not in runs  # not installed a second way
+
+
+# -- release.yml ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def release_yml() -> dict:
+    return load(GITHUB / "workflows" / "release.yml")
+
+
+def test_release_runs_on_model_tags_one_run_per_tag_without_caches(release_yml):
+    assert triggers(release_yml) == {
+        "push": {"tags": ["model-v*", "model-ft-v*", "model-6s-v*"]}
+    }
+    assert release_yml["concurrency"] == {
+        "group": "release-${{ github.ref_name }}",
+        "cancel-in-progress": False,
+    }
+    assert not [s for s in steps(release_yml) if "cache" in s.get("uses", "")]
+
+
+def test_release_job_graph_build_then_four_load_tests_then_publish(release_yml):
+    jobs = release_yml["jobs"]
+    assert set(jobs) == {"build", "load-test", "publish"}
+    assert "needs" not in jobs["build"]
+    assert jobs["load-test"]["needs"] == "build"
+    assert set(jobs["publish"]["needs"]) == {"build", "load-test"}
+    matrix = jobs["load-test"]["strategy"]["matrix"]["os"]
+    assert sorted(matrix) == sorted(evidence.PLATFORMS.values())
+    assert jobs["load-test"]["strategy"]["fail-fast"] is False
+    assert jobs["load-test"]["runs-on"] == "${{ matrix.os }}"
+
+
+def test_release_permissions_and_environment(release_yml):
+    jobs = release_yml["jobs"]
+    assert release_yml["permissions"] == {"contents": "read"}
+    assert "permissions" not in jobs["build"] and "permissions" not in jobs["load-test"]
+    assert jobs["publish"]["permissions"] == {"contents": "write"}
+    assert jobs["publish"]["environment"] == "release"
+    assert [j for j, job in jobs.items() if "environment" in job] == ["publish"]
+
+
+def test_publish_installs_only_what_publishing_needs(release_yml):
+    publish = release_yml["jobs"]["publish"]
+    assert not [s for s in publish["steps"] if s.get("uses", "").startswith("./")]
+    (install,) = [s for s in publish["steps"] if "pip install" in s.get("run", "")]
+    args = pip_install_args(install["run"])
+    assert args == ["-c", "requirements/constraints.txt", "-r", "requirements/publish.in"]
+    installed = closure(requirements_in(ROOT / "requirements/publish.in"))
+    assert not installed & HEAVY, installed & HEAVY
+
+
+def test_the_bytes_flow_from_build_through_load_tests_to_publish(release_yml):
+    jobs = release_yml["jobs"]
+    build, load_test, publish = jobs["build"], jobs["load-test"], jobs["publish"]
+    (upload,) = [s for s in build["steps"] if s.get("uses", "").startswith("actions/upload-")]
+    name = upload["with"]["name"]
+    assert set(build["outputs"]) == {"model", "sha256"}
+    downloads = [s["with"] for s in load_test["steps"] + publish["steps"]
+                 if s.get("uses", "").startswith("actions/download-artifact@")]  # fmt: skip
+    assert [d.get("name") for d in downloads].count(name) == 2
+    (results,) = [s for s in load_test["steps"] if s.get("uses", "").startswith("actions/upload-")]
+    assert results["if"] == "always()"
+    assert results["with"]["name"] == "contract-results-${{ matrix.os }}"
+    assert {"pattern": "contract-results-*", "path": "contract-results"} in downloads
+    (nox,) = [s for s in load_test["steps"] if "nox -s contract" in s.get("run", "")]
+    assert nox["env"]["MODEL"] == "${{ needs.build.outputs.model }}"
+    # publish: the artifact's SHA-256 against build's output, then the release with the results
+    names = [s.get("name", s.get("uses", "")) for s in publish["steps"]]
+    check = next(s for s in publish["steps"] if "sha256sum --check" in s.get("run", ""))
+    assert check["env"]["SHA256"] == "${{ needs.build.outputs.sha256 }}"
+    (release_step,) = [s for s in publish["steps"] if "invoke release" in s.get("run", "")]
+    assert names.index(check["name"]) < names.index(release_step["name"])
+    assert shlex.split(release_step["run"]) == [
+        "invoke", "release", "--tag", "$GITHUB_REF_NAME", "--contract-results", "contract-results"
+    ]  # fmt: skip
+    assert release_step["env"] == {"GITHUB_TOKEN": "${{ secrets.GITHUB_TOKEN }}"}
+
+
+def test_no_expression_is_spliced_into_a_script():
+    """Values reach scripts through env:, never `${{ }}` inside `run:` (template injection)."""
+    for path in WORKFLOWS + ACTIONS:
+        assert [s["run"] for s in steps(load(path)) if "${{" in s.get("run", "")] == [], path.name
+
+
+# -- upstream.yml and Dependabot -----------------------------------------------------------
+
+
+def test_upstream_runs_on_mondays_and_on_demand():
+    workflow = load(GITHUB / "workflows" / "upstream.yml")
+    assert triggers(workflow) == {"schedule": [{"cron": "0 9 * * 1"}], "workflow_dispatch": None}
+    (job,) = workflow["jobs"].values()
+    assert job["permissions"] == {"contents": "read", "issues": "write"}
+
+
+def test_dependabot_keeps_every_pinned_action_current():
+    config = load(GITHUB / "dependabot.yml")
+    (actions,) = [u for u in config["updates"] if u["package-ecosystem"] == "github-actions"]
+    folders = {"/" + a.parent.relative_to(ROOT).as_posix() for a in ACTIONS}
+    assert set(actions["directories"]) == {"/"} | folders
+    assert actions["schedule"]["interval"] in ("daily", "weekly")
