@@ -150,19 +150,22 @@ def test_conversions_install_cpu_only_torch_through_the_one_recipe():
     """The build jobs use the composite action; it takes torch's version from the constraints
     file and only the CPU build's index from PyTorch, with --no-deps."""
     (action,) = ACTIONS
-    torch_args, rest_args = [
-        pip_install_args(s["run"]) for s in steps(load(action)) if "pip" in s.get("run", "")
-    ]
+    torch_step, rest_step = [s for s in steps(load(action)) if "pip" in s.get("run", "")]
+    torch_args, rest_args = pip_install_args(torch_step["run"]), pip_install_args(rest_step["run"])
     assert torch_args[-1] == "torch" and "--no-deps" in torch_args
     assert torch_args[torch_args.index("-c") + 1] == "requirements/constraints.txt"
-    assert "--index-url" in torch_args and "torch" not in rest_args
+    # The CPU index comes through pip's own configuration, from the caller's repository variable.
+    assert torch_step["env"]["PIP_INDEX_URL"] == "${{ inputs.torch-cpu-index }}"
+    assert "--index-url" not in torch_args and "torch" not in rest_args
     assert rest_args[:2] == ["-c", "requirements/constraints.txt"]
     for path in WORKFLOWS:
         for job_name, job in load(path)["jobs"].items():
             runs = " ".join(s.get("run", "") for s in job.get("steps", []))
             if "invoke convert" in runs:
-                uses = [s.get("uses") for s in job["steps"]]
-                assert "./.github/actions/toolchain" in uses, (path.name, job_name)
+                (toolchain,) = [
+                    s for s in job["steps"] if s.get("uses") == "./.github/actions/toolchain"
+                ]
+                assert toolchain["with"]["torch-cpu-index"] == "${{ vars.TORCH_CPU_INDEX_URL }}"
                 assert "requirements/dev.in" not in runs  # not installed a second way
 
 
