@@ -23,6 +23,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .facts import is_ai_onnx
+
 log = logging.getLogger(__name__)
 
 PREFIX = "runtime_shapes/"
@@ -40,9 +42,13 @@ def _zero_nodes(source: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProt
     initializers = [numpy_helper.from_array(v, PREFIX + k) for k, v in constants.items()]
     p = PREFIX
     nodes = [
-        helper.make_node("Slice", [source, p + "starts", p + "ends"], [p + "first"], name=p + "first"),
+        helper.make_node(
+            "Slice", [source, p + "starts", p + "ends"], [p + "first"], name=p + "first"
+        ),
         helper.make_node("Less", [p + "first", p + "minus_inf"], [p + "never"], name=p + "never"),
-        helper.make_node("Cast", [p + "never"], [p + "zero3"], to=TensorProto.INT64, name=p + "cast"),
+        helper.make_node(
+            "Cast", [p + "never"], [p + "zero3"], to=TensorProto.INT64, name=p + "cast"
+        ),
         helper.make_node("Reshape", [p + "zero3", p + "length_one"], [ZERO], name=p + "zero"),
     ]
     return nodes, initializers
@@ -62,7 +68,7 @@ def anchor_shapes(model: onnx.ModelProto, source: str) -> int:
     anchored = 0
     for node in graph.node:
         nodes.append(node)
-        if node.op_type != "Shape" or node.domain not in ("", "ai.onnx"):
+        if node.op_type != "Shape" or not is_ai_onnx(node.domain):
             continue
         value = node.output[0]
         node.output[0] = f"{PREFIX}{value}/static"
@@ -73,5 +79,7 @@ def anchor_shapes(model: onnx.ModelProto, source: str) -> int:
     del graph.node[:]
     graph.node.extend(nodes)
     graph.initializer.extend(initializers)
-    log.info("anchored %d Shape nodes to the input, so no optimizer folds them into constants", anchored)
+    log.info(
+        "anchored %d Shape nodes to the input, so no optimizer folds them into constants", anchored
+    )
     return anchored
