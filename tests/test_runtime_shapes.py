@@ -82,7 +82,7 @@ def test_unknown_input_and_second_pass_are_refused():
 
 
 def test_converted_file_gives_load_time_folding_nothing_to_fold(small_models):
-    """What an app gets at ORT's default options: no shape of the shipped graph becomes a constant."""
+    """At ORT's default options, as apps open it, no shape of the graph becomes a constant."""
     shipped = onnx.load(small_models["htdemucs"])
     folded = simplified(shipped)
     new = {i.name for i in folded.graph.initializer} - {i.name for i in shipped.graph.initializer}
