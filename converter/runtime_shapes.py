@@ -5,9 +5,8 @@ Reshape. Our input shape is fixed, so ONNX Runtime's ConstantFolding turns all o
 constants whenever it optimizes the graph, which every app session does at ORT's default level.
 With every intermediate shape known up front, ORT plans static buffer reuse, and its memory
 pattern (a single block sized from the first run, allocated on the second beside what the arena
-already holds) grows with it. `invoke bench` on full-size htdemucs (ORT 1.32, 2 cores, default
-session options, converter 0.2.0): 3.71 GB peak RSS folded against 1.04 GB anchored, at the same
-speed.
+already holds) grows with it: folded, a session's peak memory more than tripled at the same
+speed (figures in docs/performance.md).
 
 So the converter adds a zero that depends on the input audio to every Shape output. The value
 is exactly the same shape; what changes is that no optimizer can prove it, in our offline pass
