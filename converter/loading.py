@@ -22,7 +22,6 @@ from .metadata import sha256_file
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class LoadedBag:
     """A demucs bag plus what the converter needs to know about it."""
