@@ -192,8 +192,12 @@ def test_cli_prints_one_line_and_exits_zero(fake, tmp_path):
     def check_upstream() -> subprocess.CompletedProcess:
         return subprocess.run(
             [sys.executable, "-m", "invoke", "check-upstream"],
-            cwd=root, env=env, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     for expected in ("opened issue #1", "already tracked by issue #1"):
         done = check_upstream()
