@@ -291,7 +291,7 @@ def gate_files(patterns: list[str] | None = None) -> list[Path]:
     for pattern in patterns:
         # glob.glob, unlike Path.glob, takes absolute patterns too ('/abs/path/*.onnx').
         matches = (
-            [Path(match) for match in sorted(glob.glob(pattern))]
+            [Path(match) for match in sorted(glob.glob(pattern, recursive=True))]
             if glob.has_magic(pattern)
             else [Path(pattern)]
         )
