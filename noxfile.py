@@ -1,8 +1,9 @@
-"""Nox sessions: the test suite, the static contract gate and the per-ORT-version load tests.
+"""Nox sessions: lint, the test suite, the static contract gate and the per-ORT-version load tests.
 
 Thin by design: the logic lives in `converter/` (the gate) and `converter/ortcheck.py` (the
 load test, a standalone script); this file only builds the venvs from pinned versions.
 
+    nox -s lint                                        # ruff check + ruff format --check
     nox -s tests [-- PYTEST ARGS]
     nox -s gate [-- FILE.onnx ...]                     # self-test, then the static gate
     nox -s contract [-- FILE.onnx ...]                 # every ORT version, default models/*.onnx
@@ -25,14 +26,25 @@ CONSTRAINTS = "requirements/constraints.txt"
 sys.path.insert(0, str(ROOT))  # the version list and wheel rule live in converter.evidence
 from converter.evidence import contract_pins, has_wheel  # noqa: E402 - needs the path
 
-nox.options.sessions = ["tests", "gate"]
+nox.options.sessions = ["lint", "tests", "gate"]
+# uv builds the venvs (pinned in constraints.txt; measured in docs/performance.md); nox falls back
+# to virtualenv where uv is not installed.
+nox.options.default_venv_backend = "uv|virtualenv"
 
 CONTRACT_PINS = contract_pins()
 
 
 @nox.session
+def lint(session: nox.Session) -> None:
+    """ruff check and ruff format --check over the repository (rules in pyproject.toml)."""
+    session.install("-c", CONSTRAINTS, "ruff")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
 def tests(session: nox.Session) -> None:
-    """The pytest suite with the pinned toolchain (offline; `-- -m 'not slow'` for a quick run)."""
+    """The pytest suite with the pinned toolchain (`-- -m 'not slow and not index'`: quick)."""
     session.install("-c", CONSTRAINTS, "-r", "requirements/dev.in")
     session.run("pytest", *session.posargs)
 

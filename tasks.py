@@ -15,8 +15,10 @@ from pathlib import Path
 from invoke import Collection, Exit, task
 
 from converter.errors import UserError
+from converter.facts import PRODUCTS
 
-MODELS = "htdemucs, htdemucs_ft or htdemucs_6s"
+MODELS = f"{', '.join(PRODUCTS[:-1])} or {PRODUCTS[-1]}"
+ALL_MODELS = ",".join(PRODUCTS)
 
 
 def _cli(func):
@@ -72,10 +74,16 @@ def validate(c, model="htdemucs", repo=None, out_dir="models"):
 @task(help={"file": "ONNX file whose openkara.model_cache_key to recompute."})
 @_cli
 def fingerprint(c, file):
-    """Print the cache key of FILE and whether it matches the stamped one."""
-    from converter.pipeline import fingerprint_report
+    """Print the cache key of FILE and whether it matches the stamped one (exit 1 if not).
 
-    print(fingerprint_report(Path(file)))
+    Needs only onnx: run it on a downloaded release asset without the conversion toolchain.
+    """
+    from converter.fingerprint import fingerprint_report
+
+    line, matches = fingerprint_report(Path(file))
+    print(line)
+    if not matches:
+        raise Exit(code=1)
 
 
 @task(
@@ -86,7 +94,7 @@ def fingerprint(c, file):
     }
 )
 @_cli
-def fake_repo(c, out, size="full", models="htdemucs,htdemucs_ft,htdemucs_6s"):
+def fake_repo(c, out, size="full", models=ALL_MODELS):
     """Write random-weight checkpoints in demucs' own repo format (offline testing)."""
     from converter.fakerepo import write_repo
 
@@ -152,17 +160,24 @@ def check_upstream(c):
 @task(
     iterable=["file"],
     help={
-        "file": "ONNX file to check; repeat for more, globs allowed (default: every models/*.onnx).",
-        "self_test": "Instead of checking files, prove each rule refuses a model built to break it.",
+        "file": "ONNX file to check; repeat for more, globs (relative or absolute) allowed "
+        "(default: every models/*.onnx).",
+        "self_test": "Instead of checking files, prove each rule refuses a model built to break "
+        "it.",
     },
 )
 @_cli
 def contract(c, file=None, self_test=False):
-    """Static runtime-contract gate (docs/runtime-contract.md): domains, opsets, IR, I/O, metadata."""
+    """Static runtime-contract gate (docs/runtime-contract.md): domains, opsets, IR, I/O, metadata.
+
+    Needs only onnx and numpy, like `invoke fingerprint`.
+    """
     from converter import contract as gate
 
     if self_test:
-        print("\n".join(gate.self_test()))
+        from converter.contract_selftest import self_test as run_self_test
+
+        print("\n".join(run_self_test()))
         print("contract self-test: every rule refuses its violation; the compliant model passes")
         return
     for path in gate.gate_files(file):
@@ -213,6 +228,14 @@ def bench(c, model="htdemucs", repo=None, runs=5, profile=10, out_dir="bench-res
 
 
 ns = Collection(
-    convert, validate, fingerprint, fake_repo, release, pin_openkara, check_upstream, contract,
-    separate, bench,
-)  # fmt: skip
+    convert,
+    validate,
+    fingerprint,
+    fake_repo,
+    release,
+    pin_openkara,
+    check_upstream,
+    contract,
+    separate,
+    bench,
+)

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 WARMUPS = 2
 # Session options compared, by label: (graph optimization on, CPU memory arena on, memory
 # pattern on). The memory pattern is ORT's one block for all activations of a run, sized from
-# the first run's trace: its best-fit layout costs more than the arena needs (see README).
+# the first run's trace: its best-fit layout costs more than the arena needs (docs/performance.md).
 ORT_CONFIGS = {
     "default options": (True, True, True),
     "graph optimization off (OpenKara, separate)": (False, True, True),
@@ -335,7 +335,7 @@ def _probe(run: dict) -> str:
 
 
 def table(results: dict) -> str:
-    """Markdown tables of `results` (as README.md shows them)."""
+    """Markdown tables of `results` (as README.md and docs/performance.md show them)."""
     m = results["machine"]
     torch_s = results["torch"]["median_s"]
     gmac = results["gmac_spectral"] + results["gmac_network"]

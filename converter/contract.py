@@ -6,8 +6,9 @@ at ORT_ENABLE_ALL whose `com.microsoft.nchwc` nodes exist only in x86 builds, an
 Apple Silicon. This gate refuses that class of file before it is written or released: node
 domains (allow-listed `com.microsoft` ops only, also inside functions and subgraphs), opset
 imports, IR version, the documented I/O, metadata, cache key, `.sha256` sidecar and the ONNX
-checker. `convert` and the release call `gate`; `invoke contract --self-test` proves every rule
-refuses a model built to break it. Policy and rationale: docs/runtime-contract.md.
+checker. `convert` and the release call `gate`; `invoke contract --self-test`
+(`converter.contract_selftest`) proves every rule refuses a model built to break it. Policy and
+rationale: docs/runtime-contract.md.
 """
 
 from __future__ import annotations
@@ -15,36 +16,30 @@ from __future__ import annotations
 import glob
 import json
 import logging
-import math
-import tempfile
-from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto
 
 from converter import metadata
 from converter.errors import UserError
-from converter.ortcheck import (
+from converter.facts import (
+    COM_MICROSOFT,
     COM_MICROSOFT_ALLOWED,
-    DEFAULT_MODELS,
-    HOW_TO_MAKE_A_MODEL,
+    COM_MICROSOFT_OPSET,
     INPUT_NAME,
+    MAX_IR_VERSION,
+    OPSET,
     OUTPUT_NAME,
-    reference_path,
+    is_ai_onnx,
+    walk_model,
+    walk_nodes,
 )
+from converter.fingerprint import read_model
+from converter.ortcheck import DEFAULT_MODELS, HOW_TO_MAKE_A_MODEL
 
 log = logging.getLogger(__name__)
-
-AI_ONNX = ""  # ONNX writes the default domain as "" (or, rarely, "ai.onnx")
-COM_MICROSOFT = "com.microsoft"
-# ORT 1.17 (the floor) runs opset <= 20 and IR <= 9; opset 17 is what the exporter writes and
-# what every supported version implements identically on the CPU EP.
-AI_ONNX_OPSET = 17
-COM_MICROSOFT_OPSET = 1
-MAX_IR_VERSION = 9
 
 RULES = (
     "domain",
@@ -72,43 +67,20 @@ class Violation:
         return f"[{self.rule}] {self.detail}"
 
 
-def _is_ai_onnx(domain: str) -> bool:
-    return domain in ("", "ai.onnx")
-
-
-def _walk(nodes: Iterable[onnx.NodeProto], where: str) -> Iterator[tuple[str, onnx.NodeProto]]:
-    """Every node of `nodes` and of the subgraphs in their attributes (If/Loop/Scan bodies)."""
-    for node in nodes:
-        yield where, node
-        for attr in node.attribute:
-            subgraphs = [attr.g] if attr.HasField("g") else list(attr.graphs)
-            for sub in subgraphs:
-                yield from _walk(sub.node, f"{where} > {node.op_type} {node.name!r}.{attr.name}")
-
-
-def _function_nodes(function: onnx.FunctionProto) -> Iterator[tuple[str, onnx.NodeProto]]:
-    return _walk(function.node, f"function {function.domain}:{function.name}")
-
-
 def _node_label(where: str, node: onnx.NodeProto) -> str:
     return f"{node.domain or 'ai.onnx'}:{node.op_type} (node {node.name!r} in {where})"
 
 
 def _domain_violations(model: onnx.ModelProto) -> list[Violation]:
     local = {(function.domain, function.name) for function in model.functions}
-    nodes = list(_walk(model.graph.node, "main graph"))
-    for function in model.functions:
-        nodes.extend(_function_nodes(function))
     found = []
-    for where, node in nodes:
-        if _is_ai_onnx(node.domain) or (node.domain, node.op_type) in local:
+    for where, node in walk_model(model):
+        if is_ai_onnx(node.domain) or (node.domain, node.op_type) in local:
             continue
         if node.domain == COM_MICROSOFT and node.op_type in COM_MICROSOFT_ALLOWED:
             continue
         if node.domain == COM_MICROSOFT:
-            why = (
-                "is not on the com.microsoft allow-list (converter.ortcheck.COM_MICROSOFT_ALLOWED)"
-            )
+            why = "is not on the com.microsoft allow-list (converter.facts.COM_MICROSOFT_ALLOWED)"
         else:
             why = f"is in domain {node.domain!r}, which official CPU builds do not all register"
         found.append(Violation("domain", f"{_node_label(where, node)} {why}"))
@@ -121,7 +93,7 @@ def _opset_violations(
     """`imports` of the model or one function against the domains its nodes use."""
     found = []
     versions = {
-        ("" if _is_ai_onnx(entry.domain) else entry.domain): entry.version for entry in imports
+        ("" if is_ai_onnx(entry.domain) else entry.domain): entry.version for entry in imports
     }
     for domain, version in sorted(versions.items()):
         if domain and domain not in used:
@@ -131,11 +103,9 @@ def _opset_violations(
                     "opset_import", f"{owner} imports {domain!r} v{version}, which no node uses"
                 )
             )
-    if versions.get("", AI_ONNX_OPSET) != AI_ONNX_OPSET:
+    if versions.get("", OPSET) != OPSET:
         found.append(
-            Violation(
-                "opset_version", f"{owner} imports ai.onnx v{versions['']}, must be {AI_ONNX_OPSET}"
-            )
+            Violation("opset_version", f"{owner} imports ai.onnx v{versions['']}, must be {OPSET}")
         )
     if versions.get(COM_MICROSOFT, COM_MICROSOFT_OPSET) != COM_MICROSOFT_OPSET:
         found.append(
@@ -149,14 +119,14 @@ def _opset_violations(
 
 
 def _import_violations(model: onnx.ModelProto) -> list[Violation]:
-    main_used = {node.domain for _, node in _walk(model.graph.node, "main graph")}
+    main_used = {node.domain for _, node in walk_nodes(model.graph.node)}
     function_used = [
-        (function, {node.domain for _, node in _function_nodes(function)})
+        (function, {node.domain for _, node in walk_nodes(function.node)})
         for function in model.functions
     ]
     found = []
-    if not any(_is_ai_onnx(entry.domain) for entry in model.opset_import):
-        found.append(Violation("opset_version", f"model does not import ai.onnx v{AI_ONNX_OPSET}"))
+    if not any(is_ai_onnx(entry.domain) for entry in model.opset_import):
+        found.append(Violation("opset_version", f"model does not import ai.onnx v{OPSET}"))
     everything = main_used.union(*(used for _, used in function_used))
     found += _opset_violations(list(model.opset_import), everything, "model")
     for function, used in function_used:
@@ -300,12 +270,7 @@ def violations(model: onnx.ModelProto, path: Path | None = None) -> list[Violati
 
 def gate(path: Path) -> None:
     """Raise ContractError listing every violation of the file at `path` (and its sidecar)."""
-    if not path.is_file():
-        raise ContractError(f"{path}: no such file")
-    try:
-        model = onnx.load(str(path))
-    except Exception as exc:  # protobuf's DecodeError and friends: not an ONNX file at all
-        raise ContractError(f"{path}: not a readable ONNX file ({exc})") from exc
+    model = read_model(path, ContractError)
     found = violations(model, path)
     if found:
         lines = "\n".join(f"  - {violation}" for violation in found)
@@ -324,7 +289,12 @@ def gate_files(patterns: list[str] | None = None) -> list[Path]:
     patterns = patterns or [DEFAULT_MODELS]
     paths: list[Path] = []
     for pattern in patterns:
-        matches = sorted(Path().glob(pattern)) if glob.has_magic(pattern) else [Path(pattern)]
+        # glob.glob, unlike Path.glob, takes absolute patterns too ('/abs/path/*.onnx').
+        matches = (
+            [Path(match) for match in sorted(glob.glob(pattern, recursive=True))]
+            if glob.has_magic(pattern)
+            else [Path(pattern)]
+        )
         if not matches:
             raise ContractError(
                 f"no ONNX file matches {pattern!r}; {HOW_TO_MAKE_A_MODEL}, "
@@ -341,228 +311,3 @@ def gate_files(patterns: list[str] | None = None) -> list[Path]:
     if errors:
         raise ContractError("\n".join(errors))
     return paths
-
-
-def tiny_model(
-    stems: tuple[str, ...] = ("drums", "bass", "other", "vocals"),
-    segment: int = 4096,
-    channels: int = 2,
-) -> onnx.ModelProto:
-    """A stamped, contract-compliant stand-in for a converted file: `audio` -> `stems`.
-
-    stems[k] = Gelu(scale[k] * audio), with Gelu from `com.microsoft` so the allow-list path is
-    exercised on every ORT version. Small enough for the self-test and the fast test suite.
-    """
-    scale = np.linspace(0.5, 2.0, len(stems), dtype=np.float32).reshape(1, len(stems), 1, 1)
-    graph = helper.make_graph(
-        [
-            helper.make_node(
-                "Unsqueeze", [INPUT_NAME, "stem_axis"], ["mono_stem"], name="unsqueeze"
-            ),
-            helper.make_node("Mul", ["mono_stem", "scale"], ["scaled"], name="mul"),
-            helper.make_node("Gelu", ["scaled"], [OUTPUT_NAME], name="gelu", domain=COM_MICROSOFT),
-        ],
-        "tiny",
-        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [1, channels, segment])],
-        [
-            helper.make_tensor_value_info(
-                OUTPUT_NAME, TensorProto.FLOAT, [1, len(stems), channels, segment]
-            )
-        ],
-        initializer=[
-            numpy_helper.from_array(np.array([1], dtype=np.int64), "stem_axis"),
-            numpy_helper.from_array(scale, "scale"),
-        ],
-    )
-    model = helper.make_model(
-        graph,
-        opset_imports=[
-            helper.make_opsetid(AI_ONNX, AI_ONNX_OPSET),
-            helper.make_opsetid(COM_MICROSOFT, 1),
-        ],
-        producer_name="openkara-demucs-onnx contract self-test",
-    )
-    model.ir_version = 8
-    metadata.stamp(model, _tiny_metadata(stems, segment, channels))
-    return model
-
-
-def _tiny_metadata(stems: tuple[str, ...], segment: int, channels: int) -> dict[str, str]:
-    return {
-        metadata.OPTIMIZED_BY: metadata.OPTIMIZED_BY_VALUE,
-        metadata.MODEL_NAME: "tiny",
-        metadata.STEMS: ",".join(stems),
-        metadata.SAMPLE_RATE: "44100",
-        metadata.SEGMENT_SAMPLES: str(segment),
-        metadata.AUDIO_CHANNELS: str(channels),
-        metadata.PROVENANCE: json.dumps({"built_by": "converter.contract.tiny_model"}),
-    }
-
-
-def write_model(model: onnx.ModelProto, path: Path) -> None:
-    """Save `model` with a correct `.sha256` sidecar (what convert ships)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    metadata.write_text_atomic(
-        metadata.sidecar_path(path), metadata.sidecar_text(path, metadata.sha256_file(path))
-    )
-
-
-def write_tiny(path: Path, segment: int = 4096) -> Path:
-    """Write `tiny_model()` as a shippable file: model, sidecar and reference npz.
-
-    The reference is computed here in float64 (exact erf Gelu), independently of ONNX Runtime,
-    so the load test compares each ORT version against ground truth rather than against itself.
-    """
-    model = tiny_model(segment=segment)
-    write_model(model, path)
-    meta = metadata.read_metadata(model)
-    scale = numpy_helper.to_array(model.graph.initializer[1]).astype(np.float64)
-    channels = int(meta[metadata.AUDIO_CHANNELS])
-    audio = np.random.default_rng(0).uniform(-1, 1, (1, channels, segment)).astype(np.float32)
-    scaled = scale * audio.astype(np.float64)[:, None]
-    erf = np.vectorize(math.erf)(scaled / math.sqrt(2))
-    stems = (0.5 * scaled * (1 + erf)).astype(np.float32)
-    np.savez(reference_path(path), audio=audio, stems=stems)
-    log.info("wrote %s with sidecar and reference %s", path, reference_path(path).name)
-    return path
-
-
-def _restamp(model: onnx.ModelProto) -> None:
-    metadata.stamp(
-        model, {k: v for k, v in metadata.read_metadata(model).items() if k != metadata.CACHE_KEY}
-    )
-
-
-# --- self-test: one model per rule, each built compliant and then broken in exactly one way ---
-
-
-def _with_nchwc_node(model: onnx.ModelProto) -> None:
-    """What ORT_ENABLE_ALL leaves behind: an x86-only NCHWc node (here after the Gelu)."""
-    model.graph.node[-1].output[0] = "gelu_out"
-    model.graph.node.append(
-        helper.make_node(
-            "ReorderOutput",
-            ["gelu_out"],
-            [OUTPUT_NAME],
-            name="nchwc_reorder",
-            domain="com.microsoft.nchwc",
-        )
-    )
-    model.opset_import.append(helper.make_opsetid("com.microsoft.nchwc", 1))
-    _restamp(model)
-
-
-def _with_nchwc_in_function(model: onnx.ModelProto) -> None:
-    """The same node hidden in a model-local function that the main graph calls."""
-    domain = "openkara.selftest"
-    model.functions.append(
-        helper.make_function(
-            domain,
-            "Reorder",
-            ["x"],
-            ["y"],
-            [helper.make_node("ReorderOutput", ["x"], ["y"], domain="com.microsoft.nchwc")],
-            [helper.make_opsetid("com.microsoft.nchwc", 1)],
-        )
-    )
-    model.graph.node[-1].output[0] = "gelu_out"
-    model.graph.node.append(
-        helper.make_node("Reorder", ["gelu_out"], [OUTPUT_NAME], name="call", domain=domain)
-    )
-    model.opset_import.append(helper.make_opsetid(domain, 1))
-    _restamp(model)
-
-
-def _with_stray_import(model: onnx.ModelProto) -> None:
-    """ORT writes every domain it knows into saved files; ORT 1.17 refuses ai.onnx.ml v5."""
-    model.opset_import.append(helper.make_opsetid("ai.onnx.ml", 5))
-    _restamp(model)
-
-
-def _with_ir_11(model: onnx.ModelProto) -> None:
-    model.ir_version = 11
-    _restamp(model)
-
-
-def _with_opset_18(model: onnx.ModelProto) -> None:
-    for entry in model.opset_import:
-        if _is_ai_onnx(entry.domain):
-            entry.version = 18
-    _restamp(model)
-
-
-def _without_provenance(model: onnx.ModelProto) -> None:
-    entries = metadata.read_metadata(model)
-    del entries[metadata.PROVENANCE], entries[metadata.CACHE_KEY]
-    metadata.stamp(model, entries)
-
-
-def _with_stale_cache_key(model: onnx.ModelProto) -> None:
-    """Weights edited after stamping: OpenKara would reuse a compiled session of other weights."""
-    scale = model.graph.initializer[1]
-    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * 2, scale.name))
-
-
-def _with_dynamic_time_axis(model: onnx.ModelProto) -> None:
-    """A dynamic-axes export: consistent for the checker, but not the documented static shape."""
-    for value in (model.graph.input[0], model.graph.output[0]):
-        value.type.tensor_type.shape.dim[-1].dim_param = "time"
-    _restamp(model)
-
-
-def _break_sidecar(path: Path) -> None:
-    metadata.sidecar_path(path).write_text(metadata.sidecar_text(path, "0" * 64), encoding="utf-8")
-
-
-# name -> (rule it must trip, how to break the model, how to break the written files)
-SELF_TEST_CASES: dict[
-    str, tuple[str, Callable[[onnx.ModelProto], None] | None, Callable[[Path], None] | None]
-] = {
-    "nchwc_node": ("domain", _with_nchwc_node, None),
-    "nchwc_in_function": ("domain", _with_nchwc_in_function, None),
-    "stray_opset_import": ("opset_import", _with_stray_import, None),
-    "ir_version_11": ("ir_version", _with_ir_11, None),
-    "opset_18": ("opset_version", _with_opset_18, None),
-    "missing_metadata": ("metadata", _without_provenance, None),
-    "stale_cache_key": ("cache_key", _with_stale_cache_key, None),
-    "wrong_sidecar": ("sidecar", None, _break_sidecar),
-    "wrong_shape": ("io", _with_dynamic_time_axis, None),
-}
-
-
-def self_test(work_dir: Path | None = None) -> list[str]:
-    """Prove each rule refuses its violating model, for that reason alone, and a good one passes.
-
-    Returns one report line per case; raises ContractError naming every case that misbehaved.
-    """
-    with tempfile.TemporaryDirectory(prefix="contract-self-test-") as tmp:
-        root = work_dir or Path(tmp)
-        report, failures = [], []
-        good = root / "compliant.onnx"
-        write_model(tiny_model(), good)
-        found = violations(onnx.load(str(good)), good)
-        if found:
-            failures.append(f"compliant model refused: {'; '.join(map(str, found))}")
-        report.append(f"compliant: {'REFUSED' if found else 'passes'}")
-        for name, (rule, break_model, break_files) in SELF_TEST_CASES.items():
-            model = tiny_model()
-            if break_model:
-                break_model(model)
-            path = root / f"{name}.onnx"
-            write_model(model, path)
-            if break_files:
-                break_files(path)
-            found = violations(onnx.load(str(path)), path)
-            rules = sorted({violation.rule for violation in found})
-            if rules != [rule]:
-                failures.append(
-                    f"{name}: expected only [{rule}], got {[str(v) for v in found] or 'a pass'}"
-                )
-            report.append(f"{name}: refused, {found[0] if found else 'NOT REFUSED'}")
-            log.info("self-test %s: %s", name, "; ".join(map(str, found)) or "not refused")
-    if failures:
-        raise ContractError(
-            "contract self-test failed:\n" + "\n".join(f"  - {f}" for f in failures)
-        )
-    return report

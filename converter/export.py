@@ -24,15 +24,15 @@ import torch
 from onnx import TensorProto, compose, helper
 
 from .exportable import Network
+from .facts import INPUT_NAME, OPSET, OUTPUT_NAME
 from .loading import LoadedBag
 from .progress import step
 from .spectral import Istft, Stft
 
 log = logging.getLogger(__name__)
 
-OPSET = 17
-INPUT = "audio"
-OUTPUT = "stems"
+INPUT = INPUT_NAME
+OUTPUT = OUTPUT_NAME
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 FOUR_STEMS = ["drums", "bass", "other", "vocals"]
 SIX_STEMS = FOUR_STEMS + ["guitar", "piano"]
 
-# demucs 4.1.0's pretrained HTDemucs arguments (see ../shared/reference/facts.md).
+# demucs 4.1.0's pretrained HTDemucs arguments (sources: docs/demucs-facts.md).
 FULL_KWARGS = dict(
     audio_channels=2, channels=48, growth=2, depth=4, nfft=4096, cac=True, rewrite=True,
     freq_emb=0.2, kernel_size=8, stride=4, time_stride=2, context=1, norm_starts=4,

@@ -3,8 +3,9 @@
 Counts are taken on the graph as exported, simplified by ONNX Runtime at ORT_ENABLE_BASIC:
 that level folds the exporter's Shape/Gather/Concat chains (which onnx's shape inference cannot
 follow) while keeping standard ops only, unlike EXTENDED, whose `com.microsoft` fusions onnx
-cannot infer either. Fusion does not change the arithmetic. Node names carry the piece they came from (`stft/`,
-`istft/`, `m0/` ... see `converter.export`), which splits spectral from network cost.
+cannot infer either. Fusion does not change the arithmetic. Node names carry the piece they came
+from (`stft/`, `istft/`, `m0/` ... see `converter.export`), which splits spectral from network
+cost.
 """
 
 from __future__ import annotations

@@ -16,11 +16,10 @@ from demucs.apply import BagOfModels
 from demucs.htdemucs import HTDemucs
 
 from .errors import UserError
+from .facts import PRODUCTS
 from .metadata import sha256_file
 
 log = logging.getLogger(__name__)
-
-PRODUCTS = ("htdemucs", "htdemucs_ft", "htdemucs_6s")
 
 
 @dataclass

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import onnx
 
+from .facts import sha256_file  # noqa: F401 - re-exported: metadata.sha256_file
+
 CACHE_KEY = "openkara.model_cache_key"
 OPTIMIZED_BY = "openkara.optimized_by"
 OPTIMIZED_BY_VALUE = "onnxruntime"
@@ -87,14 +89,6 @@ def stamp(model: onnx.ModelProto, entries: Mapping[str, str]) -> None:
 
 def provenance(model: onnx.ModelProto) -> dict:
     return json.loads(read_metadata(model).get(PROVENANCE, "{}"))
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def sidecar_path(path: Path) -> Path:

@@ -20,31 +20,18 @@ import onnx
 import onnxruntime as ort
 
 from .errors import UserError
+from .facts import MAX_IR_VERSION, walk_model
 
 log = logging.getLogger(__name__)
 
 LEVEL = "ORT_ENABLE_EXTENDED"
-MAX_IR_VERSION = 9  # ONNX Runtime 1.17, the oldest supported, reads IR <= 9
 FORBIDDEN_DOMAIN_PREFIXES = ("com.microsoft.nchwc", "com.ms.internal")
-
-
-def _node_domains(graph: onnx.GraphProto) -> set[str]:
-    domains = set()
-    for node in graph.node:
-        domains.add(node.domain or "")
-        for attr in node.attribute:
-            for sub in [attr.g, *attr.graphs] if attr.type in (5, 10) else []:
-                domains |= _node_domains(sub)
-    return domains
 
 
 def used_domains(model: onnx.ModelProto) -> set[str]:
     """Domains of all nodes, including model-local functions and nested subgraphs."""
-    domains = _node_domains(model.graph)
-    for function in model.functions:
-        domains |= {node.domain or "" for node in function.node}
-        domains.add(function.domain)
-    return domains
+    domains = {node.domain or "" for _, node in walk_model(model)}
+    return domains | {function.domain for function in model.functions}
 
 
 def prune_opset_imports(model: onnx.ModelProto) -> list[str]:

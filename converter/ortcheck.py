@@ -30,7 +30,7 @@ if sys.path and os.path.realpath(sys.path[0]) == os.path.dirname(os.path.realpat
     del sys.path[0]
 
 import argparse  # noqa: E402 - after the sys.path fix above
-import hashlib  # noqa: E402
+import importlib.util  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import platform  # noqa: E402
@@ -41,29 +41,28 @@ import numpy as np  # noqa: E402
 
 log = logging.getLogger("ortcheck")
 
-# `com.microsoft` ops a shipped file may contain: the fp32 fusions ORT's EXTENDED level applies
-# for the CPU EP. Derived by intersecting `get_all_opkernel_def()` (domain com.microsoft,
-# CPUExecutionProvider) of the official Linux x64 wheels 1.17.3 ... 1.32.0, then keeping only
-# fusion targets that are portable C++ kernels (not `com.microsoft.nchwc`, which is x86-only, nor
-# quantized/x86-specific ones such as MatMulFpQ4). Linux x64 alone proves nothing for arm64, so
-# `missing_allowed_kernels()` re-checks the list on every platform and version CI runs.
-# `converter.contract` imports this set so the static gate and the load test cannot disagree.
-COM_MICROSOFT_ALLOWED = frozenset(
-    {
-        "BiasGelu",
-        "FastGelu",
-        "FusedConv",
-        "FusedGemm",
-        "FusedMatMul",
-        "Gelu",
-        "QuickGelu",
-        "SkipLayerNormalization",
-        "SkipSimplifiedLayerNormalization",
-    }
-)
 
-INPUT_NAME = "audio"
-OUTPUT_NAME = "stems"
+def _facts():
+    """`converter/facts.py`, the one home of the names and limits below: imported normally when
+    this file is `converter.ortcheck`, by path when it runs as a script in a bare venv."""
+    if __package__:
+        from converter import facts
+
+        return facts
+    spec = importlib.util.spec_from_file_location(
+        "converter_facts", Path(__file__).with_name("facts.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+facts = _facts()
+COM_MICROSOFT_ALLOWED = facts.COM_MICROSOFT_ALLOWED
+INPUT_NAME = facts.INPUT_NAME
+OUTPUT_NAME = facts.OUTPUT_NAME
+sha256_file = facts.sha256_file
+
 # The validation gate of the conversion (per-stem MSE against demucs in PyTorch).
 MAX_STEM_MSE = 1e-10
 REFERENCE_SUFFIX = ".reference.npz"
@@ -82,16 +81,6 @@ def reference_path(model: Path) -> Path:
     return model.with_name(model.name.removesuffix(".onnx") + REFERENCE_SUFFIX)
 
 
-def sha256_file(path: Path) -> str:
-    """`converter.metadata.sha256_file`, restated: this script must import nothing but numpy,
-    onnxruntime and the standard library (it runs in venvs that hold only those)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def platform_name() -> str:
     return f"{platform.system()} {platform.machine()}"
 
@@ -103,7 +92,7 @@ def missing_allowed_kernels() -> list[str]:
     registered = {
         kernel.op_name
         for kernel in _pybind_state.get_all_opkernel_def()
-        if kernel.domain == "com.microsoft" and kernel.provider == "CPUExecutionProvider"
+        if kernel.domain == facts.COM_MICROSOFT and kernel.provider == "CPUExecutionProvider"
     }
     return sorted(COM_MICROSOFT_ALLOWED - registered)
 

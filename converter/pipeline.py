@@ -144,18 +144,3 @@ def validate(model: str, repo: Path | None = None, out_dir: Path = Path("models"
     with step("validate"):
         validate_file(onnx_path, bag, reference_out=reference)
 
-
-def fingerprint_report(path: Path) -> str:
-    """`<key>  <file>: matches|differs from the stamped openkara.model_cache_key`."""
-    if not path.is_file():
-        raise UserError(f"{path} does not exist")
-    try:
-        model = onnx.load(path)
-    except Exception as exc:  # protobuf raises DecodeError, onnx raises its own
-        raise UserError(f"{path} is not an ONNX model: {exc}") from None
-    key = meta.fingerprint(model)
-    stamped = meta.read_metadata(model).get(meta.CACHE_KEY)
-    verdict = (
-        "no stamped key" if stamped is None else "matches" if stamped == key else f"differs from stamped {stamped}"
-    )
-    return f"{key}  {path.name}: {verdict}"

@@ -11,7 +11,7 @@ import ctypes
 import ctypes.util
 import gc
 import logging
-import resource
+import math
 import sys
 import threading
 import time
@@ -23,9 +23,46 @@ HEARTBEAT_SECONDS = 15.0
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far (Linux reports KiB, macOS bytes)."""
+    """Peak resident set size of this process so far, in MB (NaN where it cannot be read).
+
+    POSIX's `resource` (Linux reports KiB, macOS bytes) does not exist on Windows, where the
+    peak working set comes from psapi; imported here so the verify tools import on Windows.
+    """
+    if sys.platform == "win32":
+        return _peak_working_set_mb()
+    import resource
+
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+
+
+def _peak_working_set_mb() -> float:
+    class Counters(ctypes.Structure):  # PROCESS_MEMORY_COUNTERS
+        _fields_ = [("cb", ctypes.c_ulong), ("PageFaultCount", ctypes.c_ulong)] + [
+            (name, ctypes.c_size_t)
+            for name in (
+                "PeakWorkingSetSize",
+                "WorkingSetSize",
+                "QuotaPeakPagedPoolUsage",
+                "QuotaPagedPoolUsage",
+                "QuotaPeakNonPagedPoolUsage",
+                "QuotaNonPagedPoolUsage",
+                "PagefileUsage",
+                "PeakPagefileUsage",
+            )
+        ]
+
+    counters = Counters(cb=ctypes.sizeof(Counters))
+    try:
+        kernel32 = ctypes.WinDLL("kernel32")
+        kernel32.GetCurrentProcess.restype = ctypes.c_void_p
+        process = kernel32.GetCurrentProcess()
+        ok = kernel32.K32GetProcessMemoryInfo(
+            ctypes.c_void_p(process), ctypes.byref(counters), counters.cb
+        )
+    except (AttributeError, OSError):
+        return math.nan
+    return counters.PeakWorkingSetSize / (1 << 20) if ok else math.nan
 
 
 def release_memory() -> None:

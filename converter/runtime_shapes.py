@@ -5,9 +5,8 @@ Reshape. Our input shape is fixed, so ONNX Runtime's ConstantFolding turns all o
 constants whenever it optimizes the graph, which every app session does at ORT's default level.
 With every intermediate shape known up front, ORT plans static buffer reuse, and its memory
 pattern (a single block sized from the first run, allocated on the second beside what the arena
-already holds) grows with it. `invoke bench` on full-size htdemucs (ORT 1.32, 2 cores, default
-session options, converter 0.2.0): 3.71 GB peak RSS folded against 1.04 GB anchored, at the same
-speed.
+already holds) grows with it: folded, a session's peak memory more than tripled at the same
+speed (figures in docs/performance.md).
 
 So the converter adds a zero that depends on the input audio to every Shape output. The value
 is exactly the same shape; what changes is that no optimizer can prove it, in our offline pass
@@ -22,6 +21,8 @@ import logging
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from .facts import is_ai_onnx
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +41,13 @@ def _zero_nodes(source: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProt
     initializers = [numpy_helper.from_array(v, PREFIX + k) for k, v in constants.items()]
     p = PREFIX
     nodes = [
-        helper.make_node("Slice", [source, p + "starts", p + "ends"], [p + "first"], name=p + "first"),
+        helper.make_node(
+            "Slice", [source, p + "starts", p + "ends"], [p + "first"], name=p + "first"
+        ),
         helper.make_node("Less", [p + "first", p + "minus_inf"], [p + "never"], name=p + "never"),
-        helper.make_node("Cast", [p + "never"], [p + "zero3"], to=TensorProto.INT64, name=p + "cast"),
+        helper.make_node(
+            "Cast", [p + "never"], [p + "zero3"], to=TensorProto.INT64, name=p + "cast"
+        ),
         helper.make_node("Reshape", [p + "zero3", p + "length_one"], [ZERO], name=p + "zero"),
     ]
     return nodes, initializers
@@ -62,7 +67,7 @@ def anchor_shapes(model: onnx.ModelProto, source: str) -> int:
     anchored = 0
     for node in graph.node:
         nodes.append(node)
-        if node.op_type != "Shape" or node.domain not in ("", "ai.onnx"):
+        if node.op_type != "Shape" or not is_ai_onnx(node.domain):
             continue
         value = node.output[0]
         node.output[0] = f"{PREFIX}{value}/static"
@@ -73,5 +78,7 @@ def anchor_shapes(model: onnx.ModelProto, source: str) -> int:
     del graph.node[:]
     graph.node.extend(nodes)
     graph.initializer.extend(initializers)
-    log.info("anchored %d Shape nodes to the input, so no optimizer folds them into constants", anchored)
+    log.info(
+        "anchored %d Shape nodes to the input, so no optimizer folds them into constants", anchored
+    )
     return anchored

@@ -15,7 +15,7 @@ The synthesis is the transpose of the same chain, keeping only the real part.
 Layouts keep the frame axis inside the GEMM's column dimension so every MatMul is a few large
 GEMMs rather than thousands of tiny ones. Both modules reproduce demucs bit-for-bit in framing:
 `Stft` is `HTDemucs._magnitude(HTDemucs._spec(x))` with cac=True and `Istft` is
-`HTDemucs._ispec(HTDemucs._mask(None, x), length)`; see ../shared/reference/facts.md.
+`HTDemucs._ispec(HTDemucs._mask(None, x), length)`; see docs/demucs-facts.md.
 """
 
 from __future__ import annotations

@@ -15,8 +15,12 @@ import sys
 from pathlib import Path
 
 import requests
-from packaging.utils import InvalidSdistFilename, InvalidWheelFilename
-from packaging.utils import parse_sdist_filename, parse_wheel_filename
+from packaging.utils import (
+    InvalidSdistFilename,
+    InvalidWheelFilename,
+    parse_sdist_filename,
+    parse_wheel_filename,
+)
 from packaging.version import InvalidVersion, Version
 
 from converter import github
@@ -55,7 +59,11 @@ def index_url(environ: dict[str, str] | None = None) -> str:
         return env["PIP_INDEX_URL"]
     listing = subprocess.run(
         [sys.executable, "-m", "pip", "config", "list"],
-        capture_output=True, text=True, check=False, timeout=60, env={**env, "PIP_NO_INPUT": "1"},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        env={**env, "PIP_NO_INPUT": "1"},
     ).stdout
     config = dict(re.findall(r"^([\w:.-]+)='(.*)'$", listing, re.MULTILINE))
     # `pip install` reads its own section before [global].

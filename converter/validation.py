@@ -61,8 +61,8 @@ def session(path: Path):
     """A CPU session configured as OpenKara runs our files: ORT's own optimizer disabled.
 
     The memory arena is off: it changes no arithmetic, and with it the session's RSS grows from
-    run to run (measured 2.4 -> 4.6 GB over two htdemucs runs), which would dominate the peak
-    of a bag conversion.
+    run to run (it doubled over two htdemucs runs), which would dominate the peak of a bag
+    conversion.
     """
     import onnxruntime as ort
 

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from converter.facts import PRODUCTS
 from converter.fakerepo import write_repo
 from converter.pipeline import convert
 from tests.fake_github import FakeGitHub
-
-PRODUCTS = ("htdemucs", "htdemucs_ft", "htdemucs_6s")
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """The static runtime-contract gate (converter.contract) and the load-test helpers it shares.
 
-Built on hand-made models (`contract.tiny_model`) so the suite stays fast; the per-ORT-version
-load tests through nox are in test_nox_contract.py.
+Built on hand-made models (`contract_selftest.tiny_model`) so the suite stays fast; the
+per-ORT-version load tests through nox are in test_nox_contract.py.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from converter import contract, metadata, ortcheck
+from converter import contract, contract_selftest, metadata, ortcheck
 from converter.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,27 +29,27 @@ def _rules(model: onnx.ModelProto, path: Path | None = None) -> set[str]:
 
 
 def _write(model: onnx.ModelProto, path: Path) -> Path:
-    contract.write_model(model, path)
+    contract_selftest.write_model(model, path)
     return path
 
 
 def test_compliant_tiny_model_passes_every_rule(tmp_path):
-    path = _write(contract.tiny_model(), tmp_path / "tiny.onnx")
+    path = _write(contract_selftest.tiny_model(), tmp_path / "tiny.onnx")
     assert contract.violations(onnx.load(str(path)), path) == []
     contract.gate(path)
 
 
 def test_six_stem_model_with_short_segment_takes_shapes_from_metadata(tmp_path):
     stems = ("drums", "bass", "other", "vocals", "guitar", "piano")
-    model = contract.tiny_model(stems=stems, segment=1000, channels=2)
+    model = contract_selftest.tiny_model(stems=stems, segment=1000, channels=2)
     assert model.graph.output[0].type.tensor_type.shape.dim[1].dim_value == 6
     contract.gate(_write(model, tmp_path / "six.onnx"))
 
 
-@pytest.mark.parametrize("case", list(contract.SELF_TEST_CASES))
+@pytest.mark.parametrize("case", list(contract_selftest.SELF_TEST_CASES))
 def test_each_self_test_case_trips_exactly_its_own_rule(tmp_path, case):
-    rule, break_model, break_files = contract.SELF_TEST_CASES[case]
-    model = contract.tiny_model()
+    rule, break_model, break_files = contract_selftest.SELF_TEST_CASES[case]
+    model = contract_selftest.tiny_model()
     if break_model:
         break_model(model)
     path = _write(model, tmp_path / f"{case}.onnx")
@@ -73,17 +73,17 @@ def test_each_self_test_case_trips_exactly_its_own_rule(tmp_path, case):
     ],
 )
 def test_violation_names_the_offending_node_or_value(case, offender):
-    rule, break_model, _ = contract.SELF_TEST_CASES[case]
-    model = contract.tiny_model()
+    rule, break_model, _ = contract_selftest.SELF_TEST_CASES[case]
+    model = contract_selftest.tiny_model()
     break_model(model)
     details = [violation.detail for violation in contract.violations(model)]
     assert any(offender in detail for detail in details), details
 
 
 def test_self_test_refuses_every_violation_and_passes_the_compliant_model(tmp_path):
-    report = contract.self_test(tmp_path)
+    report = contract_selftest.self_test(tmp_path)
     assert report[0] == "compliant: passes"
-    assert len(report) == 1 + len(contract.SELF_TEST_CASES)
+    assert len(report) == 1 + len(contract_selftest.SELF_TEST_CASES)
     assert all("refused, [" in line for line in report[1:])
     assert (tmp_path / "nchwc_node.onnx").is_file()
 
@@ -92,11 +92,11 @@ def test_self_test_fails_loudly_when_a_rule_stops_refusing(tmp_path, monkeypatch
     # A gate that forgot the IR rule must make the self-test fail, naming the case.
     monkeypatch.setattr(contract, "MAX_IR_VERSION", 11)
     with pytest.raises(contract.ContractError, match="ir_version_11: expected only"):
-        contract.self_test(tmp_path)
+        contract_selftest.self_test(tmp_path)
 
 
 def test_gate_lists_every_violation_in_one_error(tmp_path):
-    model = contract.tiny_model()
+    model = contract_selftest.tiny_model()
     model.ir_version = 11
     model.opset_import.append(helper.make_opsetid("ai.onnx.ml", 5))
     path = _write(model, tmp_path / "bad.onnx")  # also stale: stamped before the edits
@@ -109,7 +109,7 @@ def test_gate_lists_every_violation_in_one_error(tmp_path):
 
 
 def test_nchwc_node_inside_a_nested_subgraph_is_refused():
-    model = contract.tiny_model()
+    model = contract_selftest.tiny_model()
     gelu = model.graph.node[-1]
     gelu.output[0] = "gelu_out"
     branch_shape = [1, 4, 2, 4096]
@@ -145,7 +145,7 @@ def test_nchwc_node_inside_a_nested_subgraph_is_refused():
 
 
 def test_com_microsoft_op_off_the_allow_list_is_refused_and_allowed_one_passes():
-    model = contract.tiny_model()
+    model = contract_selftest.tiny_model()
     assert model.graph.node[-1].domain == "com.microsoft"  # Gelu: allowed
     assert "domain" not in _rules(model)
     model.graph.node[-1].op_type = "MatMulFpQ4"  # registered on x86 builds, not allow-listed
@@ -158,7 +158,7 @@ def test_allow_list_has_cpu_kernels_in_the_installed_onnxruntime():
 
 
 def test_metadata_values_are_checked():
-    model = contract.tiny_model()
+    model = contract_selftest.tiny_model()
     entries = metadata.read_metadata(model)
     entries.pop(metadata.CACHE_KEY)
     metadata.stamp(
@@ -171,7 +171,7 @@ def test_metadata_values_are_checked():
 
 
 def test_shape_that_disagrees_with_metadata_is_refused():
-    model = contract.tiny_model(segment=4096)
+    model = contract_selftest.tiny_model(segment=4096)
     entries = metadata.read_metadata(model)
     entries.pop(metadata.CACHE_KEY)
     metadata.stamp(model, {**entries, metadata.SEGMENT_SAMPLES: "343980"})
@@ -183,7 +183,7 @@ def test_shape_that_disagrees_with_metadata_is_refused():
 
 
 def test_missing_and_misnamed_sidecars_are_refused(tmp_path):
-    path = _write(contract.tiny_model(), tmp_path / "tiny.onnx")
+    path = _write(contract_selftest.tiny_model(), tmp_path / "tiny.onnx")
     side = metadata.sidecar_path(path)
     side.write_text(metadata.sidecar_text(tmp_path / "other.onnx", metadata.sha256_file(path)))
     assert [v.detail for v in contract.violations(onnx.load(str(path)), path)] == [
@@ -196,17 +196,29 @@ def test_missing_and_misnamed_sidecars_are_refused(tmp_path):
 def test_unreadable_and_absent_files_are_user_errors(tmp_path):
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"\xff\x00 not protobuf")
-    with pytest.raises(contract.ContractError, match="not a readable ONNX file"):
+    with pytest.raises(contract.ContractError, match="is not an ONNX file"):
         contract.gate(junk)
     with pytest.raises(contract.ContractError, match="no such file"):
         contract.gate(tmp_path / "absent.onnx")
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    with pytest.raises(contract.ContractError, match=r"empty \(0 bytes\), not an ONNX file"):
+        contract.gate(tmp_path / "empty.onnx")
+    with pytest.raises(contract.ContractError, match="is a directory"):
+        contract.gate(tmp_path)
+
+
+def test_gate_files_takes_absolute_globs_like_relative_ones(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    good = _write(contract_selftest.tiny_model(), Path("models/good.onnx"))
+    assert contract.gate_files([str(tmp_path / "models" / "*.onnx")]) == [tmp_path / good]
+    assert contract.gate_files(["models/*.onnx"]) == [good]
 
 
 def test_gate_files_expands_globs_and_reports_every_bad_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    good = _write(contract.tiny_model(), Path("models/good.onnx"))
+    good = _write(contract_selftest.tiny_model(), Path("models/good.onnx"))
     assert contract.gate_files(None) == [good]
-    bad = contract.tiny_model()
+    bad = contract_selftest.tiny_model()
     bad.ir_version = 10
     _write(bad, Path("models/bad.onnx"))
     with pytest.raises(contract.ContractError) as info:
@@ -266,8 +278,8 @@ def test_file_saved_at_extended_has_only_allowed_domains_but_stray_imports(tmp_p
 
 
 def test_invoke_contract_cli(tmp_path):
-    good = _write(contract.tiny_model(), tmp_path / "good.onnx")
-    bad = contract.tiny_model()
+    good = _write(contract_selftest.tiny_model(), tmp_path / "good.onnx")
+    bad = contract_selftest.tiny_model()
     bad.opset_import.append(helper.make_opsetid("com.ms.internal.nhwc", 1))
     bad_path = _write(bad, tmp_path / "bad.onnx")
 
@@ -309,7 +321,7 @@ def test_compare_applies_the_validation_gate():
 
 
 def test_check_model_runs_both_optimization_levels_against_the_reference(tmp_path):
-    path = contract.write_tiny(tmp_path / "tiny.onnx")
+    path = contract_selftest.write_tiny(tmp_path / "tiny.onnx")
     row = ortcheck.check_model(path, ort.__version__)
     assert row["status"] == "ok"
     assert row["load_s"] is not None and row["default_run_s"] is not None
@@ -317,7 +329,7 @@ def test_check_model_runs_both_optimization_levels_against_the_reference(tmp_pat
 
 
 def test_check_model_reports_a_missing_reference_and_a_wrong_one(tmp_path):
-    path = contract.write_tiny(tmp_path / "tiny.onnx")
+    path = contract_selftest.write_tiny(tmp_path / "tiny.onnx")
     reference = ortcheck.reference_path(path)
     with np.load(reference) as ref:
         audio, stems = ref["audio"], ref["stems"]
@@ -330,7 +342,7 @@ def test_check_model_reports_a_missing_reference_and_a_wrong_one(tmp_path):
 
 
 def test_summary_merges_versions_and_drops_rows_for_changed_files(tmp_path):
-    path = contract.write_tiny(tmp_path / "tiny.onnx")
+    path = contract_selftest.write_tiny(tmp_path / "tiny.onnx")
     results = tmp_path / ortcheck.RESULTS_SUBDIR
     results.mkdir()
     for version, missing in (("1.9.0", ["QuickGelu"]), ("1.17.3", [])):
@@ -345,7 +357,9 @@ def test_summary_merges_versions_and_drops_rows_for_changed_files(tmp_path):
     assert ortcheck.summarize(tmp_path) == 1  # the missing kernel fails the run
     summary = json.loads((tmp_path / ortcheck.SUMMARY_NAME).read_text())
     assert set(summary[0]) >= {"ort", "model", "status", "load_s", "run_s"}
-    contract.write_model(contract.tiny_model(segment=2048), path)  # rewritten after the test
+    contract_selftest.write_model(
+        contract_selftest.tiny_model(segment=2048), path
+    )  # rewritten after the test
     assert ortcheck.merge_results(tmp_path)[0] == []
 
 

@@ -1,7 +1,8 @@
 """`nox -s contract`: session names, pinned versions, and one real run on an official wheel.
 
-The real run builds a fresh venv holding only onnxruntime + numpy (seconds with a warm pip
-cache), so it is marked slow; CI runs every version on every platform through nox itself.
+The real runs build fresh venvs holding only onnxruntime + numpy from the package index (seconds
+with a warm cache), so they are marked slow and index; CI runs every version on every platform
+through nox itself.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from converter import contract, ortcheck
+from converter import contract_selftest, ortcheck
 
 ROOT = Path(__file__).resolve().parent.parent
 # The issue's list: the latest patch of every minor from 1.17 to the newest release.
@@ -58,10 +59,12 @@ def test_one_session_per_pinned_version_selectable_by_name(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.index
 def test_contract_session_loads_and_checks_a_model_on_the_official_wheel(tmp_path):
-    good = contract.write_tiny(tmp_path / "models/tiny.onnx")
+    good = contract_selftest.write_tiny(tmp_path / "models/tiny.onnx")
     orphan = tmp_path / "models/orphan.onnx"
-    contract.write_model(contract.tiny_model(), orphan)  # no reference npz beside it
+    # No reference npz beside this one.
+    contract_selftest.write_model(contract_selftest.tiny_model(), orphan)
     results = tmp_path / "models"
 
     run = _nox(
@@ -86,15 +89,20 @@ def test_contract_session_loads_and_checks_a_model_on_the_official_wheel(tmp_pat
         by_model["tiny.onnx"]["load_s"] is not None and by_model["tiny.onnx"]["run_s"] is not None
     )
     assert by_model["orphan.onnx"]["status"].startswith("no reference output orphan.reference.npz")
-    # The venv held only onnxruntime and numpy: the loader needs nothing else.
-    pip = next((tmp_path / "nox").glob("contract*/bin/pip"), None) or next(
-        (tmp_path / "nox").glob("contract*/Scripts/pip.exe")
+    # The venv held only onnxruntime and numpy: the loader needs nothing else. (A virtualenv venv
+    # is also seeded with pip; a uv one is not.)
+    python = next((tmp_path / "nox").glob("contract*/bin/python"), None) or next(
+        (tmp_path / "nox").glob("contract*/Scripts/python.exe")
     )
-    freeze = subprocess.run([str(pip), "freeze"], capture_output=True, text=True, check=True).stdout
-    assert sorted(line.split("==")[0] for line in freeze.split()) == ["numpy", "onnxruntime"]
+    listing = "import importlib.metadata as m; print(*(d.name for d in m.distributions()))"
+    names = subprocess.run(
+        [str(python), "-c", listing], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert sorted(set(names) - {"pip", "setuptools", "wheel"}) == ["numpy", "onnxruntime"]
 
 
 @pytest.mark.slow
+@pytest.mark.index
 def test_converted_models_run_on_the_oldest_pinned_wheel_at_default_options(small_models, tmp_path):
     """ORT 1.17-1.23 fuse at session load what newer versions leave alone: a LayerNormalization
     with a [T, C] scale after an Add passed every check on 1.32 and failed at run time on the

@@ -16,7 +16,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from converter import contract, evidence, github, release
+from converter import contract_selftest, evidence, github, release
 from converter.errors import UserError
 from converter.metadata import (
     CACHE_KEY,
@@ -38,7 +38,7 @@ def write_model(
 ) -> Path:
     """A small file that passes the static contract gate, stamped like a converted `model`,
     with its sidecar; `seed` varies its bytes (1.2 MB of them)."""
-    proto = contract.tiny_model()
+    proto = contract_selftest.tiny_model()
     weight = np.random.default_rng(seed).standard_normal(300_000).astype(np.float32)
     proto.graph.initializer.append(numpy_helper.from_array(weight, "unused"))
     entries = read_metadata(proto)
@@ -49,7 +49,7 @@ def write_model(
     del entries[CACHE_KEY]
     stamp(proto, entries)
     path = out_dir / f"{model}.onnx"
-    contract.write_model(proto, path)
+    contract_selftest.write_model(proto, path)
     return path
 
 

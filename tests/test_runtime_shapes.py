@@ -27,18 +27,21 @@ def _flatten_by_shape() -> onnx.ModelProto:
         helper.make_node("Relu", ["flat"], ["y"]),
     ]
     graph = helper.make_graph(
-        nodes, "flatten",
+        nodes,
+        "flatten",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])],
         consts,
-    )  # fmt: skip
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model
 
 
 def _reshape_target_is_constant(model: onnx.ModelProto) -> bool:
-    reshape = next(n for n in model.graph.node if n.op_type == "Reshape" and not n.name.startswith(PREFIX))
+    reshape = next(
+        n for n in model.graph.node if n.op_type == "Reshape" and not n.name.startswith(PREFIX)
+    )
     return reshape.input[1] in {i.name for i in model.graph.initializer}
 
 
@@ -61,7 +64,9 @@ def test_anchored_graph_computes_the_same_values_for_any_first_sample(first_samp
         model = _flatten_by_shape()
         if anchor:
             anchor_shapes(model, "x")
-        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(
+            model.SerializeToString(), providers=["CPUExecutionProvider"]
+        )
         outputs.append(session.run(["y"], {"x": x})[0])
     assert outputs[1].shape == (1, 16)
     np.testing.assert_array_equal(outputs[0], outputs[1])
@@ -77,7 +82,7 @@ def test_unknown_input_and_second_pass_are_refused():
 
 
 def test_converted_file_gives_load_time_folding_nothing_to_fold(small_models):
-    """What an app gets at ORT's default options: no shape of the shipped graph becomes a constant."""
+    """At ORT's default options, as apps open it, no shape of the graph becomes a constant."""
     shipped = onnx.load(small_models["htdemucs"])
     folded = simplified(shipped)
     new = {i.name for i in folded.graph.initializer} - {i.name for i in shipped.graph.initializer}

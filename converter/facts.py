@@ -1,0 +1,83 @@
+"""The facts every part of the converter must agree on, each stated once.
+
+Standard library only: `converter/ortcheck.py` runs in venvs that hold nothing but onnxruntime
+and numpy, and loads this file by path. The graph walk is duck-typed over ONNX protos for the
+same reason. Sources and rationale: docs/runtime-contract.md and docs/demucs-facts.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+# The pretrained bags the converter ships (`invoke convert --model NAME`).
+PRODUCTS = ("htdemucs", "htdemucs_ft", "htdemucs_6s")
+
+# The graph's one input and one output: audio [1, channels, segment] -> stems [1, S, channels,
+# segment], as OpenKara feeds and reads them.
+INPUT_NAME = "audio"
+OUTPUT_NAME = "stems"
+
+# ORT 1.17 (the floor) runs opset <= 20 and IR <= 9; opset 17 is what torch's TorchScript
+# exporter writes and what every supported version implements identically on the CPU EP.
+OPSET = 17
+COM_MICROSOFT_OPSET = 1
+MAX_IR_VERSION = 9
+
+# `com.microsoft` ops a shipped file may contain: the fp32 fusions ORT's EXTENDED level applies
+# for the CPU EP. Derived by intersecting `get_all_opkernel_def()` (domain com.microsoft,
+# CPUExecutionProvider) of the official Linux x64 wheels 1.17.3 ... 1.32.0, then keeping only
+# fusion targets that are portable C++ kernels (not `com.microsoft.nchwc`, which is x86-only, nor
+# quantized/x86-specific ones such as MatMulFpQ4). Linux x64 alone proves nothing for arm64, so
+# the load test (`ortcheck.missing_allowed_kernels`) re-checks the list on every platform and
+# version CI runs, and the static gate (`converter.contract`) refuses any other op.
+COM_MICROSOFT = "com.microsoft"
+COM_MICROSOFT_ALLOWED = frozenset(
+    {
+        "BiasGelu",
+        "FastGelu",
+        "FusedConv",
+        "FusedGemm",
+        "FusedMatMul",
+        "Gelu",
+        "QuickGelu",
+        "SkipLayerNormalization",
+        "SkipSimplifiedLayerNormalization",
+    }
+)
+
+
+def is_ai_onnx(domain: str) -> bool:
+    """ONNX writes the default domain as "" (or, rarely, "ai.onnx")."""
+    return domain in ("", "ai.onnx")
+
+
+def walk_nodes(nodes: Iterable[Any], where: str = "main graph") -> Iterator[tuple[str, Any]]:
+    """(where, node) for every node of `nodes` and of the subgraphs in their attributes
+    (If/Loop/Scan bodies), `where` naming the path to it."""
+    for node in nodes:
+        yield where, node
+        for attr in node.attribute:
+            subgraphs = [attr.g] if attr.HasField("g") else list(attr.graphs)
+            for sub in subgraphs:
+                yield from walk_nodes(
+                    sub.node, f"{where} > {node.op_type} {node.name!r}.{attr.name}"
+                )
+
+
+def walk_model(model: Any) -> Iterator[tuple[str, Any]]:
+    """Every node of the main graph and of every model-local function, subgraphs included."""
+    yield from walk_nodes(model.graph.node)
+    for function in model.functions:
+        yield from walk_nodes(function.node, f"function {function.domain}:{function.name}")
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks (files are hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
