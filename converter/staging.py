@@ -85,8 +85,9 @@ class Staging:
     """A private folder in `folder` whose files `commit` moves over `targets` all at once.
 
     Entering creates `folder` (and its parents) and the staging folder, or raises a UserError
-    naming `option` (the user's folder, `root`, holds `folder`); leaving removes the staging folder and, after a failure, the folders this
-    run created. A stop signal on the way out gets a note saying what was kept.
+    naming `option` and `root`, the user's folder that holds `folder`; leaving removes the
+    staging folder and, after a failure, the folders this run created. A stop signal on the way
+    out gets a note saying what was kept.
     """
 
     def __init__(self, targets: Sequence[Path], option: str, root: Path | None = None):
