@@ -45,12 +45,15 @@ def stop_on_signals() -> Iterator[None]:
         raise Interrupted(signum)
 
     numbers = [signal.SIGINT] + ([signal.SIGTERM] if hasattr(signal, "SIGTERM") else [])
-    previous = {number: signal.signal(number, handler) for number in numbers}
+    # A signal the parent chose to ignore (SIGINT of a background job) stays ignored.
+    previous = {n: signal.getsignal(n) for n in numbers if signal.getsignal(n) != signal.SIG_IGN}
+    for number in previous:
+        signal.signal(number, handler)
     try:
         yield
     finally:
         for number, old in previous.items():
-            signal.signal(number, old)
+            signal.signal(number, signal.SIG_DFL if old is None else old)
 
 
 def summary(exc: KeyboardInterrupt) -> tuple[str, int]:

@@ -211,8 +211,8 @@ def resample(frames: np.ndarray, source: int, target: int) -> np.ndarray:
 
 def clock(seconds: float) -> str:
     """`m:ss.mmm`, how a user finds a place in a song."""
-    minutes, rest = divmod(seconds, 60)
-    return f"{int(minutes)}:{rest:06.3f}"
+    minutes, millis = divmod(round(seconds * 1000), 60000)
+    return f"{minutes}:{millis / 1000:06.3f}"
 
 
 def wav_declared_frames(path: Path) -> int | None:
@@ -231,11 +231,13 @@ def wav_declared_frames(path: Path) -> int | None:
             if name == b"data":
                 size = data64 if size == 0xFFFFFFFF and data64 else size
                 return size // block_align if block_align and size not in (0, 0xFFFFFFFF) else None
-            body = file.read(size + size % 2)
             if name == b"fmt ":
-                block_align = int.from_bytes(body[12:14], "little")
+                block_align = int.from_bytes(file.read(size)[12:14], "little")
             elif name == b"ds64":
-                data64 = int.from_bytes(body[8:16], "little")
+                data64 = int.from_bytes(file.read(size)[8:16], "little")
+            else:
+                file.seek(size, 1)
+            file.seek(file.tell() % 2, 1)  # chunks start at even offsets
     return None
 
 
@@ -422,16 +424,16 @@ def separate(
     known until the end, and the files hold exactly what the model produced. All stems appear
     together, after the last frame is written, or none does.
     """
-    if song.is_dir():
-        raise UserError(f"audio file {song} is a directory; pass the song's file")
-    if not song.is_file():
-        raise UserError(f"audio file {song} does not exist")
     if not 0 <= overlap < 1:
         raise UserError(f"--overlap {overlap} is outside [0, 1)")
     if shifts < 0:
         raise UserError(f"--shifts {shifts} is negative")
     if seed is not None and seed < 0:
         raise UserError(f"--seed {seed} is negative; pass 0 or more")
+    if song.is_dir():
+        raise UserError(f"audio file {song} is a directory; pass the song's file")
+    if not song.is_file():
+        raise UserError(f"audio file {song} does not exist")
     with note_on_interrupt("stopped before separating; nothing was written"):
         engine = Engine(model)
     info = engine.info

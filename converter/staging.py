@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -100,13 +100,17 @@ class Staging:
 
     def __enter__(self) -> Staging:
         check_targets(self.targets)
-        missing = [p for p in (self.folder, *self.folder.parents) if not p.exists()]
+        self.created = [p for p in (self.folder, *self.folder.parents) if not p.exists()]
+        # The name is known before the folder exists, so a signal at any point cleans it up.
+        self.path = self.folder / f"{PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            self.created = missing
             remove_stale(self.folder)
-            self.path = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=self.folder))
-        except OSError as exc:
+            self.path.mkdir(mode=0o700)
+        except BaseException as exc:
+            self.__exit__(type(exc), exc, None)
+            if not isinstance(exc, OSError):
+                raise
             where = "" if self.option.endswith(f" {self.folder}") else f" ({self.folder})"
             raise UserError(
                 f"cannot write to {self.option}{where}: {exc.strerror or exc}; "
@@ -128,7 +132,7 @@ class Staging:
             except OSError:
                 break
         if isinstance(exc, KeyboardInterrupt):
-            done = f"{', '.join(t.name for t in self.targets)} in {self.folder} were complete"
+            done = f"the new {', '.join(t.name for t in self.targets)} in {self.folder} are complete"
             exc.add_note(done if self.committed else describe(self.targets))
 
     def commit(self) -> None:
