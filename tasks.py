@@ -165,9 +165,9 @@ def contract(c, file=None, self_test=False):
         "song": "Audio file to separate (WAV, FLAC or anything libsndfile reads); mono is duplicated.",
         "model": "Converted ONNX file (default: models/htdemucs.onnx); stems come from its metadata.",
         "out_dir": "Stems go to OUT_DIR/SONG/STEM.wav, 32-bit float (default: separated/).",
-        "overlap": "Overlap of consecutive segments, in [0, 1) (default 0.25, as demucs).",
-        "shifts": "Random time shifts to average (demucs' shift trick; default 0: off).",
-        "seed": "Seed of the shift offsets, for reproducible runs (default: random).",
+        "overlap": "Overlap of consecutive segments, a number in [0, 1) (default 0.25, as demucs).",
+        "shifts": "How many random time shifts to average (demucs' shift trick; default 0: off).",
+        "seed": "Integer >= 0 seeding the shift offsets, for reproducible runs (default: random).",
         "overwrite": "Replace stem files that already exist.",
     }
 )
