@@ -3,7 +3,8 @@
 A run writes into a private `.staging-PID-*` folder beside its targets and, once everything
 passed, moves the files over the targets together: each existing target is set aside first,
 and any failure (or Ctrl-C / SIGTERM) puts the previous set back. A later run removes staging
-folders whose process is gone (a SIGKILL leaves one behind); nothing else reads them.
+folders whose process is gone (a SIGKILL leaves one behind; the PID in the name is looked up on
+this machine, so two machines must not share an output folder); nothing else reads them.
 """
 
 from __future__ import annotations
