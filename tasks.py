@@ -2,7 +2,9 @@
 
 Every CI step is one of these tasks or a nox session, so anything CI does runs the same locally.
 User errors (`converter.errors.UserError`) become one clear message and exit status 1, without
-a traceback.
+a traceback; Ctrl-C and SIGTERM clean up, say what was kept and exit with 130 / 143. Numeric
+options are declared as text and parsed here: invoke casts by the default's type, and a bad
+value would otherwise end in its traceback.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 
 from invoke import Collection, Exit, task
 
+from converter import interrupts
 from converter.errors import UserError
 from converter.facts import PRODUCTS
 
@@ -22,19 +25,31 @@ ALL_MODELS = ",".join(PRODUCTS)
 
 
 def _cli(func):
-    """Log to stderr and turn UserError into `Exit(message, 1)`."""
+    """Log to stderr; UserError -> `Exit("error: ...", 1)`, Ctrl-C/SIGTERM -> one line, 130/143."""
 
     @functools.wraps(func)
     def wrapper(c, *args, **kwargs):
         logging.basicConfig(
             level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
         )
-        try:
-            return func(c, *args, **kwargs)
-        except UserError as exc:
-            raise Exit(f"error: {exc}", code=1) from None
+        with interrupts.stop_on_signals():
+            try:
+                return func(c, *args, **kwargs)
+            except UserError as exc:
+                raise Exit(f"error: {exc}", code=1) from None
+            except KeyboardInterrupt as exc:
+                raise Exit(*interrupts.summary(exc)) from None
 
     return wrapper
+
+
+def _number(option: str, value, kind: type[int] | type[float]):
+    """`value` of `--option` as `kind`, or a UserError naming the option."""
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        what = "an integer" if kind is int else "a number"
+        raise UserError(f"--{option} {value!r} is not {what}") from None
 
 
 def _path(value: str | None) -> Path | None:
@@ -189,23 +204,24 @@ def contract(c, file=None, self_test=False):
         "song": "Audio file to separate (WAV, FLAC or anything libsndfile reads); mono is duplicated.",
         "model": "Converted ONNX file (default: models/htdemucs.onnx); stems come from its metadata.",
         "out_dir": "Stems go to OUT_DIR/SONG/STEM.wav, 32-bit float (default: separated/).",
-        "overlap": "Overlap of consecutive segments, in [0, 1) (default 0.25, as demucs).",
-        "shifts": "Random time shifts to average (demucs' shift trick; default 0: off).",
-        "seed": "Seed of the shift offsets, for reproducible runs (default: random).",
+        "overlap": "Overlap of consecutive segments, a number in [0, 1) (default 0.25, as demucs).",
+        "shifts": "How many random time shifts to average (demucs' shift trick; default 0: off).",
+        "seed": "Integer >= 0 seeding the shift offsets, for reproducible runs (default: random).",
         "overwrite": "Replace stem files that already exist.",
     }
 )
 @_cli
 def separate(
-    c, song, model="models/htdemucs.onnx", out_dir="separated", overlap=0.25, shifts=0,
+    c, song, model="models/htdemucs.onnx", out_dir="separated", overlap="0.25", shifts="0",
     seed=None, overwrite=False,
 ):  # fmt: skip
     """Separate a song into stems with a converted file (numpy + onnxruntime only, no torch)."""
     from converter.separate import separate as run
 
     run(
-        Path(song), Path(model), Path(out_dir), overlap=overlap, shifts=shifts,
-        overwrite=overwrite, seed=int(seed) if seed is not None else None,
+        Path(song), Path(model), Path(out_dir), overlap=_number("overlap", overlap, float),
+        shifts=_number("shifts", shifts, int), overwrite=overwrite,
+        seed=_number("seed", seed, int) if seed is not None else None,
     )  # fmt: skip
 
 
@@ -219,11 +235,12 @@ def separate(
     }
 )
 @_cli
-def bench(c, model="htdemucs", repo=None, runs=5, profile=10, out_dir="bench-results"):
+def bench(c, model="htdemucs", repo=None, runs="5", profile="10", out_dir="bench-results"):
     """PyTorch eager vs onnxruntime latency and RSS, GMAC, conversion cost; table + JSON."""
     from converter.bench import bench as run
     from converter.bench import table
 
+    runs, profile = _number("runs", runs, int), _number("profile", profile, int)
     print(table(run(model, repo=_path(repo), runs=runs, profile=profile, out_dir=Path(out_dir))))
 
 

@@ -57,6 +57,8 @@ class LoadedBag:
 
 
 def _bag_signatures(name: str, repo: Path | None) -> list[str]:
+    """The signatures `NAME.yaml` lists ([name] without one), checked as demucs will read them,
+    so a broken bag file gets one line naming the file and the place instead of a parser dump."""
     import yaml
 
     if repo is not None:
@@ -65,9 +67,47 @@ def _bag_signatures(name: str, repo: Path | None) -> list[str]:
         from demucs.pretrained import REMOTE_ROOT
 
         bag_file = REMOTE_ROOT / f"{name}.yaml"
+    if bag_file.is_dir():
+        raise UserError(f"{bag_file} is a directory, not a bag file; remove it")
     if not bag_file.is_file():
         return [name]
-    return list(yaml.safe_load(bag_file.read_text(encoding="utf-8"))["models"])
+    fix = "fix it, or write a fresh repo with `invoke fake-repo`"
+    try:
+        bag = yaml.safe_load(bag_file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise UserError(f"bag file {bag_file} is not valid YAML ({problem}{at}); {fix}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read bag file {bag_file} ({exc}); {fix}") from None
+    models = bag.get("models") if isinstance(bag, dict) else None
+    if not isinstance(models, list) or not models or not all(isinstance(m, str) for m in models):
+        numbers = " (quote signatures YAML reads as numbers)" if isinstance(models, list) else ""
+        raise UserError(
+            f"bag file {bag_file} must map `models` to a list of checkpoint signatures, as "
+            f"demucs writes it ('models: [955717e8]'){numbers}; it holds {str(bag)[:80]!r}: {fix}"
+        )
+    weights = bag.get("weights")
+    rows_ok = isinstance(weights, list) and len(weights) == len(models) and all(
+        isinstance(row, list) and all(type(w) in (int, float) for w in row) for row in weights
+    )
+    if weights is not None and not rows_ok:
+        raise UserError(
+            f"bag file {bag_file}: `weights` must hold one list of per-stem numbers for each of "
+            f"its {len(models)} models; {fix}"
+        )
+    if weights is not None and len({len(row) for row in weights}) == 1:
+        zero = [s for s in range(len(weights[0])) if sum(row[s] for row in weights) == 0]
+        if zero:
+            raise UserError(
+                f"bag file {bag_file}: stem(s) {zero} have zero total weight, so no model "
+                f"produces them; {fix}"
+            )
+    segment = bag.get("segment")
+    if segment is not None and (type(segment) not in (int, float) or segment <= 0):
+        raise UserError(f"bag file {bag_file}: `segment` {segment!r} is not a positive number")
+    return models
 
 
 def _locate_checkpoint(name: str, signature: str, repo: Path | None) -> dict:
@@ -110,6 +150,7 @@ def load(name: str, repo: Path | None = None) -> LoadedBag:
     from demucs.pretrained import ModelLoadingError, get_model
 
     where = f"local repo {repo}" if repo is not None else "the Hugging Face hub / demucs remote"
+    signatures = _bag_signatures(name, repo)
     log.info("loading %s from %s", name, where)
     try:
         model = get_model(name, repo=repo)
@@ -121,6 +162,11 @@ def load(name: str, repo: Path | None = None) -> LoadedBag:
             else "check the network, or convert offline with --repo DIR"
         )
         raise UserError(f"could not load {name} from {where}: {exc}; {hint}") from None
+    except AssertionError:  # demucs' BagOfModels checks its members with bare asserts
+        raise UserError(
+            f"demucs refused the bag {name} from {where}: its models must share stems, sample "
+            "rate and channels, and each `weights` row needs one number per stem"
+        ) from None
     except Exception as exc:  # torch.load/pickle/network errors have no common base class
         if repo is not None:
             raise UserError(
@@ -137,7 +183,6 @@ def load(name: str, repo: Path | None = None) -> LoadedBag:
     bad = [type(m).__name__ for m in bag.models if not isinstance(m, HTDemucs)]
     if bad:
         raise UserError(f"{name} holds {bad} models; only HTDemucs (Demucs v4) converts")
-    signatures = _bag_signatures(name, repo)
     if len(signatures) != len(bag.models):
         raise UserError(f"{name}: bag lists {len(signatures)} models, loaded {len(bag.models)}")
     loaded = LoadedBag(name=name, bag=bag.eval(), signatures=signatures)

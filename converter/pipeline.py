@@ -1,17 +1,15 @@
 """`invoke convert` and `invoke validate` end to end: load, export, optimize, stamp, gate, write.
 
-Everything is built in a staging folder inside `--out-dir` and moved under the final names only
-after the validation and contract gates pass, so a failed run never leaves a partial or
-unvalidated `NAME.onnx` (or a sidecar that belongs to another file) behind.
+Everything is built in a staging folder inside `--out-dir` (`converter.staging`) and moved under
+the final names only after the validation and contract gates pass, so a failed or stopped run
+(Ctrl-C, SIGTERM) never leaves a partial or unvalidated `NAME.onnx` (or a sidecar that belongs
+to another file) behind.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from .loading import LoadedBag, load
 from .optimize import LEVEL, optimize
 from .progress import peak_rss_mb, release_memory, step
 from .runtime_shapes import anchor_shapes
+from .staging import Staging
 
 log = logging.getLogger(__name__)
 
@@ -61,31 +60,12 @@ def metadata_entries(bag: LoadedBag, ir_version: int) -> dict[str, str]:
     }
 
 
-def _check_writable(out_dir: Path) -> None:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out_dir):
-            pass
-    except OSError as exc:
-        raise UserError(
-            f"cannot write to --out-dir {out_dir} ({exc.strerror or exc}); pass a writable folder"
-        ) from None
-
-
 def write_with_sidecar(model: onnx.ModelProto, path: Path) -> str:
     """Save `model` to `path` and its `sha256sum` sidecar; return the digest."""
     onnx.save(model, path)
     digest = meta.sha256_file(path)
     meta.sidecar_path(path).write_text(meta.sidecar_text(path, digest), encoding="utf-8")
     return digest
-
-
-def _publish(staged: list[Path], finals: list[Path]) -> None:
-    """Move staged files over the final names; the old sidecar goes first so it never vouches
-    for a file it does not describe."""
-    finals[1].unlink(missing_ok=True)
-    for source, target in zip(staged, finals, strict=True):
-        os.replace(source, target)
 
 
 def convert(model: str, repo: Path | None = None, out_dir: Path = Path("models")) -> Path:
@@ -95,21 +75,18 @@ def convert(model: str, repo: Path | None = None, out_dir: Path = Path("models")
 
     started = time.perf_counter()
     timings: dict[str, float] = {}
-    _check_writable(out_dir)
-    with step("load", timings):
-        bag = load(model, repo)
-    with step("export", timings):
-        graph = export_bag(bag, timings)
-    anchor_shapes(graph, INPUT)
-    with step("optimize", timings):
-        graph = optimize(graph, workdir=out_dir)
-    meta.stamp(graph, metadata_entries(bag, graph.ir_version))
-    log.info("cache key %s", meta.read_metadata(graph)[meta.CACHE_KEY])
-
     finals = list(file_paths(model, out_dir))
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
-    try:
-        staged = [staging / p.name for p in finals]
+    with Staging(finals, "--out-dir") as staging:  # refuses an unwritable folder before any work
+        with step("load", timings):
+            bag = load(model, repo)
+        with step("export", timings):
+            graph = export_bag(bag, timings)
+        anchor_shapes(graph, INPUT)
+        with step("optimize", timings):
+            graph = optimize(graph, workdir=staging.path)
+        meta.stamp(graph, metadata_entries(bag, graph.ir_version))
+        log.info("cache key %s", meta.read_metadata(graph)[meta.CACHE_KEY])
+        staged = [staging.staged(p) for p in finals]
         digest = write_with_sidecar(graph, staged[0])
         del graph  # hundreds of MB of protobuf, not needed by the gates
         release_memory()
@@ -117,9 +94,7 @@ def convert(model: str, repo: Path | None = None, out_dir: Path = Path("models")
             validate_file(staged[0], bag, reference_out=staged[2])
         with step("contract gate", timings):
             gate(staged[0])
-        _publish(staged, finals)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        staging.commit()
     size = finals[0].stat().st_size
     log.info(
         "wrote %s (%.1f MB, sha256 %s) in %.1f s, peak RSS %.0f MB",
@@ -134,6 +109,8 @@ def validate(model: str, repo: Path | None = None, out_dir: Path = Path("models"
     from .validation import validate_file
 
     onnx_path, _, reference = file_paths(model, out_dir)
+    if onnx_path.is_dir():
+        raise UserError(f"{onnx_path} is a directory, not a converted file; move it away")
     if not onnx_path.is_file():
         raise UserError(f"{onnx_path} does not exist; run `invoke convert --model {model}` first")
     gate(onnx_path)

@@ -8,6 +8,11 @@ the file's fixed length with the given overlap and demucs' triangular transition
 one segment of the output, and once every chunk that starts before a frame is done that frame
 is final, so it is written to the stem files at once and memory stays bounded by a few segments
 whatever the song length.
+
+Bad input never becomes bad stems: a NaN or Inf sample is refused with its time, a truncated
+file is separated as far as it goes with a warning that gives both lengths, and stems that are
+not finite are never written. Stems are staged and replace a previous set together or not at
+all (`converter.staging`), also on Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +29,7 @@ import numpy as np
 
 from . import metadata as meta
 from .errors import UserError
+from .staging import Staging, check_targets, note_on_interrupt
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +40,8 @@ STD_EPSILON = 1e-8
 MAX_SHIFT_SECONDS = 0.5
 STAT_BLOCK_FRAMES = 1 << 20
 METADATA_KEYS = (meta.STEMS, meta.SAMPLE_RATE, meta.SEGMENT_SAMPLES, meta.AUDIO_CHANNELS)
+# Stem names become file names: no separators, no hidden or relative names.
+STEM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_+-]*")
 
 
 @dataclass(frozen=True)
@@ -55,15 +64,28 @@ def model_info(metadata: dict[str, str], path: Path) -> ModelInfo:
         )
     try:
         provenance = json.loads(metadata.get(meta.PROVENANCE, "{}"))
-        return ModelInfo(
+        signatures = provenance.get("signatures") if isinstance(provenance, dict) else None
+        info = ModelInfo(
             stems=metadata[meta.STEMS].split(","),
             samplerate=int(metadata[meta.SAMPLE_RATE]),
             segment=int(metadata[meta.SEGMENT_SAMPLES]),
             channels=int(metadata[meta.AUDIO_CHANNELS]),
-            models=len(provenance.get("signatures", [])) or 1,
+            models=len(signatures) if isinstance(signatures, list) and signatures else 1,
         )
     except ValueError as exc:
         raise UserError(f"{path} has malformed openkara.* metadata ({exc})") from None
+    sizes = {meta.SAMPLE_RATE: info.samplerate, meta.SEGMENT_SAMPLES: info.segment,
+             meta.AUDIO_CHANNELS: info.channels}  # fmt: skip
+    wrong = [f"{key}={value}" for key, value in sizes.items() if value <= 0]
+    if len(set(info.stems)) != len(info.stems) or not all(map(STEM_NAME.fullmatch, info.stems)):
+        names = metadata[meta.STEMS]
+        wrong.append(f"{meta.STEMS}={names!r} (distinct names of letters, digits, _+-)")
+    if wrong:
+        raise UserError(
+            f"{path} has impossible openkara.* metadata: {', '.join(wrong)}; it was not written by "
+            "`invoke convert` or was edited since: convert the model again"
+        )
+    return info
 
 
 class Engine:
@@ -72,6 +94,8 @@ class Engine:
     def __init__(self, path: Path):
         import onnxruntime as ort
 
+        if path.is_dir():
+            raise UserError(f"model file {path} is a directory; pass the .onnx file with --model")
         if not path.is_file():
             raise UserError(f"model file {path} does not exist; convert one with `invoke convert`")
         options = ort.SessionOptions()
@@ -142,7 +166,10 @@ class Track:
         out = np.zeros((self.channels, size), np.float32)
         lo, hi = max(start, 0), min(start + size, self.length)
         if lo < hi:
-            out[:, lo - start : hi - start] = (self.read(lo, hi) - self.mean) / self.std
+            frames = self.read(lo, hi)
+            if frames.shape[1] != hi - lo:
+                raise UserError(f"the audio file changed while being read (frames {lo}-{hi})")
+            out[:, lo - start : hi - start] = (frames - self.mean) / self.std
         return out
 
 
@@ -150,17 +177,25 @@ def normalize(track: Track) -> Track:
     """Set `track`'s mean/std as demucs does: statistics of the channel-mean signal.
 
     One streaming pass in float64 (Chan et al.'s pairwise update), so a long file is never held
-    in memory just for two numbers; the std is the unbiased one, as torch's `Tensor.std`.
+    in memory just for two numbers; the std is the unbiased one, as torch's `Tensor.std`. A
+    short read ends the track there (a truncated file whose header promised more).
     """
     count, mean, m2 = 0, 0.0, 0.0
     for start in range(0, track.length, STAT_BLOCK_FRAMES):
-        mono = track.read(start, min(start + STAT_BLOCK_FRAMES, track.length)).mean(0, dtype=np.float64)
+        stop = min(start + STAT_BLOCK_FRAMES, track.length)
+        mono = track.read(start, stop).mean(0, dtype=np.float64)
+        if mono.size < stop - start:
+            track.length = start + mono.size
+        if not mono.size:
+            break
         n, block_mean = mono.size, float(mono.mean())
         block_m2 = float(((mono - block_mean) ** 2).sum())
         delta, total = block_mean - mean, count + n
         mean += delta * n / total
         m2 += block_m2 + delta**2 * count * n / total
         count = total
+        if start + n < stop:
+            break
     std = (m2 / (count - 1)) ** 0.5 if count > 1 else 0.0
     track.mean, track.std = mean, std + STD_EPSILON
     log.info("track normalization: mean %.3g, std %.3g", mean, std)
@@ -174,6 +209,51 @@ def resample(frames: np.ndarray, source: int, target: int) -> np.ndarray:
     return np.ascontiguousarray(soxr.resample(frames.T, source, target, quality="VHQ").T, np.float32)
 
 
+def clock(seconds: float) -> str:
+    """`m:ss.mmm`, how a user finds a place in a song."""
+    minutes, millis = divmod(round(seconds * 1000), 60000)
+    return f"{minutes}:{millis / 1000:06.3f}"
+
+
+def wav_declared_frames(path: Path) -> int | None:
+    """Frames the `data` chunk of a RIFF/RF64 WAV header declares, or None if not a WAV.
+
+    libsndfile counts only the frames actually in the file, so a truncated WAV would otherwise
+    go unnoticed. 0 and 0xFFFFFFFF (streamed files of unknown length) declare nothing.
+    """
+    with open(path, "rb") as file:
+        head = file.read(12)
+        if head[:4] not in (b"RIFF", b"RF64") or head[8:12] != b"WAVE":
+            return None
+        block_align, data64 = 0, 0
+        while len(chunk := file.read(8)) == 8:
+            name, size = chunk[:4], int.from_bytes(chunk[4:], "little")
+            if name == b"data":
+                size = data64 if size == 0xFFFFFFFF and data64 else size
+                return size // block_align if block_align and size not in (0, 0xFFFFFFFF) else None
+            if name == b"fmt ":
+                block_align = int.from_bytes(file.read(size)[12:14], "little")
+            elif name == b"ds64":
+                data64 = int.from_bytes(file.read(size)[8:16], "little")
+            else:
+                file.seek(size, 1)
+            file.seek(file.tell() % 2, 1)  # chunks start at even offsets
+    return None
+
+
+def check_finite(frames: np.ndarray, start: int, rate: int, path: Path) -> None:
+    """Refuse NaN/Inf samples ([n, channels] from file frame `start`): one would turn every
+    stem into NaN through the track normalization."""
+    bad = ~np.isfinite(frames)
+    if bad.any():
+        frame, channel = (int(i) for i in np.argwhere(bad)[0])
+        raise UserError(
+            f"{path} holds a non-finite sample ({frames[frame, channel]}) at "
+            f"{clock((start + frame) / rate)} (frame {start + frame}, channel {channel + 1}); "
+            "every stem would be NaN. Repair or re-export the audio"
+        )
+
+
 @contextlib.contextmanager
 def open_track(path: Path, samplerate: int, channels: int) -> Iterator[Track]:
     """Open `path` as a normalized Track; at the model's rate it is read from disk as needed."""
@@ -184,30 +264,50 @@ def open_track(path: Path, samplerate: int, channels: int) -> Iterator[Track]:
     except (sf.LibsndfileError, RuntimeError) as exc:
         raise UserError(f"cannot read {path} as audio ({exc}); use WAV or FLAC") from None
     with sound:
+        rate = sound.samplerate
         if sound.frames <= 0:
             raise UserError(f"{path} holds no audio frames")
         log.info(
-            "%s: %d Hz, %d channel(s), %.1f s", path.name, sound.samplerate, sound.channels,
-            sound.frames / sound.samplerate,
+            "%s: %d Hz, %d channel(s), %.1f s",
+            path.name, rate, sound.channels, sound.frames / rate,
         )  # fmt: skip
 
         def read_file(start: int, stop: int) -> np.ndarray:
-            sound.seek(start)
-            frames = sound.read(stop - start, dtype="float32", always_2d=True).T
-            return convert_channels(frames, channels)
+            try:
+                sound.seek(start)
+                frames = sound.read(stop - start, dtype="float32", always_2d=True)
+            except (sf.LibsndfileError, RuntimeError) as exc:
+                raise UserError(
+                    f"cannot decode {path} at {clock(start / rate)} ({exc}): the file is damaged "
+                    "or truncated; repair or re-encode it"
+                ) from None
+            check_finite(frames, start, rate, path)
+            return convert_channels(frames.T, channels)
 
         if sound.channels != channels:
             log.info("%d channel(s) -> %d, as demucs converts them", sound.channels, channels)
-        if sound.samplerate == samplerate and sound.seekable():
-            track = Track(read_file, sound.frames, channels)
+        if rate == samplerate and sound.seekable():
+            track = normalize(Track(read_file, sound.frames, channels))
+            present = track.length
         else:
             # Resampling needs the whole signal; the resampled copy is the only one kept.
             data = read_file(0, sound.frames)
-            if sound.samplerate != samplerate:
-                log.info("resampling %d Hz -> %d Hz with soxr (VHQ)", sound.samplerate, samplerate)
-                data = resample(data, sound.samplerate, samplerate)
-            track = Track(lambda start, stop: data[:, start:stop], data.shape[1], channels)
-        yield normalize(track)
+            present = data.shape[1]
+            if rate != samplerate:
+                log.info("resampling %d Hz -> %d Hz with soxr (VHQ)", rate, samplerate)
+                data = resample(data, rate, samplerate)
+            track = normalize(Track(lambda lo, hi: data[:, lo:hi], data.shape[1], channels))
+        declared = max(sound.frames, wav_declared_frames(path) or 0)
+        if not present:
+            raise UserError(f"{path} holds no audio frames (its header declares {declared})")
+        if present < declared:
+            log.warning(
+                "%s is truncated: its header declares %d frames (%s), the file holds %d (%s); "
+                "separating the %s present",
+                path, declared, clock(declared / rate), present, clock(present / rate),
+                clock(present / rate),
+            )  # fmt: skip
+        yield track
 
 
 @dataclass(frozen=True)
@@ -324,17 +424,23 @@ def separate(
     known until the end, and the files hold exactly what the model produced. All stems appear
     together, after the last frame is written, or none does.
     """
-    if not song.is_file():
-        raise UserError(f"audio file {song} does not exist")
     if not 0 <= overlap < 1:
         raise UserError(f"--overlap {overlap} is outside [0, 1)")
     if shifts < 0:
         raise UserError(f"--shifts {shifts} is negative")
-    engine = Engine(model)
+    if seed is not None and seed < 0:
+        raise UserError(f"--seed {seed} is negative; pass 0 or more")
+    if song.is_dir():
+        raise UserError(f"audio file {song} is a directory; pass the song's file")
+    if not song.is_file():
+        raise UserError(f"audio file {song} does not exist")
+    with note_on_interrupt("stopped before separating; nothing was written"):
+        engine = Engine(model)
     info = engine.info
     if int((1 - overlap) * info.segment) < 1:
         raise UserError(f"--overlap {overlap} leaves no stride within a {info.segment}-sample segment")
     finals = stem_paths(song, out_dir, info.stems)
+    check_targets(list(finals.values()))
     existing = [str(p) for p in finals.values() if p.exists()]
     if existing and not overwrite:
         raise UserError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace")
@@ -347,19 +453,34 @@ def separate(
             log.info("the %d models of the bag share each pass's offset", info.models)
     import soundfile as sf
 
-    with open_track(song, info.samplerate, info.channels) as track, contextlib.ExitStack() as staged:
-        temps = [staged.enter_context(meta.atomic_path(p)) for p in finals.values()]
+    staging = Staging(list(finals.values()), "--out-dir", out_dir)
+    with staging, open_track(song, info.samplerate, info.channels) as track:
         with contextlib.ExitStack() as files:
             writers = [
                 files.enter_context(sf.SoundFile(
-                    t, "w", samplerate=info.samplerate, channels=info.channels, subtype="FLOAT",
-                    format="WAV",
+                    staging.staged(p), "w", samplerate=info.samplerate, channels=info.channels,
+                    subtype="FLOAT", format="WAV",
                 ))
-                for t in temps
+                for p in finals.values()
             ]  # fmt: skip
-            blocks = stream(track, engine, info.segment, len(info.stems), overlap, offsets, max_shift)
-            for block in blocks:
+            done = 0
+            stems = len(info.stems)
+            for block in stream(track, engine, info.segment, stems, overlap, offsets, max_shift):
+                check_output(block, done, info, model)
                 for writer, stem in zip(writers, block):
                     writer.write(stem.T)
-    log.info("wrote %s", ", ".join(str(p) for p in finals.values()))
+                done += block.shape[-1]
+        staging.commit()
     return finals
+
+
+def check_output(block: np.ndarray, start: int, info: ModelInfo, model: Path) -> None:
+    """Never write a non-finite stem: stop at the first NaN/Inf the model produced."""
+    bad = ~np.isfinite(block)
+    if bad.any():
+        stem, channel, frame = (int(i) for i in np.argwhere(bad)[0])
+        raise UserError(
+            f"{model} produced a non-finite value for stem {info.stems[stem]!r} at "
+            f"{clock((start + frame) / info.samplerate)} (channel {channel + 1}); no stems were "
+            "written. The file is broken, or this audio overflows float32 in it"
+        )

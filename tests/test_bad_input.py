@@ -1,0 +1,336 @@
+"""Bad input and stop signals, run as a user runs them: `python -m invoke ...` from the repo root.
+
+Each case checks the exit status, that stderr holds exactly one `error:` (or `interrupted`)
+line and no traceback, and what is left on disk: never a partial or mixed set of outputs, never
+a staging folder or temp file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import soundfile as sf
+from onnx import TensorProto, helper
+
+from converter import staging
+from converter.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+RATE = 44100
+STEMS = ("drums", "bass", "other", "vocals")
+
+
+def invoke(*args) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "invoke", *map(str, args)], cwd=ROOT, capture_output=True,
+        text=True, timeout=600,
+    )  # fmt: skip
+
+
+def one_line(done, start: str = "error:", status: int = 1) -> str:
+    """The one line starting with `start` in stderr (no traceback), after checking the status."""
+    lines = [line for line in done.stderr.splitlines() if line.startswith(start)]
+    assert done.returncode == status and len(lines) == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    return lines[0]
+
+
+def song(path: Path, seconds: float = 1.0, subtype: str = "FLOAT") -> Path:
+    audio = 0.1 * np.random.default_rng(0).standard_normal((int(seconds * RATE), 2))
+    sf.write(path, audio.astype(np.float32), RATE, subtype=subtype)
+    return path
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Staging folders and temp files anywhere under `folder`."""
+    return [str(p) for p in folder.rglob("*") if p.name.startswith(".")]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def separate(song_path: Path, model: Path, out: Path, *more):
+    return invoke("separate", song_path, "--model", model, "--out-dir", out, *more)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_non_finite_sample_is_refused_with_its_time(bad, small_models, tmp_path):
+    path = song(tmp_path / "song.wav", 2.0)
+    audio, _ = sf.read(path, dtype="float32")
+    audio[30000, 1] = bad
+    sf.write(path, audio, RATE, subtype="FLOAT")
+    line = one_line(separate(path, small_models["htdemucs"], tmp_path / "out"))
+    assert f"non-finite sample ({bad})" in line
+    assert "at 0:00.680 (frame 30000, channel 2)" in line
+    assert not (tmp_path / "out").exists()  # the folder this run created is gone again
+
+
+def test_a_model_that_produces_non_finite_stems_writes_none(tmp_path):
+    # sqrt(-1 - |x|) is NaN everywhere: a broken file, or one that overflows on this audio.
+    nodes = [
+        helper.make_node("Abs", ["audio"], ["abs"]),
+        helper.make_node("Sub", ["minus_one", "abs"], ["neg"]),
+        helper.make_node("Sqrt", ["neg"], ["nan"]),
+        helper.make_node("Unsqueeze", ["nan", "axis"], ["stems"]),
+    ]
+    model = tiny_model(tmp_path / "nan.onnx", nodes, stems="voice", initializers=[
+        helper.make_tensor("minus_one", TensorProto.FLOAT, [], [-1.0]),
+        helper.make_tensor("axis", TensorProto.INT64, [1], [1]),
+    ])  # fmt: skip
+    line = one_line(separate(song(tmp_path / "song.wav", 0.01), model, tmp_path / "out"))
+    assert "produced a non-finite value for stem 'voice' at 0:00.000" in line
+    assert "no stems were written" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_truncated_wav_is_separated_with_a_warning_giving_both_lengths(small_models, tmp_path):
+    path = song(tmp_path / "song.wav", 2.0)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    present = sf.info(str(path)).frames
+    done = separate(path, small_models["htdemucs"], tmp_path / "out")
+    assert done.returncode == 0, done.stderr[-3000:]
+    (warning,) = [line for line in done.stderr.splitlines() if "WARNING" in line]
+    declared = "its header declares 88200 frames (0:02.000)"
+    assert f"is truncated: {declared}, the file holds {present}" in warning
+    for stem in STEMS:
+        assert sf.info(str(tmp_path / "out" / "song" / f"{stem}.wav")).frames == present
+
+
+def test_a_damaged_flac_is_one_error(small_models, tmp_path):
+    path = song(tmp_path / "song.flac", 3.0, subtype="PCM_16")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    line = one_line(separate(path, small_models["htdemucs"], tmp_path / "out"))
+    assert "cannot decode" in line and "damaged or truncated" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_overwrite_with_one_stem_path_blocked_replaces_nothing(small_models, tmp_path):
+    path, out = song(tmp_path / "song.wav"), tmp_path / "out"
+    assert separate(path, small_models["htdemucs"], out).returncode == 0
+    (out / "song" / "drums.wav").unlink()
+    (out / "song" / "drums.wav").mkdir()
+    before = snapshot(out / "song")
+    song(path, 1.5)  # a different song under the same name
+    line = one_line(separate(path, small_models["htdemucs"], out, "--overwrite"))
+    assert f"{out / 'song' / 'drums.wav'} is a directory" in line
+    assert snapshot(out / "song") == before and not leftovers(out)
+
+
+def test_a_failed_rename_puts_the_previous_set_back(tmp_path, monkeypatch):
+    """The commit itself failing midway (a disk error, a path blocked after the check)."""
+    targets = [tmp_path / f"{stem}.wav" for stem in STEMS]
+    for target in targets:
+        target.write_text(f"old {target.name}")
+    real, calls = os.replace, []
+
+    def failing(source, target):
+        calls.append(target)
+        if len(calls) == 6:  # 4 old files set aside, 1 new file in, then the second fails
+            raise OSError(28, "No space left on device")
+        real(source, target)
+
+    with staging.Staging(targets, "--out-dir") as stage:
+        for target in targets:
+            stage.staged(target).write_text(f"new {target.name}")
+        monkeypatch.setattr(staging.os, "replace", failing)
+        with pytest.raises(UserError, match="No space left on device.*files were put back"):
+            stage.commit()
+    assert {t.name: t.read_text() for t in targets} == {t.name: f"old {t.name}" for t in targets}
+    assert not leftovers(tmp_path)
+
+
+def test_out_dir_under_a_regular_file(small_models, tmp_path):
+    path = song(tmp_path / "song.wav")
+    line = one_line(separate(path, small_models["htdemucs"], path))
+    assert f"cannot write to --out-dir {path} ({path / 'song'}): Not a directory" in line
+
+
+def test_unwritable_out_dir(small_models, tmp_path):
+    if os.geteuid() == 0:
+        out = Path("/proc/openkara-not-writable")  # root ignores permission bits
+    else:
+        out = tmp_path / "ro"
+        out.mkdir()
+        out.chmod(0o555)
+    line = one_line(separate(song(tmp_path / "song.wav"), small_models["htdemucs"], out))
+    assert f"cannot write to --out-dir {out}" in line and "pass a writable folder" in line
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--shifts", "abc"], "--shifts 'abc' is not an integer"),
+        (["--overlap", "abc"], "--overlap 'abc' is not a number"),
+        (["--seed", "x1"], "--seed 'x1' is not an integer"),
+        (["--seed=-1"], "--seed -1 is negative"),
+        (["--shifts", "1.5"], "--shifts '1.5' is not an integer"),
+    ],
+)
+def test_bad_numbers_name_their_option(args, message, tmp_path):
+    # Parsed before the model or song is opened: the paths need not exist.
+    line = one_line(separate(tmp_path / "song.wav", tmp_path / "m.onnx", tmp_path, *args))
+    assert message in line
+
+
+def test_bench_numbers_name_their_option():
+    assert "--runs 'five' is not an integer" in one_line(invoke("bench", "--runs", "five"))
+
+
+def tiny_model(path: Path, nodes, stems: str = "a,b", initializers=(), **metadata) -> Path:
+    """A file with the interface and metadata `invoke separate` reads: [1,2,8] -> [1,S,2,8]."""
+    count = len(stems.split(","))
+    graph = helper.make_graph(
+        nodes, "tiny", [helper.make_tensor_value_info("audio", TensorProto.FLOAT, [1, 2, 8])],
+        [helper.make_tensor_value_info("stems", TensorProto.FLOAT, [1, count, 2, 8])],
+        initializer=list(initializers),
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    entries = {"openkara.stems": stems, "openkara.sample_rate": "44100",
+               "openkara.segment_samples": "8", "openkara.audio_channels": "2"}  # fmt: skip
+    entries.update(metadata)
+    for key, value in entries.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "metadata, message",
+    [
+        ({"openkara.sample_rate": "0"}, "openkara.sample_rate=0"),
+        ({"openkara.segment_samples": "-8"}, "openkara.segment_samples=-8"),
+        ({"openkara.stems": "a,../../evil"}, "openkara.stems='a,../../evil'"),
+        ({"openkara.stems": "a,a"}, "openkara.stems='a,a'"),
+    ],
+)
+def test_impossible_model_metadata(metadata, message, tmp_path):
+    nodes = [helper.make_node("Unsqueeze", ["audio", "axis"], ["one"]),
+             helper.make_node("Concat", ["one", "one"], ["stems"], axis=1)]  # fmt: skip
+    axis = helper.make_tensor("axis", TensorProto.INT64, [1], [1])
+    model = tiny_model(tmp_path / "m.onnx", nodes, initializers=[axis], **metadata)
+    line = one_line(separate(song(tmp_path / "song.wav", 0.01), model, tmp_path / "out"))
+    assert "has impossible openkara.* metadata" in line and message in line
+    assert not (tmp_path / "out").exists() and not (tmp_path.parent / "evil").exists()
+
+
+def test_directories_where_files_belong(small_models, tmp_path):
+    path = song(tmp_path / "song.wav")
+    line = one_line(separate(path, tmp_path, tmp_path / "out"))
+    assert f"model file {tmp_path} is a directory; pass the .onnx file with --model" in line
+    line = one_line(separate(tmp_path, small_models["htdemucs"], tmp_path / "out"))
+    assert f"audio file {tmp_path} is a directory" in line
+
+
+def test_convert_refuses_a_directory_in_place_of_its_output_before_any_work(small_repo, tmp_path):
+    (tmp_path / "htdemucs.onnx.sha256").mkdir(parents=True)
+    done = invoke("convert", "--model", "htdemucs", "--repo", small_repo, "--out-dir", tmp_path)
+    assert f"{tmp_path / 'htdemucs.onnx.sha256'} is a directory" in one_line(done)
+    assert "loading htdemucs" not in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["htdemucs.onnx.sha256"]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("models: [f7e0c4bc, d12395a8\nweights: [\n", "is not valid YAML (expected ',' or ']', "
+         "but got ':' at line 2, column 8)"),
+        ("- f7e0c4bc\n", "must map `models` to a list of checkpoint signatures"),
+        ("models: [12345678]\n", "quote signatures YAML reads as numbers"),
+        ("models: [f7e0c4bc, d12395a8]\nweights: [[1, 0, 0, 0]]\n", "`weights` must hold one list"),
+        ("models: [f7e0c4bc]\nweights: [[1, 0, 0, 0]]\n", "stem(s) [1, 2, 3] have zero total"),
+    ],
+)  # fmt: skip
+def test_broken_bag_yaml(text, message, small_repo, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(small_repo, repo)
+    (repo / "htdemucs_ft.yaml").write_text(text)
+    out = tmp_path / "out"
+    done = invoke("convert", "--model", "htdemucs_ft", "--repo", repo, "--out-dir", out)
+    line = one_line(done)
+    assert f"bag file {repo / 'htdemucs_ft.yaml'}" in line and message in line
+    assert not out.exists()
+
+
+def start(args: list) -> subprocess.Popen:
+    """`python -m invoke ARGS` in the background, with Ctrl-C at its default even where the
+    test runner was started with SIGINT ignored (a background job)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "invoke", *map(str, args)], cwd=ROOT, stderr=subprocess.PIPE,
+        text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+
+
+def wait_for(condition, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the run never got there"
+        time.sleep(0.02)
+
+
+def staged_audio(folder: Path) -> bool:
+    """True once a staging folder in `folder` holds stem audio past the WAV header."""
+    return any(p.stat().st_size > 4096 for p in folder.glob(".staging-*/*.wav"))
+
+
+@pytest.mark.parametrize("signum, status, name", [
+    (signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "Ctrl-C"),
+])  # fmt: skip
+def test_stopping_separate_keeps_the_previous_stems(signum, status, name, small_models, tmp_path):
+    out = tmp_path / "out"
+    first = song(tmp_path / "first.wav", 0.5)
+    assert separate(first, small_models["htdemucs"], out).returncode == 0
+    (out / "first").rename(out / "song")
+    before = snapshot(out / "song")
+    path = song(tmp_path / "song.wav", 30.0)
+    args = ["separate", path, "--model", small_models["htdemucs"], "--out-dir", out, "--overwrite"]
+    run = start(args)
+    wait_for(lambda: staged_audio(out / "song") or run.poll() is not None)
+    run.send_signal(signum)
+    _, stderr = run.communicate(timeout=120)
+    done = subprocess.CompletedProcess(run.args, run.returncode, "", stderr)
+    line = one_line(done, "interrupted", status)
+    assert line == (
+        f"interrupted ({name}): nothing new was written; kept drums.wav, bass.wav, other.wav, "
+        f"vocals.wav in {out / 'song'} as they were"
+    )
+    assert snapshot(out / "song") == before and not leftovers(out)
+
+
+def test_sigterm_during_convert_cleans_up_and_stale_staging_is_removed(
+    small_repo, small_models, tmp_path
+):
+    out = tmp_path / "out"
+    out.mkdir()
+    for path in small_models["htdemucs"].parent.glob("htdemucs.*"):
+        shutil.copy(path, out)
+    before = snapshot(out)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()  # fmt: skip
+    stale = out / f".staging-{gone}-left"  # what a SIGKILLed run leaves
+    stale.mkdir()
+    (stale / "htdemucs.onnx").write_bytes(b"unvalidated")
+    run = start(["convert", "--model", "htdemucs", "--repo", small_repo, "--out-dir", out])
+    wait_for(lambda: list(out.glob(f".staging-{run.pid}-*")) or run.poll() is not None)
+    assert not stale.exists()  # removed by the new run before it started its own
+    run.send_signal(signal.SIGTERM)
+    _, stderr = run.communicate(timeout=300)
+    done = subprocess.CompletedProcess(run.args, run.returncode, "", stderr)
+    line = one_line(done, "interrupted", 143)
+    assert line == (
+        "interrupted (SIGTERM): nothing new was written; kept htdemucs.onnx, "
+        f"htdemucs.onnx.sha256, htdemucs.reference.npz in {out} as they were"
+    )
+    assert snapshot(out) == before and not leftovers(out)
