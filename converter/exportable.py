@@ -37,6 +37,55 @@ from torch import nn
 from torch.nn import functional as F
 
 ATTENTION_BLOCK_BYTES = 32 << 20
+# Sums over more values than this are taken in blocks: ONNX Runtime's float32 reductions add
+# naively, so their error grows with the length, while PyTorch's stay near machine precision.
+SHORT_REDUCTION = 4096
+
+
+def _blocks(length: int) -> tuple[int, int]:
+    """(blocks, block) with blocks·block >= length and both near sqrt(length), preferring an
+    exact divisor (no padding)."""
+    root = math.isqrt(length)
+    for block in range(root, root // 2, -1):
+        if length % block == 0:
+            return length // block, block
+    block = root + 1
+    return -(-length // block), block
+
+
+def _long_sum(x: torch.Tensor, dims: int) -> torch.Tensor:
+    """The sum over the last `dims` axes of `x`, keeping them as ones, accurate in float32.
+
+    Long sums become sums of block sums (zero-padded to whole blocks, which adds nothing), so
+    no accumulator in any ONNX Runtime kernel adds more than about sqrt(length) terms.
+    """
+    lead = [int(n) for n in x.shape[: x.dim() - dims]]
+    length = math.prod(int(n) for n in x.shape[x.dim() - dims :])
+    x = x.reshape(lead + [length])
+    while length > SHORT_REDUCTION:
+        blocks, block = _blocks(length)
+        if blocks * block != length:
+            x = F.pad(x, (0, blocks * block - length))
+        x = x.reshape(lead + [blocks, block]).sum(dim=-1)
+        length = blocks
+    return x.sum(dim=-1).reshape(lead + [1] * dims)
+
+
+def _mean_var(x: torch.Tensor, dims: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean, biased variance, x - mean) over the last `dims` axes: blocked sums, and the
+    variance of the centred values (never E[x²] - E[x]², which cancels under a large mean)."""
+    count = math.prod(int(n) for n in x.shape[x.dim() - dims :])
+    mean = _long_sum(x, dims) / count
+    centered = x - mean
+    return mean, _long_sum(centered * centered, dims) / count, centered
+
+
+def _group_norm_1(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """demucs' `MyGroupNorm` with one group, on [B, T, C] tokens (statistics over T and C),
+    with accurate statistics and no transposes. Weight over sqrt, not times rsqrt: ORT 1.32
+    fuses Mul(Div(1, s), w) and then fails to load when `w` is a deduplicated initializer."""
+    _, var, centered = _mean_var(x, 2)
+    return centered * (norm.weight / torch.sqrt(var + norm.eps)) + norm.bias
 
 
 def _anchor(mix: torch.Tensor) -> torch.Tensor:
@@ -109,6 +158,22 @@ def _attention(
     return _scaled_linear(mha.out_proj, gamma, out.transpose(1, 2).reshape(batch, len_q, dim))
 
 
+def _moments(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Channel means [rows, d, 1] and centred covariance [rows, d, d] of [rows, d, T] `g`;
+    over long T both are sums of per-block products (`_long_sum`)."""
+    rows, channels, frames = (int(n) for n in g.shape)
+    mean = _long_sum(g, 1) / frames
+    centered = g - mean
+    if frames <= SHORT_REDUCTION:
+        return mean, torch.matmul(centered, centered.transpose(1, 2)) / frames
+    blocks, block = _blocks(frames)
+    if blocks * block != frames:
+        centered = F.pad(centered, (0, blocks * block - frames))
+    centered = centered.reshape(rows, channels, blocks, block).transpose(1, 2)
+    per_block = torch.matmul(centered, centered.transpose(2, 3))  # [rows, blocks, d, d]
+    return mean, per_block.sum(dim=1) / frames
+
+
 def _normalized_glu(
     conv: nn.Conv1d, norm: nn.GroupNorm, scale: torch.Tensor, g: torch.Tensor, ones: torch.Tensor
 ) -> torch.Tensor:
@@ -124,10 +189,7 @@ def _normalized_glu(
     the large tensors is the GLU itself: two products, a Sigmoid and a Mul.
     """
     weight, bias = conv.weight[:, :, 0], conv.bias  # [2C, d], [2C]
-    frames = g.shape[-1]
-    mean = g.mean(dim=2, keepdim=True)  # [rows, d, 1]
-    centered = g - mean
-    cov = torch.matmul(centered, centered.transpose(1, 2)) / frames  # [rows, d, d]
+    mean, cov = _moments(g)
     channel_means = torch.matmul(weight, mean)[..., 0] + bias  # [rows, 2C]
     within = (torch.matmul(weight, cov) * weight).sum(dim=2)  # W_c Σ W_cᵀ: [rows, 2C]
     mu = channel_means.mean(dim=1, keepdim=True)
@@ -165,10 +227,15 @@ def _dconv_rows(dconv: DConv, x: torch.Tensor, anchor: torch.Tensor) -> torch.Te
             raise NotImplementedError(f"only DConv layers without attention or LSTM convert: {kinds}")
         conv1, norm1, act, conv2, norm2, _, layer_scale = mods
         h = conv1(x)
-        h = F.layer_norm(
-            h, (norm1.num_channels, frames), norm1.weight[:, None] + row,
-            norm1.bias[:, None] + row, norm1.eps,
-        )  # fmt: skip
+        if norm1.num_channels * frames <= SHORT_REDUCTION:
+            h = F.layer_norm(
+                h, (norm1.num_channels, frames), norm1.weight[:, None] + row,
+                norm1.bias[:, None] + row, norm1.eps,
+            )  # fmt: skip
+        else:  # ORT's LayerNormalization takes E[x²] - E[x]² in one naive pass
+            _, var, centered = _mean_var(h, 2)
+            h = centered * (norm1.weight[:, None] / torch.sqrt(var + norm1.eps))
+            h = h + norm1.bias[:, None]
         x = x + _normalized_glu(conv2, norm2, layer_scale.scale, act(h), ones)
     return x
 
@@ -282,6 +349,15 @@ def _feed_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return _scaled_linear(layer.linear2, layer.gamma_2, layer.activation(layer.linear1(x)))
 
 
+def _norm_out(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`layer.norm_out(x)` if the layer has one (HTDemucs: MyGroupNorm with one group)."""
+    if not layer.norm_out:
+        return x
+    if layer.norm_out.num_groups != 1:
+        return layer.norm_out(x)
+    return _group_norm_1(layer.norm_out, x)
+
+
 def _self_layer(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`MyTransformerEncoderLayer.forward` (eval, norm_first, dense attention)."""
     if not layer.norm_first or layer.sparse:
@@ -289,7 +365,7 @@ def _self_layer(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     normed = layer.norm1(x)
     x = x + _attention(layer.self_attn, normed, normed, layer.gamma_1)
     x = x + _feed_forward(layer, layer.norm2(x))
-    return layer.norm_out(x) if layer.norm_out else x
+    return _norm_out(layer, x)
 
 
 def _cross_layer(layer: nn.Module, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -298,7 +374,7 @@ def _cross_layer(layer: nn.Module, q: torch.Tensor, k: torch.Tensor) -> torch.Te
         raise NotImplementedError("only norm-first, dense transformer layers convert")
     x = q + _attention(layer.cross_attn, layer.norm1(q), layer.norm2(k), layer.gamma_1)
     x = x + _feed_forward(layer, layer.norm3(x))
-    return layer.norm_out(x) if layer.norm_out else x
+    return _norm_out(layer, x)
 
 
 def _to_tokens(x: torch.Tensor, conv: nn.Conv1d | None) -> torch.Tensor:
@@ -356,6 +432,16 @@ def _cross_transformer(
     return x, _from_tokens(xt, down_t)
 
 
+def _standardize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean, std, (x - mean) / (1e-5 + std)) over all but the batch axis, as HTDemucs
+    normalizes its inputs (unbiased std), from blocked sums of centred values."""
+    dims = x.dim() - 1
+    count = math.prod(int(n) for n in x.shape[1:])
+    mean, var, centered = _mean_var(x, dims)
+    std = torch.sqrt(var * (count / (count - 1)))
+    return mean, std, centered / (1e-5 + std)
+
+
 class Network(nn.Module):
     """One HTDemucs without its STFT/ISTFT: (mix, spectrogram) -> (spectral out, time out).
 
@@ -378,14 +464,8 @@ class Network(nn.Module):
         anchor = _anchor(mix)
         x = mag
         batch, channels, freqs, frames = x.shape
-        mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        std = x.std(dim=(1, 2, 3), keepdim=True)
-        x = (x - mean) / (1e-5 + std)
-
-        xt = mix
-        meant = xt.mean(dim=(1, 2), keepdim=True)
-        stdt = xt.std(dim=(1, 2), keepdim=True)
-        xt = (xt - meant) / (1e-5 + stdt)
+        mean, std, x = _standardize(x)
+        meant, stdt, xt = _standardize(mix)
 
         saved, saved_t, lengths, lengths_t = [], [], [], []
         for idx, encode in enumerate(model.encoder):
