@@ -72,12 +72,16 @@ def _long_sum(x: torch.Tensor, dims: int) -> torch.Tensor:
 
 
 def _mean_var(x: torch.Tensor, dims: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(mean, biased variance, x - mean) over the last `dims` axes: blocked sums, and the
-    variance of the centred values (never E[x²] - E[x]², which cancels under a large mean)."""
+    """(mean, biased variance, x - mean) over the last `dims` axes, from blocked sums of data
+    shifted by a first estimate of the mean: under a large mean (a DC offset, trained biases)
+    the shifted values are small and exact, so neither the correction nor the variance cancels
+    (never E[x²] - E[x]²)."""
     count = math.prod(int(n) for n in x.shape[x.dim() - dims :])
-    mean = _long_sum(x, dims) / count
-    centered = x - mean
-    return mean, _long_sum(centered * centered, dims) / count, centered
+    estimate = _long_sum(x, dims) / count
+    shifted = x - estimate
+    correction = _long_sum(shifted, dims) / count
+    var = _long_sum(shifted * shifted, dims) / count - correction * correction
+    return estimate + correction, var, shifted - correction
 
 
 def _group_norm_1(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
