@@ -396,11 +396,12 @@ def table(results: dict) -> str:
             "| input | PyTorch float32 | file, default options | file, optimization off |",
             "| --- | ---: | ---: | ---: |",
         ]
-        lines += [
-            f"| {a['input']} | {a['pytorch_snr_db']:.1f} | {a['file_snr_db']['default options']:.1f} "
-            f"| {a['file_snr_db']['optimization off']:.1f} |"
-            for a in results["accuracy"]["inputs"]
-        ]
+        for a in results["accuracy"]["inputs"]:
+            files = a["file_snr_db"]
+            lines.append(
+                f"| {a['input']} | {a['pytorch_snr_db']:.1f} | {files['default options']:.1f} "
+                f"| {files['optimization off']:.1f} |"
+            )
     if "profile" in results:
         p = results["profile"]
         parts = ", ".join(f"{k} {v:.2f} s" for k, v in sorted(p["by_part_s"].items()))

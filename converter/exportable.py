@@ -16,7 +16,11 @@ The demucs modules are called with their weights; what is restated, and why:
   statistics from the small tensor before the expanding conv and fold normalization, affine
   and LayerScale into it (`_dconv_rows`); a GLU is two convs; the frequency ConvTranspose is a
   conv and a shuffle; 1-D convs run as 2-D ones;
-- transformer tokens go in memory order and LayerScales ride on the projections.
+- transformer tokens go in memory order and LayerScales ride on the projections;
+- every statistic over more than SHORT_REDUCTION values (the input normalization, the
+  transformer's `norm_out`, the time branch's DConv norms and GLU covariance) is a sum of block
+  sums of mean-shifted data (`_long_sum`, `_mean_var`): ONNX Runtime's float32 reductions
+  accumulate naively and cost 35-50 dB against PyTorch on trained-like weights (docs/accuracy.md).
 
 Each restatement is exact up to float rounding and checked against demucs' module in
 `tests/test_exportable.py`. Everything else is the demucs arithmetic in demucs' order, for eval

@@ -136,13 +136,15 @@ def trained_like(model: HTDemucs, seed: int, rounds: int = 3) -> list[float]:
 def write_checkpoint(repo: Path, signature: str, kwargs: dict, statistics: str = "init") -> Path:
     """Write one random-weight model as `SIG-CHECKSUM.th`; the seed derives from `signature`."""
     if statistics not in STATISTICS:
-        raise UserError(f"unknown statistics {statistics!r}: use {' or '.join(map(repr, STATISTICS))}")
+        choices = " or ".join(map(repr, STATISTICS))
+        raise UserError(f"unknown statistics {statistics!r}: use {choices}")
     seed = int(hashlib.sha256(signature.encode()).hexdigest()[:8], 16)
     torch.manual_seed(seed)
     model = HTDemucs(**kwargs)
     if statistics == "trained":
         growth = trained_like(model, seed)
-        log.info("%s: trained-like, encoder growth %s", signature, " ".join(f"{g:.2f}" for g in growth))
+        shown = " ".join(f"{g:.2f}" for g in growth)
+        log.info("%s: trained-like, encoder growth per layer %s", signature, shown)
     # The training config is irrelevant for inference; demucs stores it as a plain dict.
     from omegaconf import OmegaConf
 

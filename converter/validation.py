@@ -201,6 +201,11 @@ def validate_file(path: Path, bag: LoadedBag, reference_out: Path | None = None)
     return rows
 
 
+def _worst_snr(out: np.ndarray, truth: np.ndarray) -> float:
+    power = np.mean(truth * truth, axis=(0, 2, 3))
+    return min(snr_db(p, m) for p, m in zip(power, stem_mse(out, truth), strict=True))
+
+
 def snr_by_input(path: Path, bag: LoadedBag) -> list[dict]:
     """Worst-stem SNR (dB) against demucs in float64, per fixed input: the file at ORT's
     default options and with graph optimization off, and demucs in float32 (`invoke bench`)."""
@@ -214,13 +219,10 @@ def snr_by_input(path: Path, bag: LoadedBag) -> list[dict]:
     rows = []
     for signal, audio in fixed_inputs(channels, length, bag.samplerate).items():
         truth = reference(bag, audio, double=True)
-        power = np.mean(truth * truth, axis=(0, 2, 3))
-
-        def worst(out: np.ndarray) -> float:
-            return min(snr_db(p, m) for p, m in zip(power, stem_mse(out, truth), strict=True))
-
-        files = {name: worst(s.run(["stems"], {"audio": audio})[0]) for name, s in sessions.items()}
-        rows.append({"input": signal, "pytorch_snr_db": worst(reference(bag, audio)), "file_snr_db": files})
-        log.info("%s: worst-stem SNR vs float64: PyTorch float32 %.1f dB, file %s", signal,
-                 rows[-1]["pytorch_snr_db"], ", ".join(f"{k} {v:.1f} dB" for k, v in files.items()))  # fmt: skip
+        outputs = {name: s.run(["stems"], {"audio": audio})[0] for name, s in sessions.items()}
+        files = {name: _worst_snr(out, truth) for name, out in outputs.items()}
+        pytorch = _worst_snr(reference(bag, audio), truth)
+        rows.append({"input": signal, "pytorch_snr_db": pytorch, "file_snr_db": files})
+        shown = ", ".join(f"{k} {v:.1f} dB" for k, v in files.items())
+        log.info("%s: worst SNR vs float64: PyTorch float32 %.1f dB, file %s", signal, pytorch, shown)
     return rows

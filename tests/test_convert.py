@@ -196,7 +196,9 @@ def _corrupt_one_weight(source: Path, target: Path) -> str:
     return tensor.name
 
 
-def test_gate_refuses_a_file_with_one_corrupted_weight(small_trained_repo, small_trained_models, tmp_path):
+def test_gate_refuses_a_file_with_one_corrupted_weight(
+    small_trained_repo, small_trained_models, tmp_path
+):
     from converter.loading import load
 
     name = _corrupt_one_weight(small_trained_models["htdemucs"], tmp_path / "htdemucs.onnx")

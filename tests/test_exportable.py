@@ -101,7 +101,9 @@ def _onnxruntime(module: torch.nn.Module, *args: torch.Tensor, optimize: bool = 
     options = ort.SessionOptions()
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
     return session.run(None, {n: a.numpy() for n, a in zip(names, args, strict=True)})[0]
 
 
@@ -199,14 +201,16 @@ def test_no_reduction_in_the_network_adds_more_than_a_short_run_of_values(small_
     }
     constants = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
     constants.update(
-        {n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"}
+        (n.output[0], onnx.numpy_helper.to_array(n.attribute[0].t))
+        for n in graph.node
+        if n.op_type == "Constant"
     )
     lengths = {}
     for node in graph.node:
         shape = shapes.get(node.input[0]) if node.input else None
         if node.op_type in ("ReduceSum", "ReduceMean", "ReduceSumSquare"):
             axes = (
-                [a.ints for a in node.attribute if a.name == "axes"][0]
+                next(a.ints for a in node.attribute if a.name == "axes")
                 if node.op_type != "ReduceSum" else constants[node.input[1]]
             )  # fmt: skip
             lengths[node.name] = math.prod(shape[a] for a in axes)
