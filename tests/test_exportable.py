@@ -199,6 +199,7 @@ def test_no_reduction_in_the_network_adds_more_than_a_short_run_of_values(small_
         v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
         for v in [*graph.value_info, *graph.input]
     }
+    shapes.update((t.name, list(t.dims)) for t in graph.initializer)
     constants = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
     constants.update(
         (n.output[0], onnx.numpy_helper.to_array(n.attribute[0].t))
