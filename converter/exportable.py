@@ -19,7 +19,7 @@ The demucs modules are called with their weights; what is restated, and why:
 - transformer tokens go in memory order and LayerScales ride on the projections;
 - every statistic over more than SHORT_REDUCTION values (the input normalization, the
   transformer's `norm_out`, the time branch's DConv norms and GLU covariance) is a sum of block
-  sums of mean-shifted data (`_long_sum`, `_mean_var`): ONNX Runtime's float32 reductions
+  sums of mean-shifted data (`_long_sum`, `_moments_shifted`): ONNX Runtime's float32 reductions
   accumulate naively and cost 35-50 dB against PyTorch on trained-like weights (docs/accuracy.md).
 
 Each restatement is exact up to float rounding and checked against demucs' module in
@@ -57,11 +57,13 @@ def _blocks(length: int) -> tuple[int, int]:
     return -(-length // block), block
 
 
-def _long_sum(x: torch.Tensor, dims: int) -> torch.Tensor:
-    """The sum over the last `dims` axes of `x`, keeping them as ones, accurate in float32.
+def _long_sum(x: torch.Tensor, dims: int, squares: bool = False) -> torch.Tensor:
+    """The sum (of squares, with `squares`) over the last `dims` axes of `x`, keeping them as
+    ones, accurate in float32.
 
     Long sums become sums of block sums (zero-padded to whole blocks, which adds nothing), so
-    no accumulator in any ONNX Runtime kernel adds more than about sqrt(length) terms.
+    no accumulator in any ONNX Runtime kernel adds more than about sqrt(length) terms. Squares
+    are summed as ReduceL2², which reads the tensor once and writes nothing.
     """
     lead = [int(n) for n in x.shape[: x.dim() - dims]]
     length = math.prod(int(n) for n in x.shape[x.dim() - dims :])
@@ -70,30 +72,40 @@ def _long_sum(x: torch.Tensor, dims: int) -> torch.Tensor:
         blocks, block = _blocks(length)
         if blocks * block != length:
             x = F.pad(x, (0, blocks * block - length))
-        x = x.reshape(lead + [blocks, block]).sum(dim=-1)
-        length = blocks
-    return x.sum(dim=-1).reshape(lead + [1] * dims)
+        x = x.reshape(lead + [blocks, block])
+        x = torch.linalg.vector_norm(x, dim=-1) ** 2 if squares else x.sum(dim=-1)
+        length, squares = blocks, False
+    x = torch.linalg.vector_norm(x, dim=-1) ** 2 if squares else x.sum(dim=-1)
+    return x.reshape(lead + [1] * dims)
 
 
-def _mean_var(x: torch.Tensor, dims: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(mean, biased variance, x - mean) over the last `dims` axes, from blocked sums of data
-    shifted by a first estimate of the mean: under a large mean (a DC offset, trained biases)
-    the shifted values are small and exact, so neither the correction nor the variance cancels
-    (never E[x²] - E[x]²)."""
+def _moments_shifted(
+    x: torch.Tensor, dims: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(estimate, correction, biased variance, x - estimate) over the last `dims` axes; the
+    mean is estimate + correction.
+
+    From blocked sums of data shifted by a first estimate of the mean: under a large mean (a
+    DC offset, trained biases) the shifted values are small and exact, so neither the
+    correction nor the variance cancels (never E[x²] - E[x]²).
+    """
     count = math.prod(int(n) for n in x.shape[x.dim() - dims :])
     estimate = _long_sum(x, dims) / count
     shifted = x - estimate
     correction = _long_sum(shifted, dims) / count
-    var = _long_sum(shifted * shifted, dims) / count - correction * correction
-    return estimate + correction, var, shifted - correction
+    var = _long_sum(shifted, dims, squares=True) / count - correction * correction
+    return estimate, correction, var, shifted
 
 
-def _group_norm_1(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-    """demucs' `MyGroupNorm` with one group, on [B, T, C] tokens (statistics over T and C),
-    with accurate statistics and no transposes. Weight over sqrt, not times rsqrt: ORT 1.32
-    fuses Mul(Div(1, s), w) and then fails to load when `w` is a deduplicated initializer."""
-    _, var, centered = _mean_var(x, 2)
-    return centered * (norm.weight / torch.sqrt(var + norm.eps)) + norm.bias
+def _normalize(
+    x: torch.Tensor, dims: int, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) * weight + bias over the last `dims` axes, accurately, in
+    two passes over `x` after the statistics. Weight over sqrt, not times rsqrt: ORT 1.32 fuses
+    Mul(Div(1, s), w) and then fails to load when `w` is a deduplicated initializer."""
+    _, correction, var, shifted = _moments_shifted(x, dims)
+    scale = weight / torch.sqrt(var + eps)
+    return shifted * scale + (bias - correction * scale)
 
 
 def _anchor(mix: torch.Tensor) -> torch.Tensor:
@@ -166,7 +178,7 @@ def _attention(
     return _scaled_linear(mha.out_proj, gamma, out.transpose(1, 2).reshape(batch, len_q, dim))
 
 
-def _moments(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _glu_moments(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Channel means [rows, d, 1] and centred covariance [rows, d, d] of [rows, d, T] `g`;
     over long T both are sums of per-block products (`_long_sum`)."""
     rows, channels, frames = (int(n) for n in g.shape)
@@ -197,7 +209,7 @@ def _normalized_glu(
     the large tensors is the GLU itself: two products, a Sigmoid and a Mul.
     """
     weight, bias = conv.weight[:, :, 0], conv.bias  # [2C, d], [2C]
-    mean, cov = _moments(g)
+    mean, cov = _glu_moments(g)
     channel_means = torch.matmul(weight, mean)[..., 0] + bias  # [rows, 2C]
     within = (torch.matmul(weight, cov) * weight).sum(dim=2)  # W_c Σ W_cᵀ: [rows, 2C]
     mu = channel_means.mean(dim=1, keepdim=True)
@@ -220,8 +232,8 @@ def _dconv_rows(dconv: DConv, x: torch.Tensor, anchor: torch.Tensor) -> torch.Te
     the per-channel affine: five reads and three writes of the tensor, on one thread when there
     is one row (the time branch). The small norm after the compressing conv becomes a
     LayerNormalization over (d, T), whose [d, T] scale and bias are built at run time from
-    `anchor` so that no constant folding stores repeated weights; the large one, with the GLU
-    and LayerScale, is `_normalized_glu`.
+    `anchor` so that no constant folding stores repeated weights (over long rows, `_normalize`);
+    the large one, with the GLU and LayerScale, is `_normalized_glu`.
     """
     rows, frames = int(x.shape[0]), int(x.shape[-1])
     row = torch.zeros(1, frames) + anchor
@@ -241,9 +253,7 @@ def _dconv_rows(dconv: DConv, x: torch.Tensor, anchor: torch.Tensor) -> torch.Te
                 norm1.bias[:, None] + row, norm1.eps,
             )  # fmt: skip
         else:  # ORT's LayerNormalization takes E[x²] - E[x]² in one naive pass
-            _, var, centered = _mean_var(h, 2)
-            h = centered * (norm1.weight[:, None] / torch.sqrt(var + norm1.eps))
-            h = h + norm1.bias[:, None]
+            h = _normalize(h, 2, norm1.weight[:, None], norm1.bias[:, None], norm1.eps)
         x = x + _normalized_glu(conv2, norm2, layer_scale.scale, act(h), ones)
     return x
 
@@ -361,9 +371,10 @@ def _norm_out(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`layer.norm_out(x)` if the layer has one (HTDemucs: MyGroupNorm with one group)."""
     if not layer.norm_out:
         return x
-    if layer.norm_out.num_groups != 1:
-        return layer.norm_out(x)
-    return _group_norm_1(layer.norm_out, x)
+    norm = layer.norm_out
+    if norm.num_groups != 1:
+        return norm(x)
+    return _normalize(x, 2, norm.weight, norm.bias, norm.eps)  # over tokens and channels
 
 
 def _self_layer(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -443,11 +454,10 @@ def _cross_transformer(
 def _standardize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mean, std, (x - mean) / (1e-5 + std)) over all but the batch axis, as HTDemucs
     normalizes its inputs (unbiased std), from blocked sums of centred values."""
-    dims = x.dim() - 1
     count = math.prod(int(n) for n in x.shape[1:])
-    mean, var, centered = _mean_var(x, dims)
+    estimate, correction, var, shifted = _moments_shifted(x, x.dim() - 1)
     std = torch.sqrt(var * (count / (count - 1)))
-    return mean, std, centered / (1e-5 + std)
+    return estimate + correction, std, (shifted - correction) / (1e-5 + std)
 
 
 class Network(nn.Module):
