@@ -19,7 +19,7 @@ The demucs modules are called with their weights; what is restated, and why:
 - transformer tokens go in memory order and LayerScales ride on the projections;
 - every statistic over more than SHORT_REDUCTION values (the input normalization, the
   transformer's `norm_out`, the time branch's DConv norms and GLU covariance) is a sum of block
-  sums of mean-shifted data (`_long_sum`, `_moments_shifted`): ONNX Runtime's float32 reductions
+  sums of centred data (`_long_sum`, `_mean_var`): ONNX Runtime's float32 reductions
   accumulate naively and cost 35-50 dB against PyTorch on trained-like weights (docs/accuracy.md).
 
 Each restatement is exact up to float rounding and checked against demucs' module in
@@ -63,7 +63,7 @@ def _long_sum(x: torch.Tensor, dims: int, squares: bool = False) -> torch.Tensor
 
     Long sums become sums of block sums (zero-padded to whole blocks, which adds nothing), so
     no accumulator in any ONNX Runtime kernel adds more than about sqrt(length) terms. Squares
-    are summed as ReduceL2², which reads the tensor once and writes nothing.
+    are Mul + ReduceSum: ORT's ReduceL2 cost 10 dB on loud noise.
     """
     lead = [int(n) for n in x.shape[: x.dim() - dims]]
     length = math.prod(int(n) for n in x.shape[x.dim() - dims :])
@@ -73,39 +73,30 @@ def _long_sum(x: torch.Tensor, dims: int, squares: bool = False) -> torch.Tensor
         if blocks * block != length:
             x = F.pad(x, (0, blocks * block - length))
         x = x.reshape(lead + [blocks, block])
-        x = torch.linalg.vector_norm(x, dim=-1) ** 2 if squares else x.sum(dim=-1)
+        x = (x * x).sum(dim=-1) if squares else x.sum(dim=-1)
         length, squares = blocks, False
-    x = torch.linalg.vector_norm(x, dim=-1) ** 2 if squares else x.sum(dim=-1)
+    x = (x * x).sum(dim=-1) if squares else x.sum(dim=-1)
     return x.reshape(lead + [1] * dims)
 
 
-def _moments_shifted(
-    x: torch.Tensor, dims: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(estimate, correction, biased variance, x - estimate) over the last `dims` axes; the
-    mean is estimate + correction.
-
-    From blocked sums of data shifted by a first estimate of the mean: under a large mean (a
-    DC offset, trained biases) the shifted values are small and exact, so neither the
-    correction nor the variance cancels (never E[x²] - E[x]²).
-    """
+def _mean_var(x: torch.Tensor, dims: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean, biased variance, x - mean) over the last `dims` axes: blocked sums, and the
+    variance of the centred values (never E[x²] - E[x]², which cancels under a large mean).
+    A second, shifted pass for the mean measured worse in whole models (loud noise: -10 dB)."""
     count = math.prod(int(n) for n in x.shape[x.dim() - dims :])
-    estimate = _long_sum(x, dims) / count
-    shifted = x - estimate
-    correction = _long_sum(shifted, dims) / count
-    var = _long_sum(shifted, dims, squares=True) / count - correction * correction
-    return estimate, correction, var, shifted
+    mean = _long_sum(x, dims) / count
+    centered = x - mean
+    return mean, _long_sum(centered, dims, squares=True) / count, centered
 
 
 def _normalize(
     x: torch.Tensor, dims: int, weight: torch.Tensor, bias: torch.Tensor, eps: float
 ) -> torch.Tensor:
-    """(x - mean) / sqrt(var + eps) * weight + bias over the last `dims` axes, accurately, in
-    two passes over `x` after the statistics. Weight over sqrt, not times rsqrt: ORT 1.32 fuses
+    """(x - mean) / sqrt(var + eps) * weight + bias over the last `dims` axes, accurately.
+    Weight over sqrt, not times rsqrt: ORT 1.32 fuses
     Mul(Div(1, s), w) and then fails to load when `w` is a deduplicated initializer."""
-    _, correction, var, shifted = _moments_shifted(x, dims)
-    scale = weight / torch.sqrt(var + eps)
-    return shifted * scale + (bias - correction * scale)
+    _, var, centered = _mean_var(x, dims)
+    return centered * (weight / torch.sqrt(var + eps)) + bias
 
 
 def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
@@ -467,9 +458,9 @@ def _standardize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     """(mean, std, (x - mean) / (1e-5 + std)) over all but the batch axis, as HTDemucs
     normalizes its inputs (unbiased std), from blocked sums of centred values."""
     count = math.prod(int(n) for n in x.shape[1:])
-    estimate, correction, var, shifted = _moments_shifted(x, x.dim() - 1)
+    mean, var, centered = _mean_var(x, x.dim() - 1)
     std = torch.sqrt(var * (count / (count - 1)))
-    return estimate + correction, std, (shifted - correction) / (1e-5 + std)
+    return mean, std, centered / (1e-5 + std)
 
 
 class Network(nn.Module):
