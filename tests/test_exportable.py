@@ -190,13 +190,15 @@ class _DemucsStandardize(torch.nn.Module):
         return (x - mean) / (1e-5 + std)
 
 
-@pytest.mark.xfail(
+_OPEN_GAP = pytest.mark.xfail(
     strict=True,
     reason="open: the blocked mean alone reaches 119 dB against PyTorch's 137 dB on a 10:1 DC "
     "offset; a shifted second pass fixes this module but cost 10 dB on loud noise in whole "
     "models (whole-model DC-offset input: -4.2 dB, within the gate)",
 )
-@pytest.mark.parametrize("shape", [(1, 4, 512, 336), (1, 2, 343980)])
+
+
+@pytest.mark.parametrize("shape", [pytest.param((1, 4, 512, 336), marks=_OPEN_GAP), (1, 2, 343980)])
 def test_input_normalization_as_accurate_as_demucs(shape):
     x = 0.5 + 0.05 * torch.randn(shape)  # a DC offset ten times the signal
     _check_accuracy(_Call(lambda x: _standardize(x)[2]), _DemucsStandardize(), x)
