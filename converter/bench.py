@@ -113,6 +113,13 @@ def child_torch(model: str, repo: str | None, runs: int, threads: int) -> dict:
     return {**_measured(call, runs), "threads": torch.get_num_threads()}
 
 
+def child_accuracy(model: str, repo: str | None, path: str) -> dict:
+    from .loading import load
+    from .validation import snr_by_input
+
+    return {"inputs": snr_by_input(Path(path), load(model, Path(repo) if repo else None))}
+
+
 def child_stats(model: str, repo: str | None) -> dict:
     from .export import export_bag
     from .graphstats import macs_by_part
@@ -198,6 +205,7 @@ def child_profile(path: str, config: str, threads: int, top: int) -> dict:
 CHILDREN = {
     "convert": child_convert, "torch": child_torch, "stats": child_stats, "ort": child_ort,
     "profile": child_profile,
+    "accuracy": child_accuracy,
 }  # fmt: skip
 
 
@@ -303,6 +311,7 @@ def bench(
             median = statistics.median(ort_run["latencies_s"])
             ratio = median / results["torch"]["median_s"]
             results["onnxruntime"][config] = {**ort_run, "median_s": median, "ratio_vs_torch": ratio}
+        results["accuracy"] = run_child("accuracy", model=model, repo=repo_arg, path=path)
         if profile > 0:
             results["profile"] = run_child(
                 "profile", path=path, config=PROFILED_CONFIG, threads=threads, top=profile
@@ -379,6 +388,20 @@ def table(results: dict) -> str:
         f"| target: ORT default peak RSS ≤ {TARGET_RSS_GB} GB | "
         f"{targets['ort_peak_rss_gb']['value']:.2f} GB ({mark(targets['ort_peak_rss_gb'])}) |",
     ]
+    if "accuracy" in results:
+        lines += [
+            "",
+            "Worst-stem SNR against demucs in float64 (dB):",
+            "",
+            "| input | PyTorch float32 | file, default options | file, optimization off |",
+            "| --- | ---: | ---: | ---: |",
+        ]
+        for a in results["accuracy"]["inputs"]:
+            files = a["file_snr_db"]
+            lines.append(
+                f"| {a['input']} | {a['pytorch_snr_db']:.1f} | {files['default options']:.1f} "
+                f"| {files['optimization off']:.1f} |"
+            )
     if "profile" in results:
         p = results["profile"]
         parts = ", ".join(f"{k} {v:.2f} s" for k, v in sorted(p["by_part_s"].items()))

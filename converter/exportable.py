@@ -16,7 +16,11 @@ The demucs modules are called with their weights; what is restated, and why:
   statistics from the small tensor before the expanding conv and fold normalization, affine
   and LayerScale into it (`_dconv_rows`); a GLU is two convs; the frequency ConvTranspose is a
   conv and a shuffle; 1-D convs run as 2-D ones;
-- transformer tokens go in memory order and LayerScales ride on the projections.
+- transformer tokens go in memory order and LayerScales ride on the projections;
+- every statistic over more than SHORT_REDUCTION values (the input normalization, the
+  transformer's `norm_out`, the time branch's DConv norms and GLU covariance) is a sum of block
+  sums of centred data (`_long_sum`, `_mean_var`): ONNX Runtime's float32 reductions
+  accumulate naively and cost 35-50 dB against PyTorch on trained-like weights (docs/accuracy.md).
 
 Each restatement is exact up to float rounding and checked against demucs' module in
 `tests/test_exportable.py`. Everything else is the demucs arithmetic in demucs' order, for eval
@@ -37,6 +41,73 @@ from torch import nn
 from torch.nn import functional as F
 
 ATTENTION_BLOCK_BYTES = 32 << 20
+# Sums over more values than this are taken in blocks: ONNX Runtime's float32 reductions add
+# naively, so their error grows with the length, while PyTorch's stay near machine precision.
+SHORT_REDUCTION = 4096
+
+
+def _blocks(length: int) -> tuple[int, int]:
+    """(blocks, block) with blocks·block >= length and both near sqrt(length), preferring an
+    exact divisor (no padding)."""
+    root = math.isqrt(length)
+    for block in range(root, root // 2, -1):
+        if length % block == 0:
+            return length // block, block
+    block = root + 1
+    return -(-length // block), block
+
+
+def _long_sum(x: torch.Tensor, dims: int, squares: bool = False) -> torch.Tensor:
+    """The sum (of squares, with `squares`) over the last `dims` axes of `x`, keeping them as
+    ones, accurate in float32.
+
+    Long sums become sums of block sums (zero-padded to whole blocks, which adds nothing), so
+    no accumulator in any ONNX Runtime kernel adds more than about sqrt(length) terms. Squares
+    are Mul + ReduceSum: ORT's ReduceL2 cost 10 dB on loud noise.
+    """
+    lead = [int(n) for n in x.shape[: x.dim() - dims]]
+    length = math.prod(int(n) for n in x.shape[x.dim() - dims :])
+    x = x.reshape(lead + [length])
+    while length > SHORT_REDUCTION:
+        blocks, block = _blocks(length)
+        if blocks * block != length:
+            x = F.pad(x, (0, blocks * block - length))
+        x = x.reshape(lead + [blocks, block])
+        x = (x * x).sum(dim=-1) if squares else x.sum(dim=-1)
+        length, squares = blocks, False
+    x = (x * x).sum(dim=-1) if squares else x.sum(dim=-1)
+    return x.reshape(lead + [1] * dims)
+
+
+def _mean_var(x: torch.Tensor, dims: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean, biased variance, x - mean) over the last `dims` axes: blocked sums, and the
+    variance of the centred values (never E[x²] - E[x]², which cancels under a large mean).
+    A second, shifted pass for the mean measured worse in whole models (loud noise: -10 dB)."""
+    count = math.prod(int(n) for n in x.shape[x.dim() - dims :])
+    mean = _long_sum(x, dims) / count
+    centered = x - mean
+    return mean, _long_sum(centered, dims, squares=True) / count, centered
+
+
+def _normalize(
+    x: torch.Tensor, dims: int, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) * weight + bias over the last `dims` axes, accurately.
+    Weight over sqrt, not times rsqrt: ORT 1.32 fuses
+    Mul(Div(1, s), w) and then fails to load when `w` is a deduplicated initializer."""
+    _, var, centered = _mean_var(x, dims)
+    return centered * (weight / torch.sqrt(var + eps)) + bias
+
+
+def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """`norm(x)` on `x` minus its mean. ORT 1.17's LayerNormalization (and SkipLayerNormalization,
+    ORT's fusion of Add + LayerNorm, in every version) take E[x²] - E[x]² in float32, which
+    cancels when the mean is large against the spread (48 dB SNR at 100:1); LayerNorm does not
+    change under the shift, and the shifted data's mean is near zero."""
+    if not isinstance(norm, nn.LayerNorm):
+        return norm(x)
+    dims = tuple(range(-len(norm.normalized_shape), 0))
+    return norm(x - x.mean(dim=dims, keepdim=True))
 
 
 def _anchor(mix: torch.Tensor) -> torch.Tensor:
@@ -109,6 +180,22 @@ def _attention(
     return _scaled_linear(mha.out_proj, gamma, out.transpose(1, 2).reshape(batch, len_q, dim))
 
 
+def _glu_moments(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Channel means [rows, d, 1] and centred covariance [rows, d, d] of [rows, d, T] `g`;
+    over long T both are sums of per-block products (`_long_sum`)."""
+    rows, channels, frames = (int(n) for n in g.shape)
+    mean = _long_sum(g, 1) / frames
+    centered = g - mean
+    if frames <= SHORT_REDUCTION:
+        return mean, torch.matmul(centered, centered.transpose(1, 2)) / frames
+    blocks, block = _blocks(frames)
+    if blocks * block != frames:
+        centered = F.pad(centered, (0, blocks * block - frames))
+    centered = centered.reshape(rows, channels, blocks, block).transpose(1, 2)
+    per_block = torch.matmul(centered, centered.transpose(2, 3))  # [rows, blocks, d, d]
+    return mean, per_block.sum(dim=1) / frames
+
+
 def _normalized_glu(
     conv: nn.Conv1d, norm: nn.GroupNorm, scale: torch.Tensor, g: torch.Tensor, ones: torch.Tensor
 ) -> torch.Tensor:
@@ -124,10 +211,7 @@ def _normalized_glu(
     the large tensors is the GLU itself: two products, a Sigmoid and a Mul.
     """
     weight, bias = conv.weight[:, :, 0], conv.bias  # [2C, d], [2C]
-    frames = g.shape[-1]
-    mean = g.mean(dim=2, keepdim=True)  # [rows, d, 1]
-    centered = g - mean
-    cov = torch.matmul(centered, centered.transpose(1, 2)) / frames  # [rows, d, d]
+    mean, cov = _glu_moments(g)
     channel_means = torch.matmul(weight, mean)[..., 0] + bias  # [rows, 2C]
     within = (torch.matmul(weight, cov) * weight).sum(dim=2)  # W_c Σ W_cᵀ: [rows, 2C]
     mu = channel_means.mean(dim=1, keepdim=True)
@@ -150,8 +234,8 @@ def _dconv_rows(dconv: DConv, x: torch.Tensor, anchor: torch.Tensor) -> torch.Te
     the per-channel affine: five reads and three writes of the tensor, on one thread when there
     is one row (the time branch). The small norm after the compressing conv becomes a
     LayerNormalization over (d, T), whose [d, T] scale and bias are built at run time from
-    `anchor` so that no constant folding stores repeated weights; the large one, with the GLU
-    and LayerScale, is `_normalized_glu`.
+    `anchor` so that no constant folding stores repeated weights (over long rows, `_normalize`);
+    the large one, with the GLU and LayerScale, is `_normalized_glu`.
     """
     rows, frames = int(x.shape[0]), int(x.shape[-1])
     row = torch.zeros(1, frames) + anchor
@@ -165,10 +249,13 @@ def _dconv_rows(dconv: DConv, x: torch.Tensor, anchor: torch.Tensor) -> torch.Te
             raise NotImplementedError(f"only DConv layers without attention or LSTM convert: {kinds}")
         conv1, norm1, act, conv2, norm2, _, layer_scale = mods
         h = conv1(x)
-        h = F.layer_norm(
-            h, (norm1.num_channels, frames), norm1.weight[:, None] + row,
-            norm1.bias[:, None] + row, norm1.eps,
-        )  # fmt: skip
+        if norm1.num_channels * frames <= SHORT_REDUCTION:  # shifted: see `_layer_norm`
+            h = F.layer_norm(
+                h - h.mean(dim=(1, 2), keepdim=True), (norm1.num_channels, frames),
+                norm1.weight[:, None] + row, norm1.bias[:, None] + row, norm1.eps,
+            )  # fmt: skip
+        else:  # ORT's LayerNormalization takes E[x²] - E[x]² in one naive pass
+            h = _normalize(h, 2, norm1.weight[:, None], norm1.bias[:, None], norm1.eps)
         x = x + _normalized_glu(conv2, norm2, layer_scale.scale, act(h), ones)
     return x
 
@@ -282,23 +369,34 @@ def _feed_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return _scaled_linear(layer.linear2, layer.gamma_2, layer.activation(layer.linear1(x)))
 
 
+def _norm_out(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`layer.norm_out(x)` if the layer has one (HTDemucs: MyGroupNorm with one group)."""
+    if not layer.norm_out:
+        return x
+    norm = layer.norm_out
+    if norm.num_groups != 1:
+        return norm(x)
+    return _normalize(x, 2, norm.weight, norm.bias, norm.eps)  # over tokens and channels
+
+
 def _self_layer(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`MyTransformerEncoderLayer.forward` (eval, norm_first, dense attention)."""
     if not layer.norm_first or layer.sparse:
         raise NotImplementedError("only norm-first, dense transformer layers convert")
-    normed = layer.norm1(x)
+    normed = _layer_norm(layer.norm1, x)
     x = x + _attention(layer.self_attn, normed, normed, layer.gamma_1)
-    x = x + _feed_forward(layer, layer.norm2(x))
-    return layer.norm_out(x) if layer.norm_out else x
+    x = x + _feed_forward(layer, _layer_norm(layer.norm2, x))
+    return _norm_out(layer, x)
 
 
 def _cross_layer(layer: nn.Module, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """`CrossTransformerEncoderLayer.forward` (eval, norm_first, dense attention)."""
     if not layer.norm_first or layer.sparse:
         raise NotImplementedError("only norm-first, dense transformer layers convert")
-    x = q + _attention(layer.cross_attn, layer.norm1(q), layer.norm2(k), layer.gamma_1)
-    x = x + _feed_forward(layer, layer.norm3(x))
-    return layer.norm_out(x) if layer.norm_out else x
+    normed_q, normed_k = _layer_norm(layer.norm1, q), _layer_norm(layer.norm2, k)
+    x = q + _attention(layer.cross_attn, normed_q, normed_k, layer.gamma_1)
+    x = x + _feed_forward(layer, _layer_norm(layer.norm3, x))
+    return _norm_out(layer, x)
 
 
 def _to_tokens(x: torch.Tensor, conv: nn.Conv1d | None) -> torch.Tensor:
@@ -338,12 +436,12 @@ def _cross_transformer(
     x = _to_tokens(x.reshape(batch, -1, freqs * frames), up)
     channels = x.shape[-1]
     pos_2d = _sin_embedding_2d(channels, freqs, frames, module.max_period, anchor)
-    x = module.norm_in(x) + module.weight_pos_embed * pos_2d
+    x = _layer_norm(module.norm_in, x) + module.weight_pos_embed * pos_2d
 
     xt = _to_tokens(xt, up_t)
     length_t, channels_t = xt.shape[1], xt.shape[2]
     pos = _sin_embedding(length_t, channels_t, module.max_period, anchor)
-    xt = module.norm_in_t(xt) + module.weight_pos_embed * pos
+    xt = _layer_norm(module.norm_in_t, xt) + module.weight_pos_embed * pos
 
     for idx in range(module.num_layers):
         if idx % 2 == module.classic_parity:
@@ -354,6 +452,15 @@ def _cross_transformer(
 
     x = _from_tokens(x, down).reshape(batch, -1, freqs, frames)
     return x, _from_tokens(xt, down_t)
+
+
+def _standardize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean, std, (x - mean) / (1e-5 + std)) over all but the batch axis, as HTDemucs
+    normalizes its inputs (unbiased std), from blocked sums of centred values."""
+    count = math.prod(int(n) for n in x.shape[1:])
+    mean, var, centered = _mean_var(x, x.dim() - 1)
+    std = torch.sqrt(var * (count / (count - 1)))
+    return mean, std, centered / (1e-5 + std)
 
 
 class Network(nn.Module):
@@ -378,14 +485,8 @@ class Network(nn.Module):
         anchor = _anchor(mix)
         x = mag
         batch, channels, freqs, frames = x.shape
-        mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        std = x.std(dim=(1, 2, 3), keepdim=True)
-        x = (x - mean) / (1e-5 + std)
-
-        xt = mix
-        meant = xt.mean(dim=(1, 2), keepdim=True)
-        stdt = xt.std(dim=(1, 2), keepdim=True)
-        xt = (xt - meant) / (1e-5 + stdt)
+        mean, std, x = _standardize(x)
+        meant, stdt, xt = _standardize(mix)
 
         saved, saved_t, lengths, lengths_t = [], [], [], []
         for idx, encode in enumerate(model.encoder):

@@ -32,9 +32,26 @@ def small_models(small_repo, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def small_trained_repo(tmp_path_factory) -> Path:
+    """All three products at the small size with trained-like statistics."""
+    return write_repo(tmp_path_factory.mktemp("small-trained"), size="small", statistics="trained")
+
+
+@pytest.fixture(scope="session")
+def small_trained_models(small_trained_repo, tmp_path_factory) -> dict[str, Path]:
+    """{name: converted, validated NAME.onnx} from `small_trained_repo`."""
+    logging.getLogger("converter").setLevel(logging.INFO)
+    out = tmp_path_factory.mktemp("small-trained-models")
+    return {name: convert(name, repo=small_trained_repo, out_dir=out) for name in PRODUCTS}
+
+
+@pytest.fixture(scope="session")
 def full_repo(tmp_path_factory) -> Path:
-    """htdemucs with the exact pretrained hyper-parameters (41,984,456 random weights)."""
-    return write_repo(tmp_path_factory.mktemp("full-repo"), size="full", names=["htdemucs"])
+    """htdemucs with the exact pretrained hyper-parameters (41,984,456 random weights) and
+    trained-like statistics."""
+    return write_repo(
+        tmp_path_factory.mktemp("full-repo"), size="full", names=["htdemucs"], statistics="trained"
+    )
 
 
 @pytest.fixture

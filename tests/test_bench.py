@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from converter import bench
+from converter import bench, validation
 from converter.errors import UserError
 
 
@@ -78,3 +78,15 @@ def test_table_shows_every_engine_and_the_profile(results):
 def test_refuses_zero_runs(tmp_path):
     with pytest.raises(UserError, match="--runs"):
         bench.bench("htdemucs", runs=0, out_dir=tmp_path)
+
+
+def test_accuracy_against_float64_per_input(results):
+    rows = results["accuracy"]["inputs"]
+    assert [r["input"] for r in rows] == list(validation.fixed_inputs(2, 100, 44100))
+    for row in rows:
+        if row["input"] == "silence":  # exact zeros everywhere
+            continue
+        assert set(row["file_snr_db"]) == {"default options", "optimization off"}
+        assert 90 < row["pytorch_snr_db"] < 200
+        assert all(snr > row["pytorch_snr_db"] - 6 for snr in row["file_snr_db"].values())
+    assert "| dc offset |" in bench.table(results)

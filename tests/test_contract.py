@@ -308,16 +308,21 @@ def test_invoke_contract_cli(tmp_path):
 # --- ortcheck helpers (the standalone load test), run here against the installed ORT ---
 
 
-def test_compare_applies_the_validation_gate():
-    ref = np.zeros((1, 4, 2, 8), dtype=np.float32)
-    assert ortcheck.compare(ref.copy(), ref) is None
-    assert "shape" in ortcheck.compare(ref[:, :2], ref)
+def test_compare_applies_the_recorded_gate():
+    ref = np.zeros((1, 4, 2, 8), dtype=np.float64)
+    bound = np.array([1e-10, 1e-10, 1e-9, 1e-10])
+    assert ortcheck.compare(ref.copy(), ref, bound) is None
+    assert "shape" in ortcheck.compare(ref[:, :2], ref, bound)
     broken = ref.copy()
     broken[0, 3, 0, 0] = np.nan
-    assert ortcheck.compare(broken, ref) == "output has non-finite values"
+    assert ortcheck.compare(broken, ref, bound) == "output has non-finite values"
     off = ref.copy()
+    off[0, 2] = 3e-5  # MSE 9e-10 on stem 2: within its own bound
+    assert ortcheck.compare(off, ref, bound) is None
+    off[0, 1] = 9e-6  # MSE 8.1e-11 on stem 1: within its bound
+    assert ortcheck.compare(off, ref, bound) is None
     off[0, 2] = 1e-4  # MSE 1e-8 on stem 2 only
-    assert ortcheck.compare(off, ref).startswith("stem 2 MSE 1.000e-08 > 1e-10")
+    assert ortcheck.compare(off, ref, bound).startswith("stem 2 MSE 1.000e-08 > 1.000e-09")
 
 
 def test_check_model_runs_both_optimization_levels_against_the_reference(tmp_path):
@@ -332,9 +337,11 @@ def test_check_model_reports_a_missing_reference_and_a_wrong_one(tmp_path):
     path = contract_selftest.write_tiny(tmp_path / "tiny.onnx")
     reference = ortcheck.reference_path(path)
     with np.load(reference) as ref:
-        audio, stems = ref["audio"], ref["stems"]
-    np.savez(reference, audio=audio, stems=stems * 1.01)
+        audio, stems, bound = ref["audio"], ref["stems"], ref["max_mse"]
+    np.savez(reference, audio=audio, stems=stems * 1.01, max_mse=bound)
     assert ortcheck.check_model(path, "x")["status"].startswith("[disabled] stem ")
+    np.savez(reference, audio=audio, stems=stems)  # written before the float64 gate
+    assert "predates the float64 gate" in ortcheck.check_model(path, "x")["status"]
     reference.unlink()
     assert ortcheck.check_model(path, "x")["status"].startswith(
         "no reference output tiny.reference.npz"
