@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import storage_bench
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -197,7 +198,7 @@ def child_profile(path: str, config: str, threads: int, top: int) -> dict:
 
 CHILDREN = {
     "convert": child_convert, "torch": child_torch, "stats": child_stats, "ort": child_ort,
-    "profile": child_profile,
+    "profile": child_profile, **storage_bench.CHILDREN,
 }  # fmt: skip
 
 
@@ -294,6 +295,7 @@ def bench(
         path = conversion.pop("path")
         results["conversion"] = conversion
         results["file_bytes"] = Path(path).stat().st_size
+        results["weight_storage"] = storage_bench.compare(Path(path), runs, threads, run_child)
         results.update(run_child("stats", model=model, repo=repo_arg))
         torch_run = run_child("torch", model=model, repo=repo_arg, runs=runs, threads=threads)
         results["torch"] = {**torch_run, "median_s": statistics.median(torch_run["latencies_s"])}
@@ -379,6 +381,8 @@ def table(results: dict) -> str:
         f"| target: ORT default peak RSS ≤ {TARGET_RSS_GB} GB | "
         f"{targets['ort_peak_rss_gb']['value']:.2f} GB ({mark(targets['ort_peak_rss_gb'])}) |",
     ]
+    if "weight_storage" in results:
+        lines += storage_bench.table_lines(results["weight_storage"], weights)
     if "profile" in results:
         p = results["profile"]
         parts = ", ".join(f"{k} {v:.2f} s" for k, v in sorted(p["by_part_s"].items()))

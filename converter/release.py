@@ -21,7 +21,7 @@ from pathlib import Path
 
 import onnx
 
-from converter import github
+from converter import github, storage
 from converter.errors import UserError
 from converter.metadata import (
     CACHE_KEY,
@@ -30,6 +30,7 @@ from converter.metadata import (
     SAMPLE_RATE,
     SEGMENT_SAMPLES,
     STEMS,
+    WEIGHT_STORAGE,
     read_metadata,
     read_sidecar,
     sha256_file,
@@ -109,6 +110,9 @@ def reuse_check(path: Path, model: str) -> tuple[bool, str]:
     metadata = _file_metadata(path)
     if metadata.get(MODEL_NAME) != model:
         return False, f"{path} is stamped as model {metadata.get(MODEL_NAME)!r}, not {model!r}"
+    stored = metadata.get(WEIGHT_STORAGE, storage.FLOAT32)
+    if stored != storage.DEFAULT:
+        return False, f"{path} stores its weights as {stored}; releases ship {storage.DEFAULT}"
     toolchain = json.loads(metadata.get(PROVENANCE, "{}")).get("toolchain") or {}
     if not toolchain:
         return False, f"{path} records no toolchain versions in {PROVENANCE}"
@@ -219,6 +223,7 @@ def model_card(
         "| --- | --- |",
         f"| file | `{model_file.name}` |",
         f"| size | {model_file.size:,} bytes ({model_file.size / 1e6:.1f} MB) |",
+        f"| weight storage (`{WEIGHT_STORAGE}`) | {metadata.get(WEIGHT_STORAGE, storage.FLOAT32)} |",
         f"| SHA-256 | `{model_file.sha256}` |",
         f"| `{CACHE_KEY}` | `{metadata.get(CACHE_KEY, '?')}` |",
         "",

@@ -78,3 +78,19 @@ def test_table_shows_every_engine_and_the_profile(results):
 def test_refuses_zero_runs(tmp_path):
     with pytest.raises(UserError, match="--runs"):
         bench.bench("htdemucs", runs=0, out_dir=tmp_path)
+
+
+def test_weight_storage_compares_the_shipped_file_with_its_float32_twin(results):
+    storage = results["weight_storage"]
+    files = storage["files"]
+    assert results["file_bytes"] == files["float16"]["bytes"] < files["float32"]["bytes"]
+    assert all(0 < f["gzip_bytes"] < f["bytes"] for f in files.values())
+    assert set(storage["configs"]) == set(bench.storage_bench.COMPARED_CONFIGS)
+    for config in storage["configs"].values():
+        assert config["stems_mse"] <= bench.storage_bench.STEMS_MSE
+        for run in (config["float16"], config["float32"]):
+            assert len(run["latencies_s"]) == 1 and run["session_s"] > 0 and run["peak_rss_mb"] > 50
+        assert config["latency_ratio"] == pytest.approx(
+            config["float16"]["median_s"] / config["float32"]["median_s"]
+        )
+    assert "| float16 |" in bench.table(results)

@@ -22,6 +22,7 @@ from converter.metadata import (
     CACHE_KEY,
     MODEL_NAME,
     PROVENANCE,
+    WEIGHT_STORAGE,
     read_metadata,
     sha256_file,
     sidecar_path,
@@ -35,8 +36,9 @@ TOOLCHAIN = {name: importlib.metadata.version(name) for name in ("onnx", "reques
 
 
 def write_model(
-    out_dir: Path, model: str, toolchain: dict[str, str] = TOOLCHAIN, seed: int = 0
-) -> Path:
+    out_dir: Path, model: str, toolchain: dict[str, str] = TOOLCHAIN, seed: int = 0,
+    weight_storage: str = "float16",
+) -> Path:  # fmt: skip
     """A small valid ONNX file stamped like a converted one, with its sidecar."""
     weight = np.random.default_rng(seed).standard_normal(300_000).astype(np.float32)  # 1.2 MB
     graph = helper.make_graph(
@@ -51,6 +53,7 @@ def write_model(
         proto,
         {
             MODEL_NAME: model,
+            WEIGHT_STORAGE: weight_storage,
             PROVENANCE: json.dumps(
                 {"model": model, "signatures": ["955717e8"], "toolchain": toolchain}
             ),
@@ -199,6 +202,7 @@ def test_happy_path_publishes_a_verified_release_with_a_model_card(run, fake, tm
     assert outcome.startswith(f"published {TAG}: htdemucs.onnx") and digest in outcome
     body = published["body"]
     assert digest in body and f"{path.stat().st_size:,} bytes" in body
+    assert "| weight storage (`openkara.weight_storage`) | float16 |" in body
     key = read_metadata(onnx.load(str(path)))[CACHE_KEY]
     assert f"`{CACHE_KEY}` | `{key}`" in body
     assert f'url = "https://gh.example/{REPOSITORY}/releases/download/{TAG}/htdemucs.onnx"' in body
@@ -391,6 +395,8 @@ def test_reuse_check(tmp_path):
     old = write_model(tmp_path / "old", "htdemucs", toolchain={**TOOLCHAIN, "onnx": "0.0.1"})
     reuse, why = release.reuse_check(old, "htdemucs")
     assert not reuse and f"onnx 0.0.1 (installed: {TOOLCHAIN['onnx']})" in why
+    full = write_model(tmp_path / "full", "htdemucs", weight_storage="float32")
+    assert release.reuse_check(full, "htdemucs")[1].endswith("as float32; releases ship float16")
     sidecar_path(path).write_text("f" * 64 + "  htdemucs.onnx\n")
     assert not release.reuse_check(path, "htdemucs")[0]
     assert not release.reuse_check(tmp_path / "missing.onnx", "htdemucs")[0]
