@@ -88,7 +88,8 @@ def fold_factors(model: HTDemucs) -> list[torch.Tensor]:
     for layer in [*module.layers, *module.layers_t] if module else []:
         mha = getattr(layer, "self_attn", None) or layer.cross_attn
         factors.append(torch.tensor(mha.head_dim**-0.5))
-        factors += [g.scale for g in (layer.gamma_1, layer.gamma_2) if not isinstance(g, nn.Identity)]
+        gammas = (layer.gamma_1, layer.gamma_2)
+        factors += [g.scale for g in gammas if not isinstance(g, nn.Identity)]
     return [f.detach().float() for f in factors]
 
 

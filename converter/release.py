@@ -223,7 +223,7 @@ def model_card(
         "| --- | --- |",
         f"| file | `{model_file.name}` |",
         f"| size | {model_file.size:,} bytes ({model_file.size / 1e6:.1f} MB) |",
-        f"| weight storage (`{WEIGHT_STORAGE}`) | {metadata.get(WEIGHT_STORAGE, storage.FLOAT32)} |",
+        f"| weight storage (`{WEIGHT_STORAGE}`) | {metadata.get(WEIGHT_STORAGE, 'float32')} |",
         f"| SHA-256 | `{model_file.sha256}` |",
         f"| `{CACHE_KEY}` | `{metadata.get(CACHE_KEY, '?')}` |",
         "",

@@ -68,7 +68,9 @@ def exact_in_float16(values: np.ndarray) -> bool:
     values = np.ascontiguousarray(values, dtype=np.float32)
     with np.errstate(over="ignore"):
         back = values.astype(np.float16).astype(np.float32)
-    return bool(np.isfinite(values).all() and np.array_equal(back.view(np.uint32), values.view(np.uint32)))
+    return bool(
+        np.isfinite(values).all() and np.array_equal(back.view(np.uint32), values.view(np.uint32))
+    )
 
 
 def _broadcast_shape(ndim: int, axis: int, length: int) -> list[int]:
@@ -105,7 +107,11 @@ def factorize(
         scale = np.asarray(scale, dtype=np.float32)
         if not np.isfinite(scale).all() or not scale.all():
             continue
-        axes = [None] if scale.size == 1 else [a for a, n in enumerate(product.shape) if n == scale.size]
+        axes = (
+            [None]
+            if scale.size == 1
+            else [a for a, n in enumerate(product.shape) if n == scale.size]
+        )
         for axis in axes:
             candidate = scale.reshape(()) if axis is None else scale.reshape(-1)
             half = _try_factor(product, candidate, axis or 0)
@@ -176,9 +182,17 @@ def store_half(model: onnx.ModelProto, scales: Iterable[np.ndarray] = ()) -> Sto
             continue
         nodes = before.setdefault(first_use[name], [])
         if exact_in_float16(values):
-            new_initializers.append(numpy_helper.from_array(values.astype(np.float16), name + HALF_SUFFIX))
+            new_initializers.append(
+                numpy_helper.from_array(values.astype(np.float16), name + HALF_SUFFIX)
+            )
             nodes.append(
-                helper.make_node("Cast", [name + HALF_SUFFIX], [name], to=TensorProto.FLOAT, name=f"{PREFIX}cast/{name}")
+                helper.make_node(
+                    "Cast",
+                    [name + HALF_SUFFIX],
+                    [name],
+                    to=TensorProto.FLOAT,
+                    name=f"{PREFIX}cast/{name}",
+                )
             )
             report.half.append(name)
             report.bytes_after += values.size * 2
@@ -197,9 +211,15 @@ def store_half(model: onnx.ModelProto, scales: Iterable[np.ndarray] = ()) -> Sto
         new_initializers.append(numpy_helper.from_array(half, name + HALF_SUFFIX))
         nodes += [
             helper.make_node(
-                "Cast", [name + HALF_SUFFIX], [name + "/factor"], to=TensorProto.FLOAT, name=f"{PREFIX}cast/{name}"
+                "Cast",
+                [name + HALF_SUFFIX],
+                [name + "/factor"],
+                to=TensorProto.FLOAT,
+                name=f"{PREFIX}cast/{name}",
             ),
-            helper.make_node("Mul", [name + "/factor", scale_names[key]], [name], name=f"{PREFIX}product/{name}"),
+            helper.make_node(
+                "Mul", [name + "/factor", scale_names[key]], [name], name=f"{PREFIX}product/{name}"
+            ),
         ]
         report.products.append(name)
         report.bytes_after += values.size * 2
@@ -234,9 +254,14 @@ def restore_float32(model: onnx.ModelProto) -> None:
         if not node.name.startswith(PREFIX):
             continue
         if node.op_type == "Cast":
-            produced[node.output[0]] = numpy_helper.to_array(tensors[node.input[0]]).astype(np.float32)
+            produced[node.output[0]] = numpy_helper.to_array(tensors[node.input[0]]).astype(
+                np.float32
+            )
         else:
-            factor, scale = produced.pop(node.input[0]), numpy_helper.to_array(tensors[node.input[1]])
+            factor, scale = (
+                produced.pop(node.input[0]),
+                numpy_helper.to_array(tensors[node.input[1]]),
+            )
             produced[node.output[0]] = factor * scale
     restored = []
     for tensor in graph.initializer:

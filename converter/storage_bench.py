@@ -115,11 +115,14 @@ def compare(path: Path, runs: int, threads: int, run_child: Callable[..., dict])
         twin.unlink()
 
 
-def _compare(files: dict[str, Path], runs: int, threads: int, run_child: Callable[..., dict]) -> dict:
+def _compare(
+    files: dict[str, Path], runs: int, threads: int, run_child: Callable[..., dict]
+) -> dict:
     path, twin = files[storage.FLOAT16], files[storage.FLOAT32]
     result: dict = {
         "files": {
-            name: {"bytes": p.stat().st_size, "gzip_bytes": gzip_bytes(p)} for name, p in files.items()
+            name: {"bytes": p.stat().st_size, "gzip_bytes": gzip_bytes(p)}
+            for name, p in files.items()
         },
         "configs": {},
     }
@@ -131,7 +134,9 @@ def _compare(files: dict[str, Path], runs: int, threads: int, run_child: Callabl
         memory: dict[str, list[dict]] = {name: [] for name in files}
         for _ in range(ROUNDS):
             for name, p in files.items():
-                memory[name].append(run_child("storage_memory", path=str(p), config=config, threads=threads))
+                memory[name].append(
+                    run_child("storage_memory", path=str(p), config=config, threads=threads)
+                )
         per_file = {
             name: {
                 "median_s": statistics.median(latency["latencies_s"][name]),
@@ -157,8 +162,10 @@ def table_lines(result: dict, fp32_weight_bytes: int) -> list[str]:
     half, full = files[storage.FLOAT16], files[storage.FLOAT32]
     lines = [
         "",
-        "Weight storage: the shipped file (float16 where exact) against its float32 twin, same "
-        "conversion.",
+        (
+            "Weight storage: the shipped file (float16 where exact) against its float32 twin, "
+            "same conversion."
+        ),
         "",
         "| file | MB | gzip'd MB | / fp32 weights |",
         "| --- | ---: | ---: | ---: |",
@@ -170,9 +177,11 @@ def table_lines(result: dict, fp32_weight_bytes: int) -> list[str]:
     ]
     lines += [
         "",
-        "| session options | s / segment float16 / float32 | ratio (≤ "
-        f"{LATENCY_RATIO}) | peak RSS GB float16 / float32 | ratio (≤ {RSS_RATIO}) "
-        f"| session load s float16 / float32 | stems MSE (≤ {STEMS_MSE:g}) |",
+        (
+            "| session options | s / segment float16 / float32 | ratio (≤ "
+            f"{LATENCY_RATIO}) | peak RSS GB float16 / float32 | ratio (≤ {RSS_RATIO}) "
+            f"| session load s float16 / float32 | stems MSE (≤ {STEMS_MSE:g}) |"
+        ),
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for config, c in result["configs"].items():

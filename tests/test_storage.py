@@ -61,7 +61,9 @@ def test_query_scale_products_factor_even_where_float16_would_underflow():
 
 def test_no_factorization_rounds_or_overflows():
     twiddles = rng.standard_normal((32, 16)).astype(np.float32)
-    assert storage.factorize(twiddles, [half_values(16), half_values(32), np.float32(0.125)]) is None
+    assert (
+        storage.factorize(twiddles, [half_values(16), half_values(32), np.float32(0.125)]) is None
+    )
     big = half_values(8, 16) * np.float32(60000.0)  # product / 1e-3 exceeds float16's range
     assert storage.factorize(big, [np.full(16, 1e-3, np.float32)]) is None
     zero = half_values(8, 16)
@@ -86,7 +88,11 @@ def tiny_model() -> tuple[onnx.ModelProto, np.ndarray]:
         helper.make_node("Slice", ["d", "zero", "eight", "one"], ["e"]),
         helper.make_node("Add", ["e", "small"], ["y"]),
     ]
-    inits |= {"zero": np.array([0], np.int64), "eight": np.array([8], np.int64), "one": np.array([1], np.int64)}
+    inits |= {
+        "zero": np.array([0], np.int64),
+        "eight": np.array([8], np.int64),
+        "one": np.array([1], np.int64),
+    }
     graph = helper.make_graph(
         nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 300])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
@@ -101,7 +107,9 @@ def run(model: onnx.ModelProto, x: np.ndarray, optimize: bool) -> np.ndarray:
     options = ort.SessionOptions()
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
     return session.run(["y"], {"x": x})[0]
 
 
@@ -123,7 +131,9 @@ def test_store_half_keeps_the_outputs_and_restore_gives_back_the_same_bytes():
     assert np.array_equal(run(model, x, optimize=True), run(before, x, optimize=True))
     # Optimization off: the same values, but a MatMul whose B is computed at run time is not
     # prepacked, and ORT's unpacked kernel sums in another order: float32 rounding apart.
-    np.testing.assert_allclose(run(model, x, optimize=False), run(before, x, optimize=False), rtol=1e-5)
+    np.testing.assert_allclose(
+        run(model, x, optimize=False), run(before, x, optimize=False), rtol=1e-5
+    )
     with pytest.raises(ValueError, match="float16 already"):
         storage.store_half(model)
     storage.restore_float32(model)
@@ -132,10 +142,14 @@ def test_store_half_keeps_the_outputs_and_restore_gives_back_the_same_bytes():
 
 
 def float32_initializers(model: onnx.ModelProto) -> set[str]:
+    """Float32 initializers the pass looked at and kept (not its own scales)."""
     return {
-        t.name for t in model.graph.initializer
-        if t.data_type == TensorProto.FLOAT and np.prod(t.dims) >= storage.MIN_ELEMENTS
-    }  # fmt: skip
+        t.name
+        for t in model.graph.initializer
+        if t.data_type == TensorProto.FLOAT
+        and np.prod(t.dims) >= storage.MIN_ELEMENTS
+        and not t.name.startswith(storage.SCALE_PREFIX)
+    }
 
 
 @pytest.mark.parametrize("name", ["htdemucs", "htdemucs_ft", "htdemucs_6s"])
@@ -144,11 +158,11 @@ def test_converted_files_keep_only_spectral_constants_in_float32(small_models, n
     model = onnx.load(small_models[name])
     assert meta.read_metadata(model)[meta.WEIGHT_STORAGE] == storage.FLOAT16
     assert storage.storage_of(model) == storage.FLOAT16
-    assert float32_initializers(model) == {
-        f"{part}/{kind}" for part in ("stft", "istft") for kind in ("window", "stage1", "stage2", "stage3")
-    }
+    stayed = float32_initializers(model)
+    assert {"stft/stage3", "istft/stage3"} <= stayed
+    assert all(name.startswith(("stft/", "istft/")) for name in stayed)
     summary = meta.provenance(model)["weight_storage"]
-    assert summary["float32_initializers"] == 8 and summary["unfolded_products"] > 0
+    assert summary["float32_initializers"] == len(stayed) and summary["unfolded_products"] > 0
 
 
 def test_float32_storage_is_the_half_file_restored(small_repo, small_models, tmp_path):
@@ -163,7 +177,9 @@ def test_float32_storage_is_the_half_file_restored(small_repo, small_models, tmp
 
 
 def test_unknown_storage_is_one_clear_error(small_repo, tmp_path):
-    with pytest.raises(UserError, match="--weight-storage 'bfloat16' is not one of float16, float32"):
+    with pytest.raises(
+        UserError, match="--weight-storage 'bfloat16' is not one of float16, float32"
+    ):
         convert("htdemucs", repo=small_repo, out_dir=tmp_path, weight_storage="bfloat16")
 
 
@@ -174,7 +190,9 @@ def test_a_float32_checkpoint_converts_validates_and_keeps_its_weights_float32(t
     model = HTDemucs(**model_kwargs("htdemucs", "small"))
     repo = tmp_path / "repo"
     repo.mkdir()
-    save_with_checksum(serialize_model(model, OmegaConf.create({}), half=False), repo / "f32model.th")
+    save_with_checksum(
+        serialize_model(model, OmegaConf.create({}), half=False), repo / "f32model.th"
+    )
     write_bag(repo, "htdemucs", ["f32model"])
     with caplog.at_level(logging.INFO, logger="converter"):
         path = convert("htdemucs", repo=repo, out_dir=tmp_path / "out")  # validation gate included
@@ -185,7 +203,9 @@ def test_a_float32_checkpoint_converts_validates_and_keeps_its_weights_float32(t
     stayed = float32_initializers(shipped)
     halves = [t for t in shipped.graph.initializer if t.name.endswith(storage.HALF_SUFFIX)]
     # Never lossy: what went float16 is exact, and every tensor that stayed float32 had to.
-    assert all(storage.exact_in_float16(values[t.name.removesuffix(storage.HALF_SUFFIX)]) for t in halves)
+    assert all(
+        storage.exact_in_float16(values[t.name.removesuffix(storage.HALF_SUFFIX)]) for t in halves
+    )
     assert all(not storage.exact_in_float16(values[n]) for n in stayed)
     # The checkpoint's weight matrices all stayed float32: float16 holds no more elements than
     # its 1-D parameters (norm scales of one and shifts of zero are exact in float16).
