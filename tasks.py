@@ -61,14 +61,16 @@ def _path(value: str | None) -> Path | None:
         "model": f"Pretrained model to convert: {MODELS}.",
         "repo": "Local demucs model repo (SIG-CHECKSUM.th files + NAME.yaml); default: the hub.",
         "out_dir": "Where to write NAME.onnx and NAME.onnx.sha256 (default: models/).",
+        "weight_storage": "float16 (default: weights exact in float16 stored as float16, Cast in "
+        "the graph; half the size, same outputs) or float32 (every initializer float32).",
     }
 )
 @_cli
-def convert(c, model="htdemucs", repo=None, out_dir="models"):
+def convert(c, model="htdemucs", repo=None, out_dir="models", weight_storage="float16"):
     """Convert a pretrained Demucs model to one optimized, validated ONNX file."""
     from converter.pipeline import convert as run
 
-    run(model, repo=_path(repo), out_dir=Path(out_dir))
+    run(model, repo=_path(repo), out_dir=Path(out_dir), weight_storage=weight_storage)
 
 
 @task(

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import storage_bench
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -206,6 +207,7 @@ CHILDREN = {
     "convert": child_convert, "torch": child_torch, "stats": child_stats, "ort": child_ort,
     "profile": child_profile,
     "accuracy": child_accuracy,
+    **storage_bench.CHILDREN,
 }  # fmt: skip
 
 
@@ -302,6 +304,7 @@ def bench(
         path = conversion.pop("path")
         results["conversion"] = conversion
         results["file_bytes"] = Path(path).stat().st_size
+        results["weight_storage"] = storage_bench.compare(Path(path), runs, threads, run_child)
         results.update(run_child("stats", model=model, repo=repo_arg))
         torch_run = run_child("torch", model=model, repo=repo_arg, runs=runs, threads=threads)
         results["torch"] = {**torch_run, "median_s": statistics.median(torch_run["latencies_s"])}
@@ -402,6 +405,8 @@ def table(results: dict) -> str:
                 f"| {a['input']} | {a['pytorch_snr_db']:.1f} | {files['default options']:.1f} "
                 f"| {files['optimization off']:.1f} |"
             )
+    if "weight_storage" in results:
+        lines += storage_bench.table_lines(results["weight_storage"], weights)
     if "profile" in results:
         p = results["profile"]
         parts = ", ".join(f"{k} {v:.2f} s" for k, v in sorted(p["by_part_s"].items()))

@@ -151,6 +151,19 @@ def _scaled_linear(linear: nn.Linear, gamma: nn.Module, x: torch.Tensor) -> torc
     return F.linear(x, linear.weight * gamma.scale[:, None], linear.bias * gamma.scale)
 
 
+def fold_factors(model: HTDemucs) -> list[torch.Tensor]:
+    """The scales `_scaled_linear` and `_attention` fold into weight matrices (LayerScales, the
+    query scale): `converter.storage` factors the products back into float16 weights."""
+    module = model.crosstransformer
+    factors = []
+    for layer in [*module.layers, *module.layers_t] if module else []:
+        mha = getattr(layer, "self_attn", None) or layer.cross_attn
+        factors.append(torch.tensor(mha.head_dim**-0.5))
+        gammas = (layer.gamma_1, layer.gamma_2)
+        factors += [g.scale for g in gammas if not isinstance(g, nn.Identity)]
+    return [f.detach().float() for f in factors]
+
+
 def _attention(
     mha: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor, gamma: nn.Module
 ) -> torch.Tensor:

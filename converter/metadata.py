@@ -30,6 +30,8 @@ SAMPLE_RATE = "openkara.sample_rate"
 SEGMENT_SAMPLES = "openkara.segment_samples"
 AUDIO_CHANNELS = "openkara.audio_channels"
 PROVENANCE = "openkara.provenance"
+# "float16": exact float16 initializers Cast to float32 in the graph (`converter.storage`).
+WEIGHT_STORAGE = "openkara.weight_storage"
 
 REQUIRED_KEYS = (
     CACHE_KEY,

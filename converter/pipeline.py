@@ -17,8 +17,10 @@ import onnx
 
 from . import __version__
 from . import metadata as meta
+from . import storage
 from .errors import UserError
 from .export import INPUT, OPSET, export_bag
+from .exportable import fold_factors
 from .loading import LoadedBag, load
 from .optimize import LEVEL, optimize
 from .progress import peak_rss_mb, release_memory, step
@@ -33,7 +35,12 @@ def file_paths(model: str, out_dir: Path) -> tuple[Path, Path, Path]:
     return onnx_path, meta.sidecar_path(onnx_path), out_dir / f"{model}.reference.npz"
 
 
-def metadata_entries(bag: LoadedBag, ir_version: int) -> dict[str, str]:
+def metadata_entries(
+    bag: LoadedBag,
+    ir_version: int,
+    weight_storage: str = storage.FLOAT32,
+    stored: storage.StorageReport | None = None,
+) -> dict[str, str]:
     provenance = {
         "model": bag.name,
         "signatures": bag.signatures,
@@ -49,6 +56,8 @@ def metadata_entries(bag: LoadedBag, ir_version: int) -> dict[str, str]:
         "optimization_level": LEVEL,
         "converter": __version__,
     }
+    if stored is not None:
+        provenance["weight_storage"] = stored.summary()
     return {
         meta.OPTIMIZED_BY: meta.OPTIMIZED_BY_VALUE,
         meta.MODEL_NAME: bag.name,
@@ -56,6 +65,7 @@ def metadata_entries(bag: LoadedBag, ir_version: int) -> dict[str, str]:
         meta.SAMPLE_RATE: str(bag.samplerate),
         meta.SEGMENT_SAMPLES: str(bag.segment_samples),
         meta.AUDIO_CHANNELS: str(bag.models[0].audio_channels),
+        meta.WEIGHT_STORAGE: weight_storage,
         meta.PROVENANCE: json.dumps(provenance, sort_keys=True, separators=(",", ":")),
     }
 
@@ -68,13 +78,23 @@ def write_with_sidecar(model: onnx.ModelProto, path: Path) -> str:
     return digest
 
 
-def convert(model: str, repo: Path | None = None, out_dir: Path = Path("models")) -> Path:
-    """Build, validate and write `out_dir/MODEL.onnx` (+ `.sha256`, + reference npz)."""
+def convert(
+    model: str,
+    repo: Path | None = None,
+    out_dir: Path = Path("models"),
+    weight_storage: str = storage.DEFAULT,
+) -> Path:
+    """Build, validate and write `out_dir/MODEL.onnx` (+ `.sha256`, + reference npz), its
+    exact float16 weights stored as float16 unless `weight_storage` is 'float32'."""
     from .contract import gate
     from .validation import validate_file
 
     started = time.perf_counter()
     timings: dict[str, float] = {}
+    if weight_storage not in storage.STORAGES:
+        raise UserError(
+            f"--weight-storage {weight_storage!r} is not one of {', '.join(storage.STORAGES)}"
+        )
     finals = list(file_paths(model, out_dir))
     with Staging(finals, "--out-dir") as staging:  # refuses an unwritable folder before any work
         with step("load", timings):
@@ -84,7 +104,13 @@ def convert(model: str, repo: Path | None = None, out_dir: Path = Path("models")
         anchor_shapes(graph, INPUT)
         with step("optimize", timings):
             graph = optimize(graph, workdir=staging.path)
-        meta.stamp(graph, metadata_entries(bag, graph.ir_version))
+        stored = None
+        if weight_storage == storage.FLOAT16:
+            # After the offline optimization: its constant folding would undo the Casts.
+            with step("weight storage", timings):
+                scales = [f.numpy() for m in bag.models for f in fold_factors(m)]
+                stored = storage.store_half(graph, scales)
+        meta.stamp(graph, metadata_entries(bag, graph.ir_version, weight_storage, stored))
         log.info("cache key %s", meta.read_metadata(graph)[meta.CACHE_KEY])
         staged = [staging.staged(p) for p in finals]
         digest = write_with_sidecar(graph, staged[0])

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import onnx
 
-from converter import evidence, github, pins
+from converter import evidence, github, pins, storage
 from converter.errors import UserError
 from converter.metadata import (
     CACHE_KEY,
@@ -34,6 +34,7 @@ from converter.metadata import (
     SAMPLE_RATE,
     SEGMENT_SAMPLES,
     STEMS,
+    WEIGHT_STORAGE,
     public_version,
     read_metadata,
     read_sidecar,
@@ -123,6 +124,9 @@ def reuse_check(path: Path, model: str) -> tuple[bool, str]:
         return False, f"{path} is not a readable ONNX file"
     if metadata.get(MODEL_NAME) != model:
         return False, f"{path} is stamped as model {metadata.get(MODEL_NAME)!r}, not {model!r}"
+    stored = metadata.get(WEIGHT_STORAGE, storage.FLOAT32)
+    if stored != storage.DEFAULT:
+        return False, f"{path} stores its weights as {stored}; releases ship {storage.DEFAULT}"
     toolchain = json.loads(metadata.get(PROVENANCE, "{}")).get("toolchain") or {}
     if not toolchain:
         return False, f"{path} records no toolchain versions in {PROVENANCE}"
@@ -262,6 +266,7 @@ def model_card(
         "| --- | --- |",
         f"| file | `{model_file.name}` |",
         f"| size | {model_file.size:,} bytes ({model_file.size / 1e6:.1f} MB) |",
+        f"| weight storage (`{WEIGHT_STORAGE}`) | {metadata.get(WEIGHT_STORAGE, 'float32')} |",
         f"| SHA-256 | `{model_file.sha256}` |",
         f"| `{CACHE_KEY}` | `{metadata.get(CACHE_KEY, '?')}` |",
         "",

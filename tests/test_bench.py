@@ -90,3 +90,19 @@ def test_accuracy_against_float64_per_input(results):
         assert 90 < row["pytorch_snr_db"] < 200
         assert all(snr > row["pytorch_snr_db"] - 6 for snr in row["file_snr_db"].values())
     assert "| dc offset |" in bench.table(results)
+
+
+def test_weight_storage_compares_the_shipped_file_with_its_float32_twin(results):
+    storage = results["weight_storage"]
+    files = storage["files"]
+    assert results["file_bytes"] == files["float16"]["bytes"] < files["float32"]["bytes"]
+    assert all(0 < f["gzip_bytes"] < f["bytes"] for f in files.values())
+    assert set(storage["configs"]) == set(bench.storage_bench.COMPARED_CONFIGS)
+    for config in storage["configs"].values():
+        assert config["stems_mse"] <= bench.storage_bench.STEMS_MSE
+        for run in (config["float16"], config["float32"]):
+            assert len(run["latencies_s"]) == 1 and run["session_s"] > 0 and run["peak_rss_mb"] > 50
+        assert config["latency_ratio"] == pytest.approx(
+            config["float16"]["median_s"] / config["float32"]["median_s"]
+        )
+    assert "| float16 |" in bench.table(results)

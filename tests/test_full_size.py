@@ -23,7 +23,7 @@ def test_full_size_htdemucs_converts_within_budget(full_repo, tmp_path):
 
     path = convert("htdemucs", repo=full_repo, out_dir=tmp_path)  # validation gate included
 
-    assert path.stat().st_size <= 1.01 * HTDEMUCS_PARAMETERS * 4
+    assert path.stat().st_size <= 0.52 * HTDEMUCS_PARAMETERS * 4  # float16 storage (issue 12)
     model = onnx.load(path)
     dims = [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim]
     assert dims == [1, 4, 2, 343980]

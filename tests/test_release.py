@@ -22,6 +22,7 @@ from converter.metadata import (
     CACHE_KEY,
     MODEL_NAME,
     PROVENANCE,
+    WEIGHT_STORAGE,
     read_metadata,
     sha256_file,
     sidecar_path,
@@ -34,7 +35,11 @@ TOOLCHAIN = {name: importlib.metadata.version(name) for name in ("onnx", "reques
 
 
 def write_model(
-    out_dir: Path, model: str, toolchain: dict[str, str] = TOOLCHAIN, seed: int = 0
+    out_dir: Path,
+    model: str,
+    toolchain: dict[str, str] = TOOLCHAIN,
+    seed: int = 0,
+    weight_storage: str = "float16",
 ) -> Path:
     """A small file that passes the static contract gate, stamped like a converted `model`,
     with its sidecar; `seed` varies its bytes (1.2 MB of them)."""
@@ -43,6 +48,7 @@ def write_model(
     proto.graph.initializer.append(numpy_helper.from_array(weight, "unused"))
     entries = read_metadata(proto)
     entries[MODEL_NAME] = model
+    entries[WEIGHT_STORAGE] = weight_storage
     entries[PROVENANCE] = json.dumps(
         {"model": model, "signatures": ["955717e8"], "toolchain": toolchain}
     )
@@ -199,6 +205,7 @@ def test_happy_path_publishes_a_verified_release_with_a_model_card(
     assert outcome.startswith(f"published {TAG}: htdemucs.onnx") and digest in outcome
     body = published["body"]
     assert digest in body and f"{path.stat().st_size:,} bytes" in body
+    assert "| weight storage (`openkara.weight_storage`) | float16 |" in body
     key = read_metadata(onnx.load(str(path)))[CACHE_KEY]
     assert f"`{CACHE_KEY}` | `{key}`" in body
     url = f"https://gh.example/{REPOSITORY}/releases/download/{TAG}/htdemucs.onnx"
@@ -476,6 +483,8 @@ def test_reuse_check(tmp_path):
     old = write_model(tmp_path / "old", "htdemucs", toolchain={**TOOLCHAIN, "onnx": "0.0.1"})
     reuse, why = release.reuse_check(old, "htdemucs")
     assert not reuse and f"onnx 0.0.1 (installed: {TOOLCHAIN['onnx']})" in why
+    full = write_model(tmp_path / "full", "htdemucs", weight_storage="float32")
+    assert release.reuse_check(full, "htdemucs")[1].endswith("as float32; releases ship float16")
     sidecar_path(path).write_text("f" * 64 + "  htdemucs.onnx\n")
     assert not release.reuse_check(path, "htdemucs")[0]
     assert not release.reuse_check(tmp_path / "missing.onnx", "htdemucs")[0]

@@ -1,0 +1,283 @@
+"""Weight storage: float16 initializers wherever that loses nothing, Cast to float32 in the graph.
+
+demucs ships its checkpoints in float16 (`serialize_model(..., half=True)`), so every parameter
+is a float16 value in a float32 slot, and half of a float32 file is zeros. This pass runs after
+the offline ONNX Runtime optimization (whose constant folding would turn any Cast of a constant
+back into a float32 initializer) and rewrites the optimized graph:
+
+- an initializer whose values survive float32 -> float16 -> float32 bit for bit is stored as
+  float16 and Cast to float32 in the graph;
+- a product the converter folded (a LayerScale or the query scale times a projection matrix,
+  see `converter.exportable.fold_factors`) is stored as its float16 factor and a Mul by the
+  float32 scale, when that Mul reproduces the folded product bit for bit;
+- everything else (DFT twiddles, windows, a float32 fine-tune, computed constants) stays float32.
+
+Nothing is ever rounded: the graph computes the exact float32 values of the float32 file, so
+its outputs are the same. An app's session at ORT's default options folds the Casts and Muls
+back at load; with graph optimization off they run on every call. `restore_float32` undoes the
+pass exactly, which the tests use to prove it lossless.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+log = logging.getLogger(__name__)
+
+FLOAT16 = "float16"
+FLOAT32 = "float32"
+STORAGES = (FLOAT16, FLOAT32)
+DEFAULT = FLOAT16
+
+PREFIX = "weight_storage/"
+HALF_SUFFIX = "/float16"
+SCALE_PREFIX = PREFIX + "scale/"
+# A Cast node costs ~100 bytes of file and a kernel launch per run in a session without graph
+# optimization; below this many elements the float16 copy saves too little to pay for it.
+MIN_ELEMENTS = 256
+_SAMPLE = 4096  # elements checked before a candidate factorization is tried on a whole tensor
+
+
+@dataclass
+class StorageReport:
+    """What `store_half` did: initializer names by outcome, and float32 bytes before/after."""
+
+    half: list[str] = field(default_factory=list)
+    products: list[str] = field(default_factory=list)
+    float32: list[str] = field(default_factory=list)
+    bytes_before: int = 0
+    bytes_after: int = 0
+
+    def summary(self) -> dict[str, int]:
+        return {
+            "float16_initializers": len(self.half),
+            "unfolded_products": len(self.products),
+            "float32_initializers": len(self.float32),
+            "initializer_bytes": self.bytes_after,
+        }
+
+
+def exact_in_float16(values: np.ndarray) -> bool:
+    """True when float32 `values` survive a round trip through float16 bit for bit (NaN never)."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    with np.errstate(over="ignore"):
+        back = values.astype(np.float16).astype(np.float32)
+    return bool(
+        np.isfinite(values).all() and np.array_equal(back.view(np.uint32), values.view(np.uint32))
+    )
+
+
+def _broadcast_shape(ndim: int, axis: int, length: int) -> list[int]:
+    """Shape of a 1-D factor along `axis` of an `ndim`-D tensor, numpy/ONNX broadcasting."""
+    return [length] + [1] * (ndim - 1 - axis)
+
+
+def _try_factor(product: np.ndarray, scale: np.ndarray, axis: int) -> np.ndarray | None:
+    """float16 `half` with float32(half * scale along `axis`) == `product` bit for bit, or None."""
+    shape = _broadcast_shape(product.ndim, axis, scale.size) if scale.ndim else []
+    scale = scale.reshape(shape)
+    flat = product.reshape(-1)
+    # Most candidates fail; a prefix of the flat tensor tells cheaply.
+    stride = int(np.prod(product.shape[axis + 1 :])) if scale.ndim else 1
+    index = np.arange(min(_SAMPLE, flat.size))
+    prefix_scale = scale.reshape(-1)[(index // stride) % scale.size] if scale.ndim else scale
+    for values, factor in ((flat[: index.size], prefix_scale), (product, scale)):
+        with np.errstate(all="ignore"):
+            half = (values.astype(np.float64) / factor).astype(np.float16)
+        if not np.isfinite(half).all():
+            return None
+        again = half.astype(np.float32) * factor.astype(np.float32)
+        if not np.array_equal(again.view(np.uint32), values.view(np.uint32)):
+            return None
+    return half
+
+
+def factorize(
+    product: np.ndarray, scales: Sequence[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """(float16 factor, float32 scale in broadcast shape) whose float32 product is `product`
+    bit for bit, trying each of `scales` (scalars, or 1-D along any axis of matching length)."""
+    for scale in scales:
+        scale = np.asarray(scale, dtype=np.float32)
+        if not np.isfinite(scale).all() or not scale.all():
+            continue
+        axes = (
+            [None]
+            if scale.size == 1
+            else [a for a, n in enumerate(product.shape) if n == scale.size]
+        )
+        for axis in axes:
+            candidate = scale.reshape(()) if axis is None else scale.reshape(-1)
+            half = _try_factor(product, candidate, axis or 0)
+            if half is not None:
+                shape = [] if axis is None else _broadcast_shape(product.ndim, axis, scale.size)
+                return half, candidate.reshape(shape)
+    return None
+
+
+def _referenced(graph: onnx.GraphProto) -> tuple[dict[str, int], set[str]]:
+    """{name: index of the first main-graph node reading it}, and names read inside subgraphs."""
+    first: dict[str, int] = {}
+    nested: set[str] = set()
+
+    def walk_subgraph(sub: onnx.GraphProto) -> None:
+        for node in sub.node:
+            nested.update(node.input)
+            for attr in node.attribute:
+                for g in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                    walk_subgraph(g)
+
+    for index, node in enumerate(graph.node):
+        for name in node.input:
+            first.setdefault(name, index)
+        for attr in node.attribute:
+            for g in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                walk_subgraph(g)
+    return first, nested
+
+
+def _unique_scales(scales: Iterable[np.ndarray]) -> list[np.ndarray]:
+    seen, unique = set(), []
+    for scale in scales:
+        scale = np.ascontiguousarray(scale, dtype=np.float32)
+        key = (scale.shape, scale.tobytes())
+        if key not in seen:
+            seen.add(key)
+            unique.append(scale)
+    return unique
+
+
+def store_half(model: onnx.ModelProto, scales: Iterable[np.ndarray] = ()) -> StorageReport:
+    """Rewrite `model`'s float32 initializers in place as described in the module docstring.
+
+    `scales` are the factors the converter folded into weight matrices; each folded product
+    that one of them reproduces exactly is stored as its float16 factor times that scale.
+    """
+    graph = model.graph
+    if any(node.name.startswith(PREFIX) for node in graph.node):
+        raise ValueError("the graph's weights are stored as float16 already")
+    candidates = _unique_scales(scales)
+    first_use, nested = _referenced(graph)
+    protected = nested | {i.name for i in graph.input} | {o.name for o in graph.output}
+    report = StorageReport()
+    before: dict[int, list[onnx.NodeProto]] = {}
+    scale_names: dict[tuple, str] = {}
+    new_initializers = []
+    for tensor in graph.initializer:
+        if tensor.data_type != TensorProto.FLOAT:
+            new_initializers.append(tensor)
+            continue
+        values = numpy_helper.to_array(tensor)
+        report.bytes_before += values.nbytes
+        name = tensor.name
+        if name not in first_use or name in protected or values.size < MIN_ELEMENTS:
+            new_initializers.append(tensor)
+            report.bytes_after += values.nbytes
+            continue
+        nodes = before.setdefault(first_use[name], [])
+        if exact_in_float16(values):
+            new_initializers.append(
+                numpy_helper.from_array(values.astype(np.float16), name + HALF_SUFFIX)
+            )
+            nodes.append(
+                helper.make_node(
+                    "Cast",
+                    [name + HALF_SUFFIX],
+                    [name],
+                    to=TensorProto.FLOAT,
+                    name=f"{PREFIX}cast/{name}",
+                )
+            )
+            report.half.append(name)
+            report.bytes_after += values.size * 2
+            continue
+        factored = factorize(values, candidates)
+        if factored is None:
+            new_initializers.append(tensor)
+            report.float32.append(name)
+            report.bytes_after += values.nbytes
+            continue
+        half, scale = factored
+        key = (scale.shape, scale.tobytes())
+        if key not in scale_names:
+            scale_names[key] = f"{SCALE_PREFIX}{len(scale_names)}"
+            report.bytes_after += scale.nbytes
+        new_initializers.append(numpy_helper.from_array(half, name + HALF_SUFFIX))
+        nodes += [
+            helper.make_node(
+                "Cast",
+                [name + HALF_SUFFIX],
+                [name + "/factor"],
+                to=TensorProto.FLOAT,
+                name=f"{PREFIX}cast/{name}",
+            ),
+            helper.make_node(
+                "Mul", [name + "/factor", scale_names[key]], [name], name=f"{PREFIX}product/{name}"
+            ),
+        ]
+        report.products.append(name)
+        report.bytes_after += values.size * 2
+    for (shape, data), scale_name in scale_names.items():
+        scale = np.frombuffer(data, dtype=np.float32).reshape(shape)
+        new_initializers.append(numpy_helper.from_array(scale, scale_name))
+    nodes = []
+    for index, node in enumerate(graph.node):
+        nodes += before.get(index, [])
+        nodes.append(node)
+    del graph.initializer[:]
+    graph.initializer.extend(new_initializers)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    log.info(
+        "weight storage: %d initializers as float16, %d folded products as float16 factor x scale, "
+        "%d stay float32; initializers %.1f -> %.1f MB",
+        len(report.half), len(report.products), len(report.float32),
+        report.bytes_before / 1e6, report.bytes_after / 1e6,
+    )  # fmt: skip
+    for name in report.float32:
+        log.info("stays float32 (not exact in float16): %s", name)
+    return report
+
+
+def restore_float32(model: onnx.ModelProto) -> None:
+    """Undo `store_half` in place: the float32 initializers back, computed as the graph would."""
+    graph = model.graph
+    tensors = {t.name: t for t in graph.initializer}
+    produced: dict[str, np.ndarray] = {}
+    for node in graph.node:
+        if not node.name.startswith(PREFIX):
+            continue
+        if node.op_type == "Cast":
+            produced[node.output[0]] = numpy_helper.to_array(tensors[node.input[0]]).astype(
+                np.float32
+            )
+        else:
+            factor, scale = (
+                produced.pop(node.input[0]),
+                numpy_helper.to_array(tensors[node.input[1]]),
+            )
+            produced[node.output[0]] = factor * scale
+    restored = []
+    for tensor in graph.initializer:
+        if tensor.name.startswith(SCALE_PREFIX):
+            continue
+        if tensor.name.endswith(HALF_SUFFIX):
+            name = tensor.name[: -len(HALF_SUFFIX)]
+            tensor = numpy_helper.from_array(produced[name], name)
+        restored.append(tensor)
+    del graph.initializer[:]
+    graph.initializer.extend(restored)
+    nodes = [node for node in graph.node if not node.name.startswith(PREFIX)]
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def storage_of(model: onnx.ModelProto) -> str:
+    """FLOAT16 when `store_half` rewrote the graph, else FLOAT32 (read off the graph itself)."""
+    return FLOAT16 if any(node.name.startswith(PREFIX) for node in model.graph.node) else FLOAT32
