@@ -359,6 +359,9 @@ def _cross_transformer(
     pos = _sin_embedding(length_t, channels_t, module.max_period, anchor)
     xt = module.norm_in_t(xt) + module.weight_pos_embed * pos
 
+    # Every layer's tensors have the shapes of the layer two before: static, each would take the
+    # buffers that layer freed and hold them through the layer in between.
+    x, xt = _unplanned(x, anchor), _unplanned(xt, anchor)
     for idx in range(module.num_layers):
         if idx % 2 == module.classic_parity:
             x = _self_layer(module.layers[idx], x)
