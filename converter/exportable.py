@@ -16,7 +16,10 @@ The demucs modules are called with their weights; what is restated, and why:
   statistics from the small tensor before the expanding conv and fold normalization, affine
   and LayerScale into it (`_dconv_rows`); a GLU is two convs; the frequency ConvTranspose is a
   conv and a shuffle; 1-D convs run as 2-D ones;
-- transformer tokens go in memory order and LayerScales ride on the projections.
+- transformer tokens go in memory order and LayerScales ride on the projections;
+- the decoder's and the transformer's inputs get shapes ONNX Runtime only learns at run time
+  (`_unplanned`), so its planner cannot hand them the buffers of same-shaped tensors freed long
+  before and hold those buffers in between (0.9 GB less peak RSS for htdemucs).
 
 Each restatement is exact up to float rounding and checked against demucs' module in
 `tests/test_exportable.py`. Everything else is the demucs arithmetic in demucs' order, for eval
