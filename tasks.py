@@ -189,7 +189,7 @@ def bench(
     c, model="htdemucs", repo=None, file=None, runs=None, rounds=2, profile=10, song=None,
     song_seconds=0.0, out_dir="bench-results",
 ):  # fmt: skip
-    """PyTorch eager vs onnxruntime per segment (speed, RSS, load), or whole songs vs demucs' CLI."""
+    """PyTorch vs onnxruntime per segment (speed, RSS, load), or whole songs vs demucs' CLI."""
     from converter import bench as b
 
     if song or song_seconds:

@@ -292,7 +292,9 @@ def machine() -> dict:
     }  # fmt: skip
 
 
-def _converted(model: str, repo_arg: str | None, file: Path | None, work: str, results: dict) -> str:
+def _converted(
+    model: str, repo_arg: str | None, file: Path | None, work: str, results: dict
+) -> str:
     """The file to measure: `file` as given, or a fresh `invoke convert` (timed) into `work`."""
     if file is not None:
         if not file.is_file():
@@ -335,8 +337,8 @@ def _targets(results: dict) -> list[dict]:
             _target(f"s / segment vs PyTorch, {config}", run["ratio_vs_torch"], TARGET_RATIO, "x"),
             _target(
                 f"peak RSS, load + {WARMUPS} segments, {config}",
-                run["peak_rss_two_segments_mb"] / 1024, torch_run["peak_rss_two_segments_mb"] / 1024,
-                "GB",
+                run["peak_rss_two_segments_mb"] / 1024,
+                torch_run["peak_rss_two_segments_mb"] / 1024, "GB",
             ),
             _target(f"session load, {config}", run["load_s"], TARGET_LOAD_S, "s"),
         ]
@@ -369,7 +371,9 @@ def bench(
             log.info("bench: round %d of %d", round_ + 1, rounds)
             for kind, config in contenders if round_ % 2 == 0 else contenders[::-1]:
                 if kind == "torch":
-                    child = run_child("torch", model=model, repo=repo_arg, runs=runs, threads=threads)
+                    child = run_child(
+                        "torch", model=model, repo=repo_arg, runs=runs, threads=threads
+                    )
                 else:
                     child = run_child("ort", path=path, config=config, runs=runs, threads=threads)
                 done[config].append(child)
@@ -383,7 +387,9 @@ def bench(
                 for o, t in zip(done[config], done[None])
             ]
             ratio = run["median_s"] / torch_s
-            results["onnxruntime"][config] = {**run, "ratio_vs_torch": ratio, "round_ratios": per_round}
+            results["onnxruntime"][config] = {
+                **run, "ratio_vs_torch": ratio, "round_ratios": per_round,
+            }  # fmt: skip
         if profile > 0:
             results["profile"] = run_child(
                 "profile", path=path, config=PROFILED_CONFIG, threads=threads, top=profile
@@ -465,7 +471,9 @@ def timed_process(command: list[str]) -> dict:
     wall = time.perf_counter() - start
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
-        raise UserError(f"{command[2]} failed (exit status {process.returncode}); see its log above")
+        raise UserError(
+            f"{command[2]} failed (exit status {process.returncode}); see its log above"
+        )
     scale = 1 << 20 if sys.platform == "darwin" else 1024
     return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / scale}
 
@@ -513,7 +521,8 @@ def bench_song(
             "peak_rss_mb": max(t["peak_rss_mb"] for t in timings),
         }  # fmt: skip
     ours, theirs = (results["separators"][n] for n in ("invoke separate", "demucs.separate"))
-    ratios = [o["wall_s"] / t["wall_s"] for o, t in zip(runs_by["invoke separate"], runs_by["demucs.separate"])]
+    pairs = zip(runs_by["invoke separate"], runs_by["demucs.separate"])
+    ratios = [o["wall_s"] / t["wall_s"] for o, t in pairs]
     results["ratio"] = ours["median_s"] / theirs["median_s"]
     results["round_ratios"] = ratios
     results["targets"] = [
@@ -545,7 +554,8 @@ def _machine_line(results: dict) -> str:
     m = results["machine"]
     return (
         f"`{results['model']}` on {m['cpu']}, {m['cores']} cores, {m['memory_gb']:.0f} GB RAM, "
-        f"{m['platform']}; onnxruntime {m['versions']['onnxruntime']}, torch {m['versions']['torch']}"
+        f"{m['platform']}; onnxruntime {m['versions']['onnxruntime']}, "
+        f"torch {m['versions']['torch']}"
     )
 
 
@@ -563,13 +573,15 @@ def table(results: dict) -> str:
         "| engine | session options | s / segment | vs PyTorch (per round) | peak RSS, load + 2 "
         "segments (GB) | peak RSS (GB) | load (s) | numpy GFLOP/s before / after |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-        f"| PyTorch eager | - | {torch_s:.2f} | 1.00 | {gb(torch_run['peak_rss_two_segments_mb'])} | "
-        f"{gb(torch_run['peak_rss_mb'])} | {torch_run['load_s']:.1f} | {_probe(torch_run)} |",
+        f"| PyTorch eager | - | {torch_s:.2f} | 1.00 | "
+        f"{gb(torch_run['peak_rss_two_segments_mb'])} | {gb(torch_run['peak_rss_mb'])} | "
+        f"{torch_run['load_s']:.1f} | {_probe(torch_run)} |",
     ]
     for config, r in results["onnxruntime"].items():
         rounds = ", ".join(f"{x:.2f}" for x in r["round_ratios"])
         lines.append(
-            f"| onnxruntime | {config} | {r['median_s']:.2f} | {r['ratio_vs_torch']:.2f} ({rounds}) | "
+            f"| onnxruntime | {config} | {r['median_s']:.2f} | "
+            f"{r['ratio_vs_torch']:.2f} ({rounds}) | "
             f"{gb(r['peak_rss_two_segments_mb'])} | {gb(r['peak_rss_mb'])} | {r['load_s']:.2f} | "
             f"{_probe(r)} |"
         )
@@ -579,9 +591,9 @@ def table(results: dict) -> str:
         ", ".join(f"{lib} {g:.0f}" for lib, g in results["sgemm_gflops"][when].items())
         for when in ("before", "after")
     )
-    conversion = (
-        f"{conv['wall_s']:.0f} s, peak RSS {gb(conv['peak_rss_mb'])} GB" if conv else "not timed (--file)"
-    )
+    conversion = "not timed (--file)"
+    if conv:
+        conversion = f"{conv['wall_s']:.0f} s, peak RSS {gb(conv['peak_rss_mb'])} GB"
     lines += [
         "",
         "| quantity | value |",

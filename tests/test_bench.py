@@ -126,7 +126,8 @@ def test_song_mode_times_both_whole_processes(small_repo, small_models, tmp_path
         "htdemucs", seconds=12.0, repo=small_repo, runs=2, out_dir=tmp_path,
         file=small_models["htdemucs"],
     )  # fmt: skip
-    assert json.loads((tmp_path / "htdemucs-song.json").read_text()) == json.loads(json.dumps(produced))
+    written = json.loads((tmp_path / "htdemucs-song.json").read_text())
+    assert written == json.loads(json.dumps(produced))
     assert produced["song"]["seconds"] == pytest.approx(12.0)
     separators = produced["separators"]
     assert set(separators) == {"invoke separate", "demucs.separate"}
