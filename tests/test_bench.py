@@ -7,7 +7,6 @@ output, never by a test.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -93,12 +92,12 @@ def test_table_shows_every_engine_target_and_the_profile(results):
         assert label in text
 
 
-def test_measures_a_given_file_without_converting(results, small_repo, tmp_path):
+def test_measures_a_given_file_without_converting(small_repo, small_models, tmp_path):
+    file = small_models["htdemucs"]
     produced = bench.bench(
-        "htdemucs", repo=small_repo, runs=1, rounds=1, profile=0, out_dir=tmp_path,
-        file=Path(results["file"]),
+        "htdemucs", repo=small_repo, runs=1, rounds=1, profile=0, out_dir=tmp_path, file=file
     )  # fmt: skip
-    assert produced["conversion"] is None and produced["file"] == results["file"]
+    assert produced["conversion"] is None and produced["file"] == str(file)
     assert "profile" not in produced and "not timed (--file)" in bench.table(produced)
 
 
