@@ -235,19 +235,56 @@ def separate(
     help={
         "model": f"Model to convert and measure: {MODELS}.",
         "repo": "Local demucs model repo, as for convert; default: the hub.",
-        "runs": "Timed runs per engine, after 2 warm-ups; the median is reported (default 5).",
+        "file": "Measure this converted file of MODEL instead of converting one.",
+        "runs": "Timed segments per engine and round, after 2 warm-ups (default 5); with --song: "
+        "runs of each separator (default 2).",
+        "rounds": "Rounds of alternating engines, each engine in a fresh process (default 2).",
         "profile": "Op types to list from onnxruntime's profiler (default 10; 0: no profile).",
-        "out_dir": "Where to write NAME.json (default: bench-results/).",
+        "song": "Whole-song mode: time `invoke separate` against demucs' CLI on this audio file.",
+        "song_seconds": "Whole-song mode on a synthetic test song this many seconds long.",
+        "out_dir": "Where to write NAME.json / NAME-song.json (default: bench-results/).",
     }
 )
 @_cli
-def bench(c, model="htdemucs", repo=None, runs="5", profile="10", out_dir="bench-results"):
-    """PyTorch eager vs onnxruntime latency and RSS, GMAC, conversion cost; table + JSON."""
-    from converter.bench import bench as run
-    from converter.bench import table
+def bench(
+    c,
+    model="htdemucs",
+    repo=None,
+    file=None,
+    runs="",
+    rounds="2",
+    profile="10",
+    song=None,
+    song_seconds="0",
+    out_dir="bench-results",
+):
+    """PyTorch vs onnxruntime per segment (speed, RSS, load, accuracy), or whole songs vs demucs."""
+    from converter import bench as b
 
-    runs, profile = _number("runs", runs, int), _number("profile", profile, int)
-    print(table(run(model, repo=_path(repo), runs=runs, profile=profile, out_dir=Path(out_dir))))
+    rounds_n, profile_n = _number("rounds", rounds, int), _number("profile", profile, int)
+    seconds = _number("song-seconds", song_seconds, float)
+    if song or seconds:
+        results = b.bench_song(
+            model,
+            song=_path(song),
+            seconds=seconds,
+            repo=_path(repo),
+            runs=_number("runs", runs or "2", int),
+            out_dir=Path(out_dir),
+            file=_path(file),
+        )
+        print(b.song_table(results))
+        return
+    results = b.bench(
+        model,
+        repo=_path(repo),
+        runs=_number("runs", runs or "5", int),
+        rounds=rounds_n,
+        profile=profile_n,
+        out_dir=Path(out_dir),
+        file=_path(file),
+    )
+    print(b.table(results))
 
 
 ns = Collection(

@@ -1,19 +1,23 @@
 """`invoke bench`: PyTorch eager demucs vs onnxruntime on the converted file, in one run.
 
 Every engine is measured in its own child process (`python -m converter.bench KIND ARGS OUT`),
-so each peak RSS belongs to that engine alone and no engine warms caches for another. Latency
-is the median of N runs after 2 warm-ups, on one segment, with as many threads as cores for
-both engines. onnxruntime is measured at its default session options and at the options apps
-actually choose (OpenKara and `invoke separate` disable graph optimization for pre-optimized
-files), and with the memory pattern or the memory arena off, because their peak RSS differs by
-large factors. The arithmetic is counted from the graph (GMAC, spectral vs network) and divided
-by this machine's measured SGEMM throughput: the time no implementation of this graph can beat
-here.
+so each peak RSS belongs to that engine alone and no engine warms caches for another. Each child
+loads its model, runs 2 warm-up segments (the peak RSS of "load + two segments" is read then,
+what an app holds once its memory pattern is in place), then N timed segments. The children run
+in `rounds`, alternating engines (every other round in reverse order), because shared machines
+change speed within minutes and only ratios taken side by side mean anything. onnxruntime is
+measured at its default session options and at the options apps choose (OpenKara and `invoke
+separate` disable graph optimization for pre-optimized files), and with the memory pattern or
+the memory arena off, whose peak RSS differs by large factors. The arithmetic is counted from
+the graph (GMAC, spectral vs network) and divided by this machine's measured SGEMM throughput:
+the time no implementation of this graph can beat here.
 
-Shared and throttled machines change speed by 2x within minutes, so every timing child probes
-numpy's SGEMM throughput before and after its runs, and the parent measures SGEMM at the start
-and the end and warns when the two differ: ratios are only meaningful between engines that ran
-at the same speed.
+`bench_song` times whole processes on a whole song: `invoke separate` against demucs' own CLI
+with the same segment, overlap and shifts, alternating, and reports seconds of audio separated
+per second.
+
+Every timing child probes numpy's SGEMM throughput before and after its runs, and the parent
+measures SGEMM at the start and the end and warns when the two differ.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from .errors import UserError
 
 log = logging.getLogger(__name__)
 
-WARMUPS = 2
+WARMUPS = 2  # also the "two segments" of the peak-RSS target: load, two runs, read the peak
 # Session options compared, by label: (graph optimization on, CPU memory arena on, memory
 # pattern on). The memory pattern is ORT's one block for all activations of a run, sized from
 # the first run's trace: its best-fit layout costs more than the arena needs (docs/performance.md).
@@ -49,10 +53,13 @@ ORT_CONFIGS = {
     "optimization + arena off": (False, False, True),
 }
 DEFAULT_CONFIG = "default options"
-PROFILED_CONFIG = "graph optimization off (OpenKara, separate)"
-# The issue's targets for htdemucs on a 2-core x86-64 machine, at ORT's default options.
-TARGET_RATIO = 0.70
-TARGET_RSS_GB = 2.5
+APP_CONFIG = "graph optimization off (OpenKara, separate)"
+PROFILED_CONFIG = APP_CONFIG
+# The targets (issue 13), each at both settings apps use: ORT's defaults and optimization off.
+TARGET_CONFIGS = (APP_CONFIG, DEFAULT_CONFIG)
+TARGET_RATIO = 0.55  # s / segment, vs PyTorch eager
+TARGET_LOAD_S = 1.0  # session creation
+TARGET_SONG_RATIO = 0.5  # whole-process wall time vs demucs' CLI on a whole song
 SGEMM_SIZE = 2048
 # Before/after SGEMM throughput ratio beyond which the run is flagged as not comparable.
 SPEED_TOLERANCE = 1.15
@@ -63,9 +70,7 @@ def _input(channels: int, length: int) -> np.ndarray:
 
 
 def _timed(call, runs: int) -> list[float]:
-    """Seconds of each of `runs` calls after WARMUPS untimed ones."""
-    for _ in range(WARMUPS):
-        call()
+    """Seconds of each of `runs` calls."""
     times = []
     for _ in range(runs):
         start = time.perf_counter()
@@ -77,13 +82,22 @@ def _timed(call, runs: int) -> list[float]:
 def _speed_probe(size: int = 1024) -> float:
     """numpy SGEMM GFLOP/s right now: shows the speed the machine ran an engine at."""
     a = np.ones((size, size), np.float32)
+    _timed(lambda: a @ a, 2)
     return 2 * size**3 / min(_timed(lambda: a @ a, 5)) / 1e9
 
 
 def _measured(call, runs: int) -> dict:
+    """WARMUPS untimed calls, the peak RSS they reached, then `runs` timed ones between probes."""
+    from .progress import peak_rss_mb
+
+    _timed(call, WARMUPS)
+    two_segments = peak_rss_mb()
     before = _speed_probe()
     times = _timed(call, runs)
-    return {"latencies_s": times, "probe_gflops": [before, _speed_probe()]}
+    return {
+        "latencies_s": times, "probe_gflops": [before, _speed_probe()],
+        "peak_rss_two_segments_mb": two_segments,
+    }  # fmt: skip
 
 
 # --- children: each runs in its own process and returns a JSON-able dict ---------------------
@@ -103,7 +117,9 @@ def child_torch(model: str, repo: str | None, runs: int, threads: int) -> dict:
     from .loading import load
 
     torch.set_num_threads(threads)
+    start = time.perf_counter()
     bag = load(model, Path(repo) if repo else None)
+    load_s = time.perf_counter() - start
     audio = torch.from_numpy(_input(bag.models[0].audio_channels, bag.segment_samples))
 
     def call():
@@ -111,7 +127,7 @@ def child_torch(model: str, repo: str | None, runs: int, threads: int) -> dict:
         with torch.no_grad():
             apply_model(bag.bag, audio, split=False, shifts=0)
 
-    return {**_measured(call, runs), "threads": torch.get_num_threads()}
+    return {**_measured(call, runs), "threads": torch.get_num_threads(), "load_s": load_s}
 
 
 def child_accuracy(model: str, repo: str | None, path: str) -> dict:
@@ -159,7 +175,7 @@ def child_ort(path: str, config: str, runs: int, threads: int) -> dict:
     load_s = time.perf_counter() - start
     shape = session.get_inputs()[0].shape
     audio = _input(shape[1], shape[2])
-    return {**_measured(lambda: session.run(["stems"], {"audio": audio}), runs), "session_s": load_s}
+    return {**_measured(lambda: session.run(["stems"], {"audio": audio}), runs), "load_s": load_s}
 
 
 def profile_summary(events: list[dict], top: int) -> dict:
@@ -264,6 +280,8 @@ def sgemm_gflops(threads: int, size: int = SGEMM_SIZE, repeats: int = 5) -> dict
     options.intra_op_num_threads = threads
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     calls = {"numpy": lambda: a @ b, "onnxruntime": lambda: session.run(["c"], {"a": a, "b": b})}
+    for call in calls.values():
+        _timed(call, WARMUPS)
     return {name: 2 * size**3 / min(_timed(call, repeats)) / 1e9 for name, call in calls.items()}
 
 
@@ -284,36 +302,105 @@ def machine() -> dict:
     }  # fmt: skip
 
 
+def _converted(
+    model: str, repo_arg: str | None, file: Path | None, work: str, results: dict
+) -> str:
+    """The file to measure: `file` as given, or a fresh `invoke convert` (timed) into `work`."""
+    if file is not None:
+        if not file.is_file():
+            raise UserError(f"--file {file} does not exist; convert one with `invoke convert`")
+        results["conversion"] = None
+        path = str(file)
+    else:
+        conversion = run_child("convert", model=model, repo=repo_arg, out_dir=work)
+        path = conversion.pop("path")
+        results["conversion"] = conversion
+    results["file"] = path
+    results["file_bytes"] = Path(path).stat().st_size
+    return path
+
+
+def _pooled(rounds: list[dict]) -> dict:
+    """One engine's child results over the rounds: pooled latencies, worst peaks, median load."""
+    latencies = [t for r in rounds for t in r["latencies_s"]]
+    return {
+        "rounds": rounds,
+        "latencies_s": latencies,
+        "median_s": statistics.median(latencies),
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in rounds),
+        "peak_rss_two_segments_mb": max(r["peak_rss_two_segments_mb"] for r in rounds),
+        "load_s": statistics.median(r["load_s"] for r in rounds),
+        "probe_gflops": [rounds[0]["probe_gflops"][0], rounds[-1]["probe_gflops"][1]],
+    }
+
+
+def _target(name: str, value: float, target: float, unit: str) -> dict:
+    return {"name": name, "value": value, "target": target, "unit": unit, "met": value <= target}
+
+
+def _targets(results: dict) -> list[dict]:
+    torch_run = results["torch"]
+    targets = []
+    for config in TARGET_CONFIGS:
+        run = results["onnxruntime"][config]
+        targets += [
+            _target(f"s / segment vs PyTorch, {config}", run["ratio_vs_torch"], TARGET_RATIO, "x"),
+            _target(
+                f"peak RSS, load + {WARMUPS} segments, {config}",
+                run["peak_rss_two_segments_mb"] / 1024,
+                torch_run["peak_rss_two_segments_mb"] / 1024, "GB",
+            ),
+            _target(f"session load, {config}", run["load_s"], TARGET_LOAD_S, "s"),
+        ]
+    return targets
+
+
 def bench(
-    model: str = "htdemucs", repo: Path | None = None, runs: int = 5, profile: int = 10,
-    out_dir: Path = Path("bench-results"),
+    model: str = "htdemucs", repo: Path | None = None, runs: int = 5, rounds: int = 2,
+    profile: int = 10, out_dir: Path = Path("bench-results"), file: Path | None = None,
 ) -> dict:  # fmt: skip
     """Measure everything the issue asks for; write `out_dir/MODEL.json`; return the results."""
     from .metadata import write_text_atomic
 
-    if runs < 1:
-        raise UserError(f"--runs {runs}: at least one timed run is needed")
+    if runs < 1 or rounds < 1:
+        raise UserError(f"--runs {runs} --rounds {rounds}: at least one timed run and round needed")
     threads = os.cpu_count() or 1
     repo_arg = str(repo) if repo else None
-    results: dict = {"model": model, "runs": runs, "warmups": WARMUPS, "threads": threads}
+    results: dict = {
+        "model": model, "runs": runs, "rounds": rounds, "warmups": WARMUPS, "threads": threads,
+    }  # fmt: skip
     results["machine"] = machine()
     # Measured before and after: a shared machine whose speed changes meanwhile shows it here.
     sgemm_before = sgemm_gflops(threads)
     with tempfile.TemporaryDirectory(prefix="bench-convert-") as work:
-        conversion = run_child("convert", model=model, repo=repo_arg, out_dir=work)
-        path = conversion.pop("path")
-        results["conversion"] = conversion
-        results["file_bytes"] = Path(path).stat().st_size
+        path = _converted(model, repo_arg, file, work, results)
         results["weight_storage"] = storage_bench.compare(Path(path), runs, threads, run_child)
         results.update(run_child("stats", model=model, repo=repo_arg))
-        torch_run = run_child("torch", model=model, repo=repo_arg, runs=runs, threads=threads)
-        results["torch"] = {**torch_run, "median_s": statistics.median(torch_run["latencies_s"])}
+        contenders = [("torch", None), *(("ort", config) for config in ORT_CONFIGS)]
+        done: dict[str | None, list[dict]] = {config: [] for _, config in contenders}
+        for round_ in range(rounds):
+            log.info("bench: round %d of %d", round_ + 1, rounds)
+            for kind, config in contenders if round_ % 2 == 0 else contenders[::-1]:
+                if kind == "torch":
+                    child = run_child(
+                        "torch", model=model, repo=repo_arg, runs=runs, threads=threads
+                    )
+                else:
+                    child = run_child("ort", path=path, config=config, runs=runs, threads=threads)
+                done[config].append(child)
+        results["torch"] = {**_pooled(done[None]), "threads": done[None][0]["threads"]}
+        torch_s = results["torch"]["median_s"]
         results["onnxruntime"] = {}
         for config in ORT_CONFIGS:
-            ort_run = run_child("ort", path=path, config=config, runs=runs, threads=threads)
-            median = statistics.median(ort_run["latencies_s"])
-            ratio = median / results["torch"]["median_s"]
-            results["onnxruntime"][config] = {**ort_run, "median_s": median, "ratio_vs_torch": ratio}
+            run = _pooled(done[config])
+            per_round = [
+                statistics.median(o["latencies_s"]) / statistics.median(t["latencies_s"])
+                for o, t in zip(done[config], done[None])
+            ]
+            ratio = run["median_s"] / torch_s
+            results["onnxruntime"][config] = {
+                **run, "ratio_vs_torch": ratio, "round_ratios": per_round,
+            }  # fmt: skip
         results["accuracy"] = run_child("accuracy", model=model, repo=repo_arg, path=path)
         if profile > 0:
             results["profile"] = run_child(
@@ -322,23 +409,141 @@ def bench(
     sgemm_after = sgemm_gflops(threads)
     results["sgemm_gflops"] = {"before": sgemm_before, "after": sgemm_after}
     gflops = max(*sgemm_before.values(), *sgemm_after.values())
-    drift = max(sgemm_before.values()) / max(sgemm_after.values())
+    results["speed_drift"] = _drift(sgemm_before, sgemm_after)
+    gmac = results["gmac_spectral"] + results["gmac_network"]
+    results["bound_s"] = gmac / (gflops / 2)
+    results["targets"] = _targets(results)
+    out = out_dir / f"{model}.json"
+    write_text_atomic(out, json.dumps(results, indent=2, sort_keys=True) + "\n")
+    log.info("wrote %s", out)
+    return results
+
+
+def _drift(before: dict[str, float], after: dict[str, float]) -> float:
+    drift = max(before.values()) / max(after.values())
     if not 1 / SPEED_TOLERANCE <= drift <= SPEED_TOLERANCE:
         log.warning(
             "SGEMM throughput changed %.2fx during the bench: the machine is shared or throttling, "
             "and the engines' numbers were taken at different speeds; run it again", drift,
         )  # fmt: skip
-    results["speed_drift"] = drift
-    gmac = results["gmac_spectral"] + results["gmac_network"]
-    results["bound_s"] = gmac / (gflops / 2)
-    default = results["onnxruntime"][DEFAULT_CONFIG]
-    results["targets"] = {
-        "ratio": {"target": TARGET_RATIO, "value": default["ratio_vs_torch"]},
-        "ort_peak_rss_gb": {"target": TARGET_RSS_GB, "value": default["peak_rss_mb"] / 1024},
-    }
-    out = out_dir / f"{model}.json"
-    write_text_atomic(out, json.dumps(results, indent=2, sort_keys=True) + "\n")
-    log.info("wrote %s", out)
+    return drift
+
+
+# --- whole songs, whole processes ------------------------------------------------------------
+
+
+def write_test_song(path: Path, seconds: float, samplerate: int = 44100, seed: int = 0) -> Path:
+    """A deterministic stereo test song: a bass line, chords, a kick and noise hats, 16-bit WAV.
+
+    Speed does not depend on what the audio sounds like; this only gives both separators a
+    real, music-like file of a chosen length.
+    """
+    import soundfile as sf
+
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * samplerate)) / samplerate
+    beat = 0.5  # 120 bpm
+    phase = (t % beat) / beat
+    bar = (t // (4 * beat)).astype(int) % 4
+    root = np.array([55.0, 73.4, 61.7, 82.4])[bar]
+    bass = 0.3 * np.sin(2 * np.pi * root * t) * np.exp(-3 * phase)
+    chords = sum(0.08 * np.sin(2 * np.pi * root * 4 * ratio * t) for ratio in (1, 1.26, 1.5))
+    kick = 0.6 * np.sin(2 * np.pi * 50 * t * (1 + 2 * np.exp(-30 * phase))) * np.exp(-12 * phase)
+    hats = 0.05 * rng.standard_normal(t.size) * np.exp(-60 * ((2 * t / beat) % 1))
+    mono = bass + chords + kick + hats
+    stereo = np.stack([mono + 0.1 * chords, mono - 0.1 * chords], axis=1)
+    stereo *= 0.9 / np.abs(stereo).max()
+    sf.write(path, stereo.astype(np.float32), samplerate, subtype="PCM_16")
+    return path
+
+
+def song_commands(
+    song: Path, model: str, repo: Path | None, onnx_path: Path, out: Path
+) -> dict[str, list[str]]:
+    """The two command lines compared: ours and demucs' CLI, same segment, overlap and shifts."""
+    repo_args = ["--repo", str(repo)] if repo else []
+    return {
+        "invoke separate": [
+            sys.executable, "-m", "invoke", "separate", str(song), "--model", str(onnx_path),
+            "--out-dir", str(out), "--overlap", "0.25", "--shifts", "0",
+        ],
+        "demucs.separate": [
+            sys.executable, "-m", "demucs.separate", "-n", model, *repo_args, "--shifts", "0",
+            "--overlap", "0.25", "-d", "cpu", "-o", str(out), str(song),
+        ],
+    }  # fmt: skip
+
+
+def timed_process(command: list[str]) -> dict:
+    """Wall seconds and peak RSS (its own, children included) of one whole process."""
+    log.info("bench: %s", " ".join(command))
+    start = time.perf_counter()
+    process = subprocess.Popen(command, cwd=Path(__file__).resolve().parent.parent)
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise UserError(
+            f"{command[2]} failed (exit status {process.returncode}); see its log above"
+        )
+    scale = 1 << 20 if sys.platform == "darwin" else 1024
+    return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / scale}
+
+
+def bench_song(
+    model: str = "htdemucs", song: Path | None = None, seconds: float = 60.0,
+    repo: Path | None = None, runs: int = 2, out_dir: Path = Path("bench-results"),
+    file: Path | None = None,
+) -> dict:  # fmt: skip
+    """Time `invoke separate` against demucs' own CLI on one song, alternating; write
+    `out_dir/MODEL-song.json`. Without `song`, a `seconds`-long test song is written."""
+    import soundfile as sf
+
+    from .metadata import write_text_atomic
+
+    if runs < 1:
+        raise UserError(f"--runs {runs}: at least one run of each separator is needed")
+    if song is not None and not song.is_file():
+        raise UserError(f"--song {song} does not exist")
+    repo_arg = str(repo) if repo else None
+    results: dict = {"model": model, "runs": runs, "machine": machine()}
+    sgemm_before = sgemm_gflops(os.cpu_count() or 1)
+    with tempfile.TemporaryDirectory(prefix="bench-song-") as work:
+        if song is None:
+            song = write_test_song(Path(work) / f"test-song-{seconds:g}s.wav", seconds)
+        info = sf.info(str(song))
+        results["song"] = {"name": song.name, "seconds": info.frames / info.samplerate}
+        onnx_path = Path(_converted(model, repo_arg, file, work, results))
+        runs_by: dict[str, list[dict]] = {}
+        for round_ in range(runs):
+            with tempfile.TemporaryDirectory(prefix="stems-", dir=work) as out:
+                commands = song_commands(song, model, repo, onnx_path, Path(out))
+                order = list(commands) if round_ % 2 == 0 else list(commands)[::-1]
+                for name in order:
+                    runs_by.setdefault(name, []).append(timed_process(commands[name]))
+        shown = song_commands(Path(song.name), model, repo, Path(onnx_path.name), Path("OUT"))
+        results["commands"] = {n: " ".join(["python", *c[1:]]) for n, c in shown.items()}
+    audio_s = results["song"]["seconds"]
+    results["separators"] = {}
+    for name, timings in runs_by.items():
+        walls = [t["wall_s"] for t in timings]
+        median = statistics.median(walls)
+        results["separators"][name] = {
+            "wall_s": walls, "median_s": median, "audio_s_per_s": audio_s / median,
+            "peak_rss_mb": max(t["peak_rss_mb"] for t in timings),
+        }  # fmt: skip
+    ours, theirs = (results["separators"][n] for n in ("invoke separate", "demucs.separate"))
+    pairs = zip(runs_by["invoke separate"], runs_by["demucs.separate"])
+    ratios = [o["wall_s"] / t["wall_s"] for o, t in pairs]
+    results["ratio"] = ours["median_s"] / theirs["median_s"]
+    results["round_ratios"] = ratios
+    results["targets"] = [
+        _target("wall time vs demucs' CLI", results["ratio"], TARGET_SONG_RATIO, "x")
+    ]
+    results["speed_drift"] = _drift(sgemm_before, sgemm_gflops(os.cpu_count() or 1))
+    out_file = out_dir / f"{model}-song.json"
+    write_text_atomic(out_file, json.dumps(results, indent=2, sort_keys=True) + "\n")
+    log.info("wrote %s", out_file)
     return results
 
 
@@ -346,35 +551,61 @@ def _probe(run: dict) -> str:
     return " / ".join(f"{g:.0f}" for g in run["probe_gflops"])
 
 
+def _targets_table(targets: list[dict]) -> list[str]:
+    lines = ["| target | value | bound | |", "| --- | ---: | ---: | --- |"]
+    for t in targets:
+        unit = t["unit"]
+        lines.append(
+            f"| {t['name']} | {t['value']:.2f} {unit} | ≤ {t['target']:.2f} {unit} | "
+            f"{'met' if t['met'] else 'missed'} |"
+        )
+    return lines
+
+
+def _machine_line(results: dict) -> str:
+    m = results["machine"]
+    return (
+        f"`{results['model']}` on {m['cpu']}, {m['cores']} cores, {m['memory_gb']:.0f} GB RAM, "
+        f"{m['platform']}; onnxruntime {m['versions']['onnxruntime']}, "
+        f"torch {m['versions']['torch']}"
+    )
+
+
 def table(results: dict) -> str:
     """Markdown tables of `results` (as README.md and docs/performance.md show them)."""
-    m = results["machine"]
-    torch_s = results["torch"]["median_s"]
+    torch_run = results["torch"]
+    torch_s = torch_run["median_s"]
     gmac = results["gmac_spectral"] + results["gmac_network"]
+    gb = lambda mb: f"{mb / 1024:.2f}"  # noqa: E731
     lines = [
-        f"`{results['model']}` on {m['cpu']}, {m['cores']} cores, {m['memory_gb']:.0f} GB RAM, "
-        f"{m['platform']}; onnxruntime {m['versions']['onnxruntime']}, torch "
-        f"{m['versions']['torch']}; median of {results['runs']} runs after {results['warmups']} "
-        f"warm-ups, {results['threads']} threads each.",
+        f"{_machine_line(results)}; {results['rounds']} round(s) of alternating engines, each "
+        f"loading, running {results['warmups']} warm-up segments then {results['runs']} timed "
+        f"ones: median of all timed runs, {results['threads']} threads each.",
         "",
-        "| engine | session options | s / segment | vs PyTorch | peak RSS (GB) | session load (s) "
-        "| numpy GFLOP/s before / after |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
-        f"| PyTorch eager | - | {torch_s:.2f} | 1.00 | {results['torch']['peak_rss_mb'] / 1024:.2f} | - "
-        f"| {_probe(results['torch'])} |",
+        "| engine | session options | s / segment | vs PyTorch (per round) | peak RSS, load + 2 "
+        "segments (GB) | peak RSS (GB) | load (s) | numpy GFLOP/s before / after |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| PyTorch eager | - | {torch_s:.2f} | 1.00 | "
+        f"{gb(torch_run['peak_rss_two_segments_mb'])} | {gb(torch_run['peak_rss_mb'])} | "
+        f"{torch_run['load_s']:.1f} | {_probe(torch_run)} |",
     ]
     for config, r in results["onnxruntime"].items():
+        rounds = ", ".join(f"{x:.2f}" for x in r["round_ratios"])
         lines.append(
-            f"| onnxruntime | {config} | {r['median_s']:.2f} | {r['ratio_vs_torch']:.2f} | "
-            f"{r['peak_rss_mb'] / 1024:.2f} | {r['session_s']:.1f} | {_probe(r)} |"
+            f"| onnxruntime | {config} | {r['median_s']:.2f} | "
+            f"{r['ratio_vs_torch']:.2f} ({rounds}) | "
+            f"{gb(r['peak_rss_two_segments_mb'])} | {gb(r['peak_rss_mb'])} | {r['load_s']:.2f} | "
+            f"{_probe(r)} |"
         )
-    conv, targets = results["conversion"], results["targets"]
+    conv = results["conversion"]
     size, weights = results["file_bytes"], results["fp32_weight_bytes"]
     sgemm = " / ".join(
         ", ".join(f"{lib} {g:.0f}" for lib, g in results["sgemm_gflops"][when].items())
         for when in ("before", "after")
     )
-    mark = lambda t: "met" if t["value"] <= t["target"] else "missed"  # noqa: E731
+    conversion = "not timed (--file)"
+    if conv:
+        conversion = f"{conv['wall_s']:.0f} s, peak RSS {gb(conv['peak_rss_mb'])} GB"
     lines += [
         "",
         "| quantity | value |",
@@ -382,14 +613,11 @@ def table(results: dict) -> str:
         f"| file size / fp32 weights | {size / 1e6:.1f} MB / {weights / 1e6:.1f} MB = {size / weights:.3f} |",
         f"| GMAC per segment | {gmac:.1f} (spectral {results['gmac_spectral']:.2f}, network "
         f"{results['gmac_network']:.1f}) |",
-        f"| conversion (`invoke convert`) | {conv['wall_s']:.0f} s, peak RSS "
-        f"{conv['peak_rss_mb'] / 1024:.2f} GB |",
+        f"| conversion (`invoke convert`) | {conversion} |",
         f"| SGEMM float32 {SGEMM_SIZE}², GFLOP/s before / after | {sgemm} |",
         f"| physical bound (GMAC / best SGEMM) | {results['bound_s']:.2f} s / segment |",
-        f"| target: ORT default ≤ {TARGET_RATIO:.2f}× PyTorch | {targets['ratio']['value']:.2f}× "
-        f"({mark(targets['ratio'])}) |",
-        f"| target: ORT default peak RSS ≤ {TARGET_RSS_GB} GB | "
-        f"{targets['ort_peak_rss_gb']['value']:.2f} GB ({mark(targets['ort_peak_rss_gb'])}) |",
+        "",
+        *_targets_table(results["targets"]),
     ]
     if "accuracy" in results:
         lines += [
@@ -422,6 +650,26 @@ def table(results: dict) -> str:
             f"| {o['op']} | {o['s']:.3f} | {100 * o['share']:.1f}% | {o['nodes']} |"
             for o in p["top_ops"]
         ]
+    return "\n".join(lines)
+
+
+def song_table(results: dict) -> str:
+    """Markdown table of `bench_song`'s results."""
+    song = results["song"]
+    lines = [
+        f"{_machine_line(results)}; `{song['name']}` ({song['seconds']:.1f} s), whole processes, "
+        f"{results['runs']} run(s) each, alternating.",
+        "",
+        "| separator | command | wall s (median) | s of audio / s | peak RSS (GB) |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    for name, r in results["separators"].items():
+        lines.append(
+            f"| {name} | `{results['commands'][name]}` | {r['median_s']:.1f} | "
+            f"{r['audio_s_per_s']:.2f} | {r['peak_rss_mb'] / 1024:.2f} |"
+        )
+    rounds = ", ".join(f"{x:.2f}" for x in results["round_ratios"])
+    lines += ["", f"Wall-time ratio per round: {rounds}.", "", *_targets_table(results["targets"])]
     return "\n".join(lines)
 
 

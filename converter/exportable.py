@@ -21,6 +21,9 @@ The demucs modules are called with their weights; what is restated, and why:
   transformer's `norm_out`, the time branch's DConv norms and GLU covariance) is a sum of block
   sums of centred data (`_long_sum`, `_mean_var`): ONNX Runtime's float32 reductions
   accumulate naively and cost 35-50 dB against PyTorch on trained-like weights (docs/accuracy.md).
+- the decoder's and the transformer's inputs get shapes ONNX Runtime only learns at run time
+  (`_unplanned`), so its planner cannot hand them the buffers of same-shaped tensors freed long
+  before and hold those buffers in between (0.9 GB less peak RSS for htdemucs).
 
 Each restatement is exact up to float rounding and checked against demucs' module in
 `tests/test_exportable.py`. Everything else is the demucs arithmetic in demucs' order, for eval
@@ -250,9 +253,11 @@ def _dconv_rows(dconv: DConv, x: torch.Tensor, anchor: torch.Tensor) -> torch.Te
     `anchor` so that no constant folding stores repeated weights (over long rows, `_normalize`);
     the large one, with the GLU and LayerScale, is `_normalized_glu`.
     """
-    rows, frames = int(x.shape[0]), int(x.shape[-1])
-    row = torch.zeros(1, frames) + anchor
-    ones = (row + 1.0).expand(rows, 1, frames)
+    frames = int(x.shape[-1])
+    # Zeros and ones computed from x rather than built to its shape: a constant shape would give
+    # every tensor of the layer a static shape again, whatever `_unplanned` did to x.
+    row = x[:1, 0] * anchor  # [1, T]
+    ones = x[:, :1] * anchor + 1.0  # [rows, 1, T]
     for layer in dconv.layers:
         mods = list(layer)
         kinds = [type(m).__name__ for m in mods]
@@ -360,13 +365,25 @@ def _encode(
     return _glu_after(layer.rewrite, layer.norm2, y) if layer.rewrite else y
 
 
+def _unplanned(x: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    """`x` as a view whose shape ONNX Runtime only learns at run time, and so every tensor
+    computed from it. ORT's planner gives a new tensor the dead buffer of an earlier one with
+    the same static shape and keeps that buffer allocated in between: each decoder tensor took
+    the buffer of its mirror in the encoder, which then stayed allocated through the
+    transformer (0.7 GB for htdemucs, in the arena and again in the memory pattern). The sizes
+    get an integer zero computed from the input (as in `converter.runtime_shapes`), so neither
+    the exporter nor ORT folds them."""
+    zero = (anchor < -math.inf).long()
+    return x.reshape([size + zero for size in x.shape])
+
+
 def _decode(
     layer: HDecLayer, x: torch.Tensor, skip: torch.Tensor, length: int, anchor: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`HDecLayer.forward`, its DConv through `_dconv_rows`."""
     if layer.empty or (layer.freq and x.dim() == 3):
         return layer(x, skip, length)
-    x = x + skip
+    x = _unplanned(x, anchor) + _unplanned(skip, anchor)
     y = _glu_after(layer.rewrite, layer.norm1, x) if layer.rewrite else x
     y = _layer_dconv(layer, y, anchor)
     z = layer.norm2(_conv_tr_freq(layer.conv_tr, y) if layer.freq else layer.conv_tr(y))
@@ -456,6 +473,9 @@ def _cross_transformer(
     pos = _sin_embedding(length_t, channels_t, module.max_period, anchor)
     xt = _layer_norm(module.norm_in_t, xt) + module.weight_pos_embed * pos
 
+    # Every layer's tensors have the shapes of the layer two before: static, each would take the
+    # buffers that layer freed and hold them through the layer in between.
+    x, xt = _unplanned(x, anchor), _unplanned(xt, anchor)
     for idx in range(module.num_layers):
         if idx % 2 == module.classic_parity:
             x = _self_layer(module.layers[idx], x)

@@ -10,6 +10,7 @@ cost.
 
 from __future__ import annotations
 
+import copy
 import math
 import tempfile
 from collections import defaultdict
@@ -67,9 +68,33 @@ def part(name: str) -> str:
     return "spectral" if name.startswith(SPECTRAL_PREFIXES) else "network"
 
 
+def _fold_never(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` with every `x < -inf` (false for any x) replaced by a constant false.
+
+    `converter.exportable` sizes some reshapes with such a zero so that no optimizer knows the
+    shapes before a run; the shapes are the same, and shape inference needs them here.
+    """
+    import numpy as np
+
+    model = copy.deepcopy(model)
+    values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node in model.graph.node:
+        tensor = node.attribute[0].type == onnx.AttributeProto.TENSOR if node.attribute else False
+        if node.op_type == "Constant" and tensor:
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    for i, node in enumerate(model.graph.node):
+        bound = values.get(node.input[1]) if node.op_type == "Less" else None
+        if bound is not None and bound.size == 1 and np.isneginf(bound).all():
+            false = numpy_helper.from_array(np.zeros((), np.bool_))
+            model.graph.node[i].CopyFrom(
+                onnx.helper.make_node("Constant", [], [node.output[0]], name=node.name, value=false)
+            )
+    return model
+
+
 def macs_by_part(model: onnx.ModelProto) -> dict[str, int]:
     """{'spectral': MACs, 'network': MACs} for one run of the exported graph `model`."""
-    model = simplified(model)
+    model = simplified(_fold_never(model))
     shapes = _shapes(model)
     totals: dict[str, int] = defaultdict(int)
     for node in model.graph.node:
