@@ -126,7 +126,7 @@ def fake_repo(c, out, size="full", models=ALL_MODELS, statistics="init"):
     help={
         "tag": "Release tag: model-vX.Y.Z (htdemucs), model-ft-vX.Y.Z (htdemucs_ft) or "
         "model-6s-vX.Y.Z (htdemucs_6s), optionally with -rc.N (prerelease).",
-        "repo": "Local demucs model repo, as for convert (air-gapped runs, tests); default: the hub.",
+        "repo": "Local demucs model repo, as for convert (air-gapped runs, tests); default: hub.",
         "dry_run": "Print the plan (release, assets, sizes, digests) and write nothing.",
         "contract_results": "Folder of the load-test matrix's contract-results/*.json: publish "
         "the file already in --out-dir with that evidence (default: build and load-test here).",
@@ -143,10 +143,13 @@ def release(c, tag, repo=None, dry_run=False, contract_results=None, out_dir="mo
 
     print(
         run(
-            tag, repo=_path(repo), dry_run=dry_run, contract_results=_path(contract_results),
+            tag,
+            repo=_path(repo),
+            dry_run=dry_run,
+            contract_results=_path(contract_results),
             out_dir=Path(out_dir),
         )
-    )  # fmt: skip
+    )
 
 
 @task(
@@ -207,8 +210,8 @@ def contract(c, file=None, self_test=False):
 
 @task(
     help={
-        "song": "Audio file to separate (WAV, FLAC or anything libsndfile reads); mono is duplicated.",
-        "model": "Converted ONNX file (default: models/htdemucs.onnx); stems come from its metadata.",
+        "song": "Audio file to separate (WAV, FLAC, whatever libsndfile reads); mono is doubled.",
+        "model": "Converted ONNX file (default: models/htdemucs.onnx); stems named in its metadata.",
         "out_dir": "Stems go to OUT_DIR/SONG/STEM.wav, 32-bit float (default: separated/).",
         "overlap": "Overlap of consecutive segments, a number in [0, 1) (default 0.25, as demucs).",
         "shifts": "How many random time shifts to average (demucs' shift trick; default 0: off).",
@@ -218,17 +221,27 @@ def contract(c, file=None, self_test=False):
 )
 @_cli
 def separate(
-    c, song, model="models/htdemucs.onnx", out_dir="separated", overlap="0.25", shifts="0",
-    seed=None, overwrite=False,
-):  # fmt: skip
+    c,
+    song,
+    model="models/htdemucs.onnx",
+    out_dir="separated",
+    overlap="0.25",
+    shifts="0",
+    seed=None,
+    overwrite=False,
+):
     """Separate a song into stems with a converted file (numpy + onnxruntime only, no torch)."""
     from converter.separate import separate as run
 
     run(
-        Path(song), Path(model), Path(out_dir), overlap=_number("overlap", overlap, float),
-        shifts=_number("shifts", shifts, int), overwrite=overwrite,
+        Path(song),
+        Path(model),
+        Path(out_dir),
+        overlap=_number("overlap", overlap, float),
+        shifts=_number("shifts", shifts, int),
+        overwrite=overwrite,
         seed=_number("seed", seed, int) if seed is not None else None,
-    )  # fmt: skip
+    )
 
 
 @task(

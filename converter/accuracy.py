@@ -39,4 +39,3 @@ def stem_mse(got: np.ndarray, want: np.ndarray) -> np.ndarray:
     """Per-stem mean squared difference of [1, S, C, L] outputs, in float64."""
     diff = got.astype(np.float64) - want.astype(np.float64)
     return np.mean(diff * diff, axis=tuple(i for i in range(diff.ndim) if i != 1))
-

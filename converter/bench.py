@@ -66,7 +66,9 @@ SPEED_TOLERANCE = 1.15
 
 
 def _input(channels: int, length: int) -> np.ndarray:
-    return (0.1 * np.random.default_rng(0).standard_normal((1, channels, length))).astype(np.float32)
+    return (0.1 * np.random.default_rng(0).standard_normal((1, channels, length))).astype(
+        np.float32
+    )
 
 
 def _timed(call, runs: int) -> list[float]:
@@ -95,9 +97,10 @@ def _measured(call, runs: int) -> dict:
     before = _speed_probe()
     times = _timed(call, runs)
     return {
-        "latencies_s": times, "probe_gflops": [before, _speed_probe()],
+        "latencies_s": times,
+        "probe_gflops": [before, _speed_probe()],
         "peak_rss_two_segments_mb": two_segments,
-    }  # fmt: skip
+    }
 
 
 # --- children: each runs in its own process and returns a JSON-able dict ---------------------
@@ -154,7 +157,7 @@ def child_stats(model: str, repo: str | None) -> dict:
 
 def _ort_session(
     path: str, optimize: bool, arena: bool, pattern: bool, threads: int, profile: str | None = None
-):  # fmt: skip
+):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -190,7 +193,11 @@ def profile_summary(events: list[dict], top: int) -> dict:
     by_op: dict[str, list[float]] = {}
     by_part: dict[str, float] = {}
     for e in events:
-        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time") or not lo <= e["ts"] <= hi:
+        if (
+            e.get("cat") != "Node"
+            or not e["name"].endswith("_kernel_time")
+            or not lo <= e["ts"] <= hi
+        ):
             continue
         seconds = e["dur"] / 1e6
         entry = by_op.setdefault(e["args"]["op_name"], [0.0, 0])
@@ -204,7 +211,9 @@ def profile_summary(events: list[dict], top: int) -> dict:
         "run_s": run["dur"] / 1e6,
         "kernel_s": kernels,
         "by_part_s": by_part,
-        "top_ops": [{"op": op, "s": s, "nodes": n, "share": s / kernels} for op, (s, n) in ranked[:top]],
+        "top_ops": [
+            {"op": op, "s": s, "nodes": n, "share": s / kernels} for op, (s, n) in ranked[:top]
+        ],
     }
 
 
@@ -220,11 +229,14 @@ def child_profile(path: str, config: str, threads: int, top: int) -> dict:
 
 
 CHILDREN = {
-    "convert": child_convert, "torch": child_torch, "stats": child_stats, "ort": child_ort,
+    "convert": child_convert,
+    "torch": child_torch,
+    "stats": child_stats,
+    "ort": child_ort,
     "profile": child_profile,
     "accuracy": child_accuracy,
     **storage_bench.CHILDREN,
-}  # fmt: skip
+}
 
 
 def run_child(kind: str, **kwargs) -> dict:
@@ -239,7 +251,9 @@ def run_child(kind: str, **kwargs) -> dict:
         )
         wall = time.perf_counter() - start
         if done.returncode != 0 or not result.is_file():
-            raise UserError(f"bench step {kind!r} failed (exit status {done.returncode}); see its log above")
+            raise UserError(
+                f"bench step {kind!r} failed (exit status {done.returncode}); see its log above"
+            )
         return {**json.loads(result.read_text(encoding="utf-8")), "wall_s": wall}
 
 
@@ -270,15 +284,18 @@ def sgemm_gflops(threads: int, size: int = SGEMM_SIZE, repeats: int = 5) -> dict
     b = rng.standard_normal((size, size), dtype=np.float32)
     square = helper.make_tensor_value_info
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["a", "b"], ["c"])], "sgemm",
-        [square("a", TensorProto.FLOAT, [size, size]), square("b", TensorProto.FLOAT, [size, size])],
+        [helper.make_node("MatMul", ["a", "b"], ["c"])],
+        "sgemm",
+        [square(name, TensorProto.FLOAT, [size, size]) for name in ("a", "b")],
         [square("c", TensorProto.FLOAT, [size, size])],
-    )  # fmt: skip
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
     calls = {"numpy": lambda: a @ b, "onnxruntime": lambda: session.run(["c"], {"a": a, "b": b})}
     for call in calls.values():
         _timed(call, WARMUPS)
@@ -294,12 +311,20 @@ def machine() -> dict:
                 break
     except OSError:
         pass  # not Linux: platform's answer stands
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
-    versions = {n: importlib_metadata.version(n) for n in ("onnxruntime", "torch", "numpy", "demucs")}
+    memory = (
+        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    )
+    versions = {
+        n: importlib_metadata.version(n) for n in ("onnxruntime", "torch", "numpy", "demucs")
+    }
     return {
-        "cpu": cpu, "cores": os.cpu_count(), "memory_gb": memory / 1e9,
-        "platform": platform.platform(), "python": platform.python_version(), "versions": versions,
-    }  # fmt: skip
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gb": memory / 1e9,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": versions,
+    }
 
 
 def _converted(
@@ -348,7 +373,8 @@ def _targets(results: dict) -> list[dict]:
             _target(
                 f"peak RSS, load + {WARMUPS} segments, {config}",
                 run["peak_rss_two_segments_mb"] / 1024,
-                torch_run["peak_rss_two_segments_mb"] / 1024, "GB",
+                torch_run["peak_rss_two_segments_mb"] / 1024,
+                "GB",
             ),
             _target(f"session load, {config}", run["load_s"], TARGET_LOAD_S, "s"),
         ]
@@ -356,9 +382,14 @@ def _targets(results: dict) -> list[dict]:
 
 
 def bench(
-    model: str = "htdemucs", repo: Path | None = None, runs: int = 5, rounds: int = 2,
-    profile: int = 10, out_dir: Path = Path("bench-results"), file: Path | None = None,
-) -> dict:  # fmt: skip
+    model: str = "htdemucs",
+    repo: Path | None = None,
+    runs: int = 5,
+    rounds: int = 2,
+    profile: int = 10,
+    out_dir: Path = Path("bench-results"),
+    file: Path | None = None,
+) -> dict:
     """Measure everything the issue asks for; write `out_dir/MODEL.json`; return the results."""
     from .metadata import write_text_atomic
 
@@ -367,8 +398,12 @@ def bench(
     threads = os.cpu_count() or 1
     repo_arg = str(repo) if repo else None
     results: dict = {
-        "model": model, "runs": runs, "rounds": rounds, "warmups": WARMUPS, "threads": threads,
-    }  # fmt: skip
+        "model": model,
+        "runs": runs,
+        "rounds": rounds,
+        "warmups": WARMUPS,
+        "threads": threads,
+    }
     results["machine"] = machine()
     # Measured before and after: a shared machine whose speed changes meanwhile shows it here.
     sgemm_before = sgemm_gflops(threads)
@@ -395,12 +430,14 @@ def bench(
             run = _pooled(done[config])
             per_round = [
                 statistics.median(o["latencies_s"]) / statistics.median(t["latencies_s"])
-                for o, t in zip(done[config], done[None])
+                for o, t in zip(done[config], done[None], strict=True)
             ]
             ratio = run["median_s"] / torch_s
             results["onnxruntime"][config] = {
-                **run, "ratio_vs_torch": ratio, "round_ratios": per_round,
-            }  # fmt: skip
+                **run,
+                "ratio_vs_torch": ratio,
+                "round_ratios": per_round,
+            }
         results["accuracy"] = run_child("accuracy", model=model, repo=repo_arg, path=path)
         if profile > 0:
             results["profile"] = run_child(
@@ -424,8 +461,9 @@ def _drift(before: dict[str, float], after: dict[str, float]) -> float:
     if not 1 / SPEED_TOLERANCE <= drift <= SPEED_TOLERANCE:
         log.warning(
             "SGEMM throughput changed %.2fx during the bench: the machine is shared or throttling, "
-            "and the engines' numbers were taken at different speeds; run it again", drift,
-        )  # fmt: skip
+            "and the engines' numbers were taken at different speeds; run it again",
+            drift,
+        )
     return drift
 
 
@@ -464,14 +502,38 @@ def song_commands(
     repo_args = ["--repo", str(repo)] if repo else []
     return {
         "invoke separate": [
-            sys.executable, "-m", "invoke", "separate", str(song), "--model", str(onnx_path),
-            "--out-dir", str(out), "--overlap", "0.25", "--shifts", "0",
+            sys.executable,
+            "-m",
+            "invoke",
+            "separate",
+            str(song),
+            "--model",
+            str(onnx_path),
+            "--out-dir",
+            str(out),
+            "--overlap",
+            "0.25",
+            "--shifts",
+            "0",
         ],
         "demucs.separate": [
-            sys.executable, "-m", "demucs.separate", "-n", model, *repo_args, "--shifts", "0",
-            "--overlap", "0.25", "-d", "cpu", "-o", str(out), str(song),
+            sys.executable,
+            "-m",
+            "demucs.separate",
+            "-n",
+            model,
+            *repo_args,
+            "--shifts",
+            "0",
+            "--overlap",
+            "0.25",
+            "-d",
+            "cpu",
+            "-o",
+            str(out),
+            str(song),
         ],
-    }  # fmt: skip
+    }
 
 
 def timed_process(command: list[str]) -> dict:
@@ -491,10 +553,14 @@ def timed_process(command: list[str]) -> dict:
 
 
 def bench_song(
-    model: str = "htdemucs", song: Path | None = None, seconds: float = 60.0,
-    repo: Path | None = None, runs: int = 2, out_dir: Path = Path("bench-results"),
+    model: str = "htdemucs",
+    song: Path | None = None,
+    seconds: float = 60.0,
+    repo: Path | None = None,
+    runs: int = 2,
+    out_dir: Path = Path("bench-results"),
     file: Path | None = None,
-) -> dict:  # fmt: skip
+) -> dict:
     """Time `invoke separate` against demucs' own CLI on one song, alternating; write
     `out_dir/MODEL-song.json`. Without `song`, a `seconds`-long test song is written."""
     import soundfile as sf
@@ -529,11 +595,13 @@ def bench_song(
         walls = [t["wall_s"] for t in timings]
         median = statistics.median(walls)
         results["separators"][name] = {
-            "wall_s": walls, "median_s": median, "audio_s_per_s": audio_s / median,
+            "wall_s": walls,
+            "median_s": median,
+            "audio_s_per_s": audio_s / median,
             "peak_rss_mb": max(t["peak_rss_mb"] for t in timings),
-        }  # fmt: skip
+        }
     ours, theirs = (results["separators"][n] for n in ("invoke separate", "demucs.separate"))
-    pairs = zip(runs_by["invoke separate"], runs_by["demucs.separate"])
+    pairs = zip(runs_by["invoke separate"], runs_by["demucs.separate"], strict=True)
     ratios = [o["wall_s"] / t["wall_s"] for o, t in pairs]
     results["ratio"] = ours["median_s"] / theirs["median_s"]
     results["round_ratios"] = ratios
@@ -610,7 +678,8 @@ def table(results: dict) -> str:
         "",
         "| quantity | value |",
         "| --- | --- |",
-        f"| file size / fp32 weights | {size / 1e6:.1f} MB / {weights / 1e6:.1f} MB = {size / weights:.3f} |",
+        f"| file size / fp32 weights | {size / 1e6:.1f} MB / {weights / 1e6:.1f} MB = "
+        f"{size / weights:.3f} |",
         f"| GMAC per segment | {gmac:.1f} (spectral {results['gmac_spectral']:.2f}, network "
         f"{results['gmac_network']:.1f}) |",
         f"| conversion (`invoke convert`) | {conversion} |",

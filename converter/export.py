@@ -122,7 +122,9 @@ def _mix(
     """Tensor [1, S, ...] whose stem s is the sum of its contributions (already scaled)."""
     members = sorted({c.member for stem in plan for c in stem})
     # Which stems each member's output holds, in order (see Network.stems).
-    held = {m: [s for s, stem in enumerate(plan) if any(c.member == m for c in stem)] for m in members}
+    held = {
+        m: [s for s, stem in enumerate(plan) if any(c.member == m for c in stem)] for m in members
+    }
     if len(members) == 1 and len(held[members[0]]) == len(plan):
         return outputs[members[0]]
     pieces = []
@@ -159,7 +161,9 @@ def export_bag(bag: LoadedBag, timings: dict[str, float] | None = None) -> onnx.
         log.info(
             "stem %s <- %s",
             bag.sources[s],
-            " + ".join(f"{c.scale:g} x model {c.member} ({bag.signatures[c.member]})" for c in stem),
+            " + ".join(
+                f"{c.scale:g} x model {c.member} ({bag.signatures[c.member]})" for c in stem
+            ),
         )
 
     audio = torch.zeros(1, channels, length)
@@ -195,9 +199,11 @@ def export_bag(bag: LoadedBag, timings: dict[str, float] | None = None) -> onnx.
         wave = _mix(graph, wave_outputs, plan, "wave")
         istft = Istft(first.nfft, length)
         istft_proto = trace(
-            istft, (torch.zeros(1, sources, 2 * channels, first.nfft // 2, stft.frames),),
-            ["spec"], ["wave"],
-        )  # fmt: skip
+            istft,
+            (torch.zeros(1, sources, 2 * channels, first.nfft // 2, stft.frames),),
+            ["spec"],
+            ["wave"],
+        )
         synth = _embed(graph, istft_proto, "istft/", {"spec": spec})["wave"]
         graph.node.append(helper.make_node("Add", [wave, synth], [OUTPUT]))
 

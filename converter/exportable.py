@@ -39,7 +39,6 @@ import torch
 from demucs.demucs import DConv
 from demucs.hdemucs import HDecLayer, HEncLayer
 from demucs.htdemucs import HTDemucs
-from demucs.transformer import CrossTransformerEncoder
 from torch import nn
 from torch.nn import functional as F
 
@@ -118,9 +117,7 @@ def _anchor(mix: torch.Tensor) -> torch.Tensor:
     return mix[0, 0, 0] * 0.0
 
 
-def _sin_embedding(
-    length: int, dim: int, max_period: float, anchor: torch.Tensor
-) -> torch.Tensor:
+def _sin_embedding(length: int, dim: int, max_period: float, anchor: torch.Tensor) -> torch.Tensor:
     """`demucs.transformer.create_sin_embedding(length, dim)` as [1, length, dim]."""
     half = dim // 2
     adim = torch.arange(half).view(1, -1)
@@ -175,7 +172,9 @@ def _attention(
     The 1/sqrt(head_dim) rides on the query projection (a power of two for HTDemucs' heads,
     so bit for bit) and the LayerScale `gamma` on the output projection.
     """
-    if not (mha.batch_first and mha._qkv_same_embed_dim and mha.bias_k is None and not mha.add_zero_attn):
+    if not (
+        mha.batch_first and mha._qkv_same_embed_dim and mha.bias_k is None and not mha.add_zero_attn
+    ):
         raise NotImplementedError("only the plain batch-first attention of HTDemucs converts")
     dim, heads = mha.embed_dim, mha.num_heads
     head_dim = dim // heads
@@ -261,17 +260,28 @@ def _dconv_rows(dconv: DConv, x: torch.Tensor, anchor: torch.Tensor) -> torch.Te
     for layer in dconv.layers:
         mods = list(layer)
         kinds = [type(m).__name__ for m in mods]
-        if kinds != ["Conv1d", "GroupNorm", "GELU", "Conv1d", "GroupNorm", "GLU", "LayerScale"] or any(
-            m.num_groups != 1 for m in (mods[1], mods[4])
-        ):
-            raise NotImplementedError(f"only DConv layers without attention or LSTM convert: {kinds}")
+        if kinds != [
+            "Conv1d",
+            "GroupNorm",
+            "GELU",
+            "Conv1d",
+            "GroupNorm",
+            "GLU",
+            "LayerScale",
+        ] or any(m.num_groups != 1 for m in (mods[1], mods[4])):
+            raise NotImplementedError(
+                f"only DConv layers without attention or LSTM convert: {kinds}"
+            )
         conv1, norm1, act, conv2, norm2, _, layer_scale = mods
         h = conv1(x)
         if norm1.num_channels * frames <= SHORT_REDUCTION:  # shifted: see `_layer_norm`
             h = F.layer_norm(
-                h - h.mean(dim=(1, 2), keepdim=True), (norm1.num_channels, frames),
-                norm1.weight[:, None] + row, norm1.bias[:, None] + row, norm1.eps,
-            )  # fmt: skip
+                h - h.mean(dim=(1, 2), keepdim=True),
+                (norm1.num_channels, frames),
+                norm1.weight[:, None] + row,
+                norm1.bias[:, None] + row,
+                norm1.eps,
+            )
         else:  # ORT's LayerNormalization takes E[x²] - E[x]² in one naive pass
             h = _normalize(h, 2, norm1.weight[:, None], norm1.bias[:, None], norm1.eps)
         x = x + _normalized_glu(conv2, norm2, layer_scale.scale, act(h), ones)
@@ -285,10 +295,14 @@ def _freq_dconv(dconv: DConv, y: torch.Tensor, anchor: torch.Tensor) -> torch.Te
     return y.view(batch, freqs, channels, frames).permute(0, 2, 1, 3)
 
 
-def _layer_dconv(layer: HEncLayer | HDecLayer, y: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+def _layer_dconv(
+    layer: HEncLayer | HDecLayer, y: torch.Tensor, anchor: torch.Tensor
+) -> torch.Tensor:
     if not layer.dconv:
         return y
-    return _freq_dconv(layer.dconv, y, anchor) if layer.freq else _dconv_rows(layer.dconv, y, anchor)
+    return (
+        _freq_dconv(layer.dconv, y, anchor) if layer.freq else _dconv_rows(layer.dconv, y, anchor)
+    )
 
 
 def _conv(
@@ -297,7 +311,9 @@ def _conv(
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`conv` on `x`, with `weight` and `bias` in place of its own if given. A 1-D conv runs as a 2-D one over [B, C, 1, L]:
+    """`conv` on `x`, with `weight` and `bias` in place of its own if given.
+
+    A 1-D conv runs as a 2-D one over [B, C, 1, L]:
     ONNX Runtime runs 2-D convs in its blocked layout and 1-D ones as im2col + GEMM, which
     reached about half the speed on HTDemucs' time branch."""
     weight = conv.weight if weight is None else weight
@@ -305,9 +321,14 @@ def _conv(
     if isinstance(conv, nn.Conv2d):
         return conv._conv_forward(x, weight, bias)
     y = F.conv2d(
-        x[:, :, None], weight[:, :, None], bias, stride=(1, conv.stride[0]),
-        padding=(0, conv.padding[0]), dilation=(1, conv.dilation[0]), groups=conv.groups,
-    )  # fmt: skip
+        x[:, :, None],
+        weight[:, :, None],
+        bias,
+        stride=(1, conv.stride[0]),
+        padding=(0, conv.padding[0]),
+        dilation=(1, conv.dilation[0]),
+        groups=conv.groups,
+    )
     return y[:, :, 0]
 
 
@@ -458,10 +479,15 @@ def _cross_transformer(
     if module.emb != "sin":
         raise NotImplementedError(f"transformer embedding {module.emb!r} (pretrained use 'sin')")
     up, up_t, down, down_t = (
-        (model.channel_upsampler, model.channel_upsampler_t,
-         model.channel_downsampler, model.channel_downsampler_t)
-        if model.bottom_channels else (None, None, None, None)
-    )  # fmt: skip
+        (
+            model.channel_upsampler,
+            model.channel_upsampler_t,
+            model.channel_downsampler,
+            model.channel_downsampler_t,
+        )
+        if model.bottom_channels
+        else (None, None, None, None)
+    )
     batch, _, freqs, frames = x.shape
     x = _to_tokens(x.reshape(batch, -1, freqs * frames), up)
     channels = x.shape[-1]
@@ -481,7 +507,10 @@ def _cross_transformer(
             x = _self_layer(module.layers[idx], x)
             xt = _self_layer(module.layers_t[idx], xt)
         else:
-            x, xt = _cross_layer(module.layers[idx], x, xt), _cross_layer(module.layers_t[idx], xt, x)
+            x, xt = (
+                _cross_layer(module.layers[idx], x, xt),
+                _cross_layer(module.layers_t[idx], xt, x),
+            )
 
     x = _from_tokens(x, down).reshape(batch, -1, freqs, frames)
     return x, _from_tokens(xt, down_t)

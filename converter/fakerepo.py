@@ -42,15 +42,42 @@ SIX_STEMS = FOUR_STEMS + ["guitar", "piano"]
 
 # demucs 4.1.0's pretrained HTDemucs arguments (sources: docs/demucs-facts.md).
 FULL_KWARGS = dict(
-    audio_channels=2, channels=48, growth=2, depth=4, nfft=4096, cac=True, rewrite=True,
-    freq_emb=0.2, kernel_size=8, stride=4, time_stride=2, context=1, norm_starts=4,
-    norm_groups=4, dconv_mode=3, dconv_depth=2, dconv_comp=8, bottom_channels=512, t_layers=5,
-    t_heads=8, t_hidden_scale=4.0, t_dropout=0.02, segment=Fraction(39, 5), samplerate=44100,
-)  # fmt: skip
+    audio_channels=2,
+    channels=48,
+    growth=2,
+    depth=4,
+    nfft=4096,
+    cac=True,
+    rewrite=True,
+    freq_emb=0.2,
+    kernel_size=8,
+    stride=4,
+    time_stride=2,
+    context=1,
+    norm_starts=4,
+    norm_groups=4,
+    dconv_mode=3,
+    dconv_depth=2,
+    dconv_comp=8,
+    bottom_channels=512,
+    t_layers=5,
+    t_heads=8,
+    t_hidden_scale=4.0,
+    t_dropout=0.02,
+    segment=Fraction(39, 5),
+    samplerate=44100,
+)
 SMALL_KWARGS = dict(
-    FULL_KWARGS, channels=8, depth=2, nfft=512, bottom_channels=32, t_layers=2, t_heads=2,
-    t_hidden_scale=2.0, segment=Fraction(1, 2),
-)  # fmt: skip
+    FULL_KWARGS,
+    channels=8,
+    depth=2,
+    nfft=512,
+    bottom_channels=32,
+    t_layers=2,
+    t_heads=2,
+    t_hidden_scale=2.0,
+    segment=Fraction(1, 2),
+)
 
 # name -> (signatures, weights or None, sources, overrides of the 4-stem kwargs)
 BAGS: dict[str, tuple[list[str], list[list[float]] | None, list[str], dict]] = {

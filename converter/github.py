@@ -149,9 +149,12 @@ class Client:
         """
         url = release["upload_url"].split("{", 1)[0]
         size = path.stat().st_size
-        with path.open("rb") as file, tqdm(
-            total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=name, mininterval=1.0
-        ) as bar:
+        with (
+            path.open("rb") as file,
+            tqdm(
+                total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=name, mininterval=1.0
+            ) as bar,
+        ):
             response = self.request(
                 "POST",
                 url,

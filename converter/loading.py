@@ -89,8 +89,12 @@ def _bag_signatures(name: str, repo: Path | None) -> list[str]:
             f"demucs writes it ('models: [955717e8]'){numbers}; it holds {str(bag)[:80]!r}: {fix}"
         )
     weights = bag.get("weights")
-    rows_ok = isinstance(weights, list) and len(weights) == len(models) and all(
-        isinstance(row, list) and all(type(w) in (int, float) for w in row) for row in weights
+    rows_ok = (
+        isinstance(weights, list)
+        and len(weights) == len(models)
+        and all(
+            isinstance(row, list) and all(type(w) in (int, float) for w in row) for row in weights
+        )
     )
     if weights is not None and not rows_ok:
         raise UserError(
@@ -115,8 +119,13 @@ def _locate_checkpoint(name: str, signature: str, repo: Path | None) -> dict:
     if repo is not None:
         (path,) = [p for p in repo.glob(f"{signature}*.th") if p.stem.split("-")[0] == signature]
         checksum = path.stem.split("-", 1)[1] if "-" in path.stem else ""
-        return {"signature": signature, "source": "local repo", "file": path.name,
-                "checksum": checksum, "sha256": sha256_file(path)}  # fmt: skip
+        return {
+            "signature": signature,
+            "source": "local repo",
+            "file": path.name,
+            "checksum": checksum,
+            "sha256": sha256_file(path),
+        }
     from demucs.hf import DEFAULT_NAMESPACE, hf_repo_name
 
     try:
@@ -125,8 +134,13 @@ def _locate_checkpoint(name: str, signature: str, repo: Path | None) -> dict:
         repo_id = f"{DEFAULT_NAMESPACE}/{hf_repo_name(name)}"
         cached = try_to_load_from_cache(repo_id, f"{signature}.safetensors")
         if isinstance(cached, str):
-            return {"signature": signature, "source": f"huggingface:{repo_id}",
-                    "file": Path(cached).name, "checksum": "", "sha256": sha256_file(Path(cached))}  # fmt: skip
+            return {
+                "signature": signature,
+                "source": f"huggingface:{repo_id}",
+                "file": Path(cached).name,
+                "checksum": "",
+                "sha256": sha256_file(Path(cached)),
+            }
     except ImportError:
         pass
     import torch.hub
@@ -134,8 +148,13 @@ def _locate_checkpoint(name: str, signature: str, repo: Path | None) -> dict:
 
     url = _parse_remote_files(REMOTE_ROOT / "files.txt")[signature]
     path = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[1]
-    return {"signature": signature, "source": "demucs remote", "file": path.name,
-            "checksum": path.stem.split("-", 1)[1], "sha256": sha256_file(path)}  # fmt: skip
+    return {
+        "signature": signature,
+        "source": "demucs remote",
+        "file": path.name,
+        "checksum": path.stem.split("-", 1)[1],
+        "sha256": sha256_file(path),
+    }
 
 
 def load(name: str, repo: Path | None = None) -> LoadedBag:
@@ -194,7 +213,10 @@ def load(name: str, repo: Path | None = None) -> LoadedBag:
             loaded.checkpoints.append({"signature": signature, "source": "unknown"})
     log.info(
         "loaded %s: %d model(s) %s, stems %s, %d parameters per model",
-        name, len(bag.models), signatures, loaded.sources,
+        name,
+        len(bag.models),
+        signatures,
+        loaded.sources,
         sum(p.numel() for p in bag.models[0].parameters()),
-    )  # fmt: skip
+    )
     return loaded

@@ -81,7 +81,7 @@ def _asserts(text: str, pin: Pin) -> str:
     const = DESCRIPTORS[pin.model]
     for field, value in (("download_url", pin.url), ("sha256", pin.sha256)):
         pattern = rf'(assert_eq!\(\s*{const}\.{field},\s*")[^"]*("\s*\))'
-        text = _sub(text, pattern, value, f"`assert_eq!({const}.{field}, \"...\")`")
+        text = _sub(text, pattern, value, f'`assert_eq!({const}.{field}, "...")`')
     return text
 
 
@@ -103,7 +103,7 @@ def _contract_doc(text: str, pin: Pin) -> str:
 
 def _embedded(text: str, pin: Pin) -> str:
     pattern = r'(pub const EMBEDDED_MODEL_FILENAME: &str = ")[^"]*(";)'
-    return _sub(text, pattern, pin.asset, "`pub const EMBEDDED_MODEL_FILENAME: &str = \"...\";`")
+    return _sub(text, pattern, pin.asset, '`pub const EMBEDDED_MODEL_FILENAME: &str = "...";`')
 
 
 BOOTSTRAP = Place(
@@ -119,8 +119,10 @@ MODEL_RS = Place(
 TESTS = Place(
     "src-tauri/tests/phase6_model_bootstrap.rs",
     _asserts,
-    lambda p: f'assert_eq!({DESCRIPTORS[p.model]}.download_url, "{p.url}");\n'
-    f'assert_eq!({DESCRIPTORS[p.model]}.sha256, "{p.sha256}");',
+    lambda p: (
+        f'assert_eq!({DESCRIPTORS[p.model]}.download_url, "{p.url}");\n'
+        f'assert_eq!({DESCRIPTORS[p.model]}.sha256, "{p.sha256}");'
+    ),
 )
 SETUP_SH = Place(
     "scripts/setup.sh",

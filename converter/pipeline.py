@@ -15,9 +15,8 @@ from pathlib import Path
 
 import onnx
 
-from . import __version__
+from . import __version__, storage
 from . import metadata as meta
-from . import storage
 from .errors import UserError
 from .export import INPUT, OPSET, export_bag
 from .exportable import fold_factors
@@ -28,6 +27,7 @@ from .runtime_shapes import anchor_shapes
 from .staging import Staging
 
 log = logging.getLogger(__name__)
+
 
 def file_paths(model: str, out_dir: Path) -> tuple[Path, Path, Path]:
     """(NAME.onnx, NAME.onnx.sha256, NAME.reference.npz) in `out_dir`."""
@@ -124,8 +124,12 @@ def convert(
     size = finals[0].stat().st_size
     log.info(
         "wrote %s (%.1f MB, sha256 %s) in %.1f s, peak RSS %.0f MB",
-        finals[0], size / 1e6, digest, time.perf_counter() - started, peak_rss_mb(),
-    )  # fmt: skip
+        finals[0],
+        size / 1e6,
+        digest,
+        time.perf_counter() - started,
+        peak_rss_mb(),
+    )
     return finals[0]
 
 
@@ -146,4 +150,3 @@ def validate(model: str, repo: Path | None = None, out_dir: Path = Path("models"
         raise UserError(f"{onnx_path} holds {stamped.get(meta.MODEL_NAME)!r}, not {model!r}")
     with step("validate"):
         validate_file(onnx_path, bag, reference_out=reference)
-

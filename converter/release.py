@@ -213,9 +213,18 @@ def run_contract_sessions(path: Path, results_dir: Path) -> None:
     """
     root = Path(__file__).resolve().parent.parent
     command = [
-        sys.executable, "-m", "nox", "--noxfile", str(root / "noxfile.py"), "-s", "contract",
-        "--", "--results-dir", str(results_dir.resolve()), str(path.resolve()),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "nox",
+        "--noxfile",
+        str(root / "noxfile.py"),
+        "-s",
+        "contract",
+        "--",
+        "--results-dir",
+        str(results_dir.resolve()),
+        str(path.resolve()),
+    ]
     if importlib.util.find_spec("nox") is None:
         raise UserError(
             "nox is not installed: `pip install -c requirements/constraints.txt nox`, or pass "
@@ -273,8 +282,10 @@ def model_card(
         "## Source",
         "",
     ]
-    lines += [f"- {key}: `{json.dumps(value, sort_keys=True)}`" for key, value in
-              sorted(provenance.items())] or ["- (no provenance recorded)"]
+    lines += [
+        f"- {key}: `{json.dumps(value, sort_keys=True)}`"
+        for key, value in sorted(provenance.items())
+    ] or ["- (no provenance recorded)"]
     lines += ["", "## Toolchain", ""]
     lines += [f"- {name} {version}" for name, version in sorted(toolchain.items())] or [
         "- (not recorded)"
@@ -290,8 +301,12 @@ def model_card(
         "| --- | --- | --- | --- | --- |",
     ]
     lines += [
-        "| " + " | ".join("" if row.get(key) is None else str(row[key])
-                          for key in ("platform", "ort", "status", "load_s", "run_s")) + " |"
+        "| "
+        + " | ".join(
+            "" if row.get(key) is None else str(row[key])
+            for key in ("platform", "ort", "status", "load_s", "run_s")
+        )
+        + " |"
         for row in proof
     ]
     pin = pins.Pin(tag.model, tag.name, model_file.name, url, model_file.sha256)
@@ -386,7 +401,11 @@ def _upload(client: github.Client, release: dict, local: LocalAsset) -> None:
                 return
             log.warning(
                 "upload of %s failed (%s); deleting %d leftover asset(s), attempt %d of %d",
-                local.name, exc, len(left), attempt + 1, UPLOAD_ATTEMPTS,
+                local.name,
+                exc,
+                len(left),
+                attempt + 1,
+                UPLOAD_ATTEMPTS,
             )
             for asset in left:
                 _delete_asset(client, asset)
@@ -482,13 +501,17 @@ def _dry_run(
             for a in existing
         ]
     if contract_results is None:
-        lines.append("- `nox -s contract` on this platform; then require passing load tests "
-                     f"from every platform: {', '.join(evidence.PLATFORMS)}")
+        lines.append(
+            "- `nox -s contract` on this platform; then require passing load tests "
+            f"from every platform: {', '.join(evidence.PLATFORMS)}"
+        )
     elif ready:
         try:
             proof = evidence.require(contract_results, local[0].name, local[0].sha256)
-            lines.append(f"- load-test evidence in {contract_results}: {len(proof)} passing rows "
-                         "for these bytes, every platform and ORT version")
+            lines.append(
+                f"- load-test evidence in {contract_results}: {len(proof)} passing rows "
+                "for these bytes, every platform and ORT version"
+            )
         except UserError as exc:
             lines.append(f"- load-test evidence in {contract_results}: REFUSED: {exc}")
     for step in steps:
@@ -540,12 +563,16 @@ def release(
     server = server_url or os.environ.get("GITHUB_SERVER_URL") or DEFAULT_SERVER_URL
     url = download_url(server, client.repository, parsed.name, wanted[0].name)
     body = model_card(parsed, metadata, wanted[0], url, proof)
-    fields = {"name": f"{parsed.model} {parsed.name}", "body": body,
-              "prerelease": parsed.prerelease}
+    fields = {
+        "name": f"{parsed.model} {parsed.name}",
+        "body": body,
+        "prerelease": parsed.prerelease,
+    }
     if found is None:
         log.info("creating draft release %s", parsed.name)
         draft = client.request(
-            "POST", f"{client.repo_path}/releases",
+            "POST",
+            f"{client.repo_path}/releases",
             json={"tag_name": parsed.name, "draft": True, **fields},
         ).json()
     elif any(found.get(key) != value for key, value in fields.items()):

@@ -74,8 +74,11 @@ def model_info(metadata: dict[str, str], path: Path) -> ModelInfo:
         )
     except ValueError as exc:
         raise UserError(f"{path} has malformed openkara.* metadata ({exc})") from None
-    sizes = {meta.SAMPLE_RATE: info.samplerate, meta.SEGMENT_SAMPLES: info.segment,
-             meta.AUDIO_CHANNELS: info.channels}  # fmt: skip
+    sizes = {
+        meta.SAMPLE_RATE: info.samplerate,
+        meta.SEGMENT_SAMPLES: info.segment,
+        meta.AUDIO_CHANNELS: info.channels,
+    }
     wrong = [f"{key}={value}" for key, value in sizes.items() if value <= 0]
     if len(set(info.stems)) != len(info.stems) or not all(map(STEM_NAME.fullmatch, info.stems)):
         names = metadata[meta.STEMS]
@@ -103,7 +106,9 @@ class Engine:
         # the metadata can only be read from a session, so that is the first one tried.
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(
+                str(path), options, providers=["CPUExecutionProvider"]
+            )
         except Exception as exc:  # ORT raises its own Fail/InvalidProtobuf/... types
             raise UserError(f"{path} is not an ONNX model onnxruntime can load: {exc}") from None
         metadata = self.session.get_modelmeta().custom_metadata_map
@@ -114,20 +119,30 @@ class Engine:
             log.info("%s is not marked pre-optimized: ORT's default optimization", path.name)
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             del self.session
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(
+                str(path), options, providers=["CPUExecutionProvider"]
+            )
         info = self.info
         (inp,), (out,) = self.session.get_inputs(), self.session.get_outputs()
         want_in = [1, info.channels, info.segment]
         want_out = [1, len(info.stems), info.channels, info.segment]
-        if (inp.name, list(inp.shape), out.name, list(out.shape)) != ("audio", want_in, "stems", want_out):
+        if (inp.name, list(inp.shape), out.name, list(out.shape)) != (
+            "audio",
+            want_in,
+            "stems",
+            want_out,
+        ):
             raise UserError(
                 f"{path}: interface {inp.name}{inp.shape} -> {out.name}{out.shape} does not match "
                 f"its metadata (audio{want_in} -> stems{want_out})"
             )
         log.info(
             "model %s: stems %s, %d Hz, segment %d samples",
-            path.name, ",".join(info.stems), info.samplerate, info.segment,
-        )  # fmt: skip
+            path.name,
+            ",".join(info.stems),
+            info.samplerate,
+            info.segment,
+        )
 
     def __call__(self, audio: np.ndarray) -> np.ndarray:
         """[channels, segment] -> [stems, channels, segment]."""
@@ -206,7 +221,9 @@ def resample(frames: np.ndarray, source: int, target: int) -> np.ndarray:
     """Band-limited resampling with soxr (very high quality), [channels, n] -> [channels, m]."""
     import soxr
 
-    return np.ascontiguousarray(soxr.resample(frames.T, source, target, quality="VHQ").T, np.float32)
+    return np.ascontiguousarray(
+        soxr.resample(frames.T, source, target, quality="VHQ").T, np.float32
+    )
 
 
 def clock(seconds: float) -> str:
@@ -269,8 +286,11 @@ def open_track(path: Path, samplerate: int, channels: int) -> Iterator[Track]:
             raise UserError(f"{path} holds no audio frames")
         log.info(
             "%s: %d Hz, %d channel(s), %.1f s",
-            path.name, rate, sound.channels, sound.frames / rate,
-        )  # fmt: skip
+            path.name,
+            rate,
+            sound.channels,
+            sound.frames / rate,
+        )
 
         def read_file(start: int, stop: int) -> np.ndarray:
             try:
@@ -304,9 +324,13 @@ def open_track(path: Path, samplerate: int, channels: int) -> Iterator[Track]:
             log.warning(
                 "%s is truncated: its header declares %d frames (%s), the file holds %d (%s); "
                 "separating the %s present",
-                path, declared, clock(declared / rate), present, clock(present / rate),
+                path,
+                declared,
+                clock(declared / rate),
+                present,
                 clock(present / rate),
-            )  # fmt: skip
+                clock(present / rate),
+            )
         yield track
 
 
@@ -368,7 +392,9 @@ class OverlapAdd:
         lo = chunk.start + skip - self.origin
         hi = lo + chunk.kept - skip
         weight = self.weight[skip : chunk.kept]
-        self.out[chunk.shift, :, :, lo:hi] += weight * stems[:, :, chunk.pad + skip : chunk.pad + chunk.kept]
+        self.out[chunk.shift, :, :, lo:hi] += (
+            weight * stems[:, :, chunk.pad + skip : chunk.pad + chunk.kept]
+        )
         self.total[chunk.shift, lo:hi] += weight
 
     def emit(self, until: int) -> np.ndarray:
@@ -389,18 +415,26 @@ def shift_offsets(shifts: int, max_shift: int, seed: int | None = None) -> list[
 
 
 def stream(
-    track: Track, engine: Callable[[np.ndarray], np.ndarray], segment: int, stems: int,
-    overlap: float, offsets: Sequence[int], max_shift: int,
-) -> Iterator[np.ndarray]:  # fmt: skip
+    track: Track,
+    engine: Callable[[np.ndarray], np.ndarray],
+    segment: int,
+    stems: int,
+    overlap: float,
+    offsets: Sequence[int],
+    max_shift: int,
+) -> Iterator[np.ndarray]:
     """Separated, de-normalized blocks [stems, channels, n] covering the track in order."""
     from tqdm import tqdm
 
     bases = [o - max_shift for o in offsets] if offsets else [0]
     chunks = plan(track.length, segment, overlap, bases)
     log.info(
-        "%d model call(s): %d pass(es), segment %d, overlap %g", len(chunks), len(bases), segment,
+        "%d model call(s): %d pass(es), segment %d, overlap %g",
+        len(chunks),
+        len(bases),
+        segment,
         overlap,
-    )  # fmt: skip
+    )
     window = OverlapAdd(len(bases), stems, track.channels, segment, transition_weight(segment))
     for chunk in tqdm(chunks, desc="separate", unit="segment"):
         if chunk.start > window.origin:
@@ -415,9 +449,14 @@ def stem_paths(song: Path, out_dir: Path, stems: list[str]) -> dict[str, Path]:
 
 
 def separate(
-    song: Path, model: Path = DEFAULT_MODEL, out_dir: Path = Path("separated"),
-    overlap: float = 0.25, shifts: int = 0, overwrite: bool = False, seed: int | None = None,
-) -> dict[str, Path]:  # fmt: skip
+    song: Path,
+    model: Path = DEFAULT_MODEL,
+    out_dir: Path = Path("separated"),
+    overlap: float = 0.25,
+    shifts: int = 0,
+    overwrite: bool = False,
+    seed: int | None = None,
+) -> dict[str, Path]:
     """Separate `song` with the converted file `model` into `out_dir/SONG/STEM.wav`.
 
     Stems are 32-bit float WAV: no clipping decision is needed for a stream whose peak is not
@@ -438,7 +477,9 @@ def separate(
         engine = Engine(model)
     info = engine.info
     if int((1 - overlap) * info.segment) < 1:
-        raise UserError(f"--overlap {overlap} leaves no stride within a {info.segment}-sample segment")
+        raise UserError(
+            f"--overlap {overlap} leaves no stride within a {info.segment}-sample segment"
+        )
     finals = stem_paths(song, out_dir, info.stems)
     check_targets(list(finals.values()))
     existing = [str(p) for p in finals.values() if p.exists()]
@@ -457,17 +498,23 @@ def separate(
     with staging, open_track(song, info.samplerate, info.channels) as track:
         with contextlib.ExitStack() as files:
             writers = [
-                files.enter_context(sf.SoundFile(
-                    staging.staged(p), "w", samplerate=info.samplerate, channels=info.channels,
-                    subtype="FLOAT", format="WAV",
-                ))
+                files.enter_context(
+                    sf.SoundFile(
+                        staging.staged(p),
+                        "w",
+                        samplerate=info.samplerate,
+                        channels=info.channels,
+                        subtype="FLOAT",
+                        format="WAV",
+                    )
+                )
                 for p in finals.values()
-            ]  # fmt: skip
+            ]
             done = 0
             stems = len(info.stems)
             for block in stream(track, engine, info.segment, stems, overlap, offsets, max_shift):
                 check_output(block, done, info, model)
-                for writer, stem in zip(writers, block):
+                for writer, stem in zip(writers, block, strict=True):
                     writer.write(stem.T)
                 done += block.shape[-1]
         staging.commit()

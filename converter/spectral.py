@@ -197,5 +197,7 @@ class Istft(_Framing):
         for m in range(1, 4):
             out = out + F.pad(y[m : m + 1], (m, 3 - m))  # Slice, not Gather: [1, hop, M']
         pad = hop // 2 * 3
-        out = out.permute(0, 2, 3, 1).reshape(signals, (frames + 3) * hop)[:, pad : pad + self.length]
+        out = out.permute(0, 2, 3, 1).reshape(signals, (frames + 3) * hop)[
+            :, pad : pad + self.length
+        ]
         return out.reshape(batch, sources, channels, self.length)

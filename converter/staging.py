@@ -133,7 +133,9 @@ class Staging:
             except OSError:
                 break
         if isinstance(exc, KeyboardInterrupt):
-            done = f"the new {', '.join(t.name for t in self.targets)} in {self.folder} are complete"
+            done = (
+                f"the new {', '.join(t.name for t in self.targets)} in {self.folder} are complete"
+            )
             exc.add_note(done if self.committed else describe(self.targets))
 
     def commit(self) -> None:

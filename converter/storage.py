@@ -237,9 +237,12 @@ def store_half(model: onnx.ModelProto, scales: Iterable[np.ndarray] = ()) -> Sto
     log.info(
         "weight storage: %d initializers as float16, %d folded products as float16 factor x scale, "
         "%d stay float32; initializers %.1f -> %.1f MB",
-        len(report.half), len(report.products), len(report.float32),
-        report.bytes_before / 1e6, report.bytes_after / 1e6,
-    )  # fmt: skip
+        len(report.half),
+        len(report.products),
+        len(report.float32),
+        report.bytes_before / 1e6,
+        report.bytes_after / 1e6,
+    )
     for name in report.float32:
         log.info("stays float32 (not exact in float16): %s", name)
     return report

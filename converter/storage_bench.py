@@ -128,9 +128,13 @@ def _compare(
     }
     for config in COMPARED_CONFIGS:
         latency = run_child(
-            "storage_latency", half=str(path), float32=str(twin), config=config, runs=runs,
+            "storage_latency",
+            half=str(path),
+            float32=str(twin),
+            config=config,
+            runs=runs,
             threads=threads,
-        )  # fmt: skip
+        )
         memory: dict[str, list[dict]] = {name: [] for name in files}
         for _ in range(ROUNDS):
             for name, p in files.items():

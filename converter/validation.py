@@ -49,9 +49,14 @@ def fixed_inputs(channels: int, length: int, samplerate: int) -> dict[str, np.nd
     dc = 0.5 + 0.05 * sines  # a DC offset 10x the signal: the input statistics' worst case
     loud = np.clip(np.random.default_rng(1).standard_normal((channels, length)), -1, 1)
     signals = {
-        "0.1 noise": noise, CONTRACT_INPUT: sines, "chirp": chirp, "silence": silence,
-        "clipped full scale": clipped, "dc offset": dc, "loud clipped noise": loud,
-    }  # fmt: skip
+        "0.1 noise": noise,
+        CONTRACT_INPUT: sines,
+        "chirp": chirp,
+        "silence": silence,
+        "clipped full scale": clipped,
+        "dc offset": dc,
+        "loud clipped noise": loud,
+    }
     return {name: s[None].astype(np.float32) for name, s in signals.items()}
 
 
@@ -124,23 +129,44 @@ def compare(
     power = np.mean(truth * truth, axis=(0, 2, 3))
     max_abs = np.max(np.abs(got.astype(np.float64) - truth), axis=(0, 2, 3))
     return [
-        StemError(signal, stem, float(power[s]), float(mse[s]), float(pytorch_mse[s]),
-                  float(vs_pytorch[s]), float(max_abs[s]), bool(finite[s]))
+        StemError(
+            signal,
+            stem,
+            float(power[s]),
+            float(mse[s]),
+            float(pytorch_mse[s]),
+            float(vs_pytorch[s]),
+            float(max_abs[s]),
+            bool(finite[s]),
+        )
         for s, stem in enumerate(stems)
-    ]  # fmt: skip
+    ]
 
 
 def _log_table(rows: list[StemError]) -> None:
     log.info(
-        "%-20s %-8s %9s %9s %9s %12s %12s", "input", "stem", "SNR dB", "PyTorch", "gate",
-        "MSE vs f32", "max |err|",
-    )  # fmt: skip
+        "%-20s %-8s %9s %9s %9s %12s %12s",
+        "input",
+        "stem",
+        "SNR dB",
+        "PyTorch",
+        "gate",
+        "MSE vs f32",
+        "max |err|",
+    )
     for row in rows:
         gate = snr_db(row.power, row.allowed)
         log.info(
-            "%-20s %-8s %9.1f %9.1f %9.1f %12.3e %12.3e %s", row.signal, row.stem, row.snr,
-            row.pytorch_snr, gate, row.vs_pytorch_mse, row.max_abs, "ok" if row.ok else "FAIL",
-        )  # fmt: skip
+            "%-20s %-8s %9.1f %9.1f %9.1f %12.3e %12.3e %s",
+            row.signal,
+            row.stem,
+            row.snr,
+            row.pytorch_snr,
+            gate,
+            row.vs_pytorch_mse,
+            row.max_abs,
+            "ok" if row.ok else "FAIL",
+        )
 
 
 def validate_file(path: Path, bag: LoadedBag, reference_out: Path | None = None) -> list[StemError]:
@@ -163,7 +189,12 @@ def validate_file(path: Path, bag: LoadedBag, reference_out: Path | None = None)
     sess = session(path)
     (inp,), (out,) = sess.get_inputs(), sess.get_outputs()
     want_in, want_out = [1, channels, length], [1, len(bag.sources), channels, length]
-    if inp.name != "audio" or list(inp.shape) != want_in or out.name != "stems" or list(out.shape) != want_out:
+    if (
+        inp.name != "audio"
+        or list(inp.shape) != want_in
+        or out.name != "stems"
+        or list(out.shape) != want_out
+    ):
         raise ValidationError(
             f"{path.name}: interface {inp.name}{inp.shape} -> {out.name}{out.shape}, "
             f"expected audio{want_in} -> stems{want_out}"
@@ -177,9 +208,11 @@ def validate_file(path: Path, bag: LoadedBag, reference_out: Path | None = None)
             with atomic_path(reference_out) as tmp:
                 with open(tmp, "wb") as file:
                     np.savez(
-                        file, audio=audio, stems=truths[signal],
+                        file,
+                        audio=audio,
+                        stems=truths[signal],
                         max_mse=np.array([row.allowed for row in found]),
-                    )  # fmt: skip
+                    )
     _log_table(rows)
     failures = [r for r in rows if not r.ok]
     if failures:
@@ -195,9 +228,14 @@ def validate_file(path: Path, bag: LoadedBag, reference_out: Path | None = None)
     worst = max(rows, key=lambda r: r.mse / r.allowed)
     log.info(
         "validation gate passed: closest stem %s on %s, file %.1f dB vs PyTorch float32 %.1f dB "
-        "(gate: at most %g dB worse, floor %.1e RMS)", worst.stem, worst.signal, worst.snr,
-        worst.pytorch_snr, MARGIN_DB, FLOOR_RMS,
-    )  # fmt: skip
+        "(gate: at most %g dB worse, floor %.1e RMS)",
+        worst.stem,
+        worst.signal,
+        worst.snr,
+        worst.pytorch_snr,
+        MARGIN_DB,
+        FLOOR_RMS,
+    )
     return rows
 
 
@@ -224,5 +262,7 @@ def snr_by_input(path: Path, bag: LoadedBag) -> list[dict]:
         pytorch = _worst_snr(reference(bag, audio), truth)
         rows.append({"input": signal, "pytorch_snr_db": pytorch, "file_snr_db": files})
         shown = ", ".join(f"{k} {v:.1f} dB" for k, v in files.items())
-        log.info("%s: worst SNR vs float64: PyTorch float32 %.1f dB, file %s", signal, pytorch, shown)
+        log.info(
+            "%s: worst SNR vs float64: PyTorch float32 %.1f dB, file %s", signal, pytorch, shown
+        )
     return rows

@@ -399,5 +399,9 @@ def run_cli(fake: FakeGitHub, *args: str, cwd, **env: str) -> subprocess.Complet
     code = f"HEAVY = {set(HEAVY_MODULES)!r}\n" + _BLOCKING_CLI
     return subprocess.run(
         [sys.executable, "-c", code, *args],
-        cwd=cwd, env=environ, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        cwd=cwd,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )

@@ -31,9 +31,12 @@ STEMS = ("drums", "bass", "other", "vocals")
 
 def invoke(*args) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "invoke", *map(str, args)], cwd=ROOT, capture_output=True,
-        text=True, timeout=600,
-    )  # fmt: skip
+        [sys.executable, "-m", "invoke", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def one_line(done, start: str = "error:", status: int = 1) -> str:
@@ -83,10 +86,15 @@ def test_a_model_that_produces_non_finite_stems_writes_none(tmp_path):
         helper.make_node("Sqrt", ["neg"], ["nan"]),
         helper.make_node("Unsqueeze", ["nan", "axis"], ["stems"]),
     ]
-    model = tiny_model(tmp_path / "nan.onnx", nodes, stems="voice", initializers=[
-        helper.make_tensor("minus_one", TensorProto.FLOAT, [], [-1.0]),
-        helper.make_tensor("axis", TensorProto.INT64, [1], [1]),
-    ])  # fmt: skip
+    model = tiny_model(
+        tmp_path / "nan.onnx",
+        nodes,
+        stems="voice",
+        initializers=[
+            helper.make_tensor("minus_one", TensorProto.FLOAT, [], [-1.0]),
+            helper.make_tensor("axis", TensorProto.INT64, [1], [1]),
+        ],
+    )
     line = one_line(separate(song(tmp_path / "song.wav", 0.01), model, tmp_path / "out"))
     assert "produced a non-finite value for stem 'voice' at 0:00.000" in line
     assert "no stems were written" in line
@@ -192,14 +200,20 @@ def tiny_model(path: Path, nodes, stems: str = "a,b", initializers=(), **metadat
     """A file with the interface and metadata `invoke separate` reads: [1,2,8] -> [1,S,2,8]."""
     count = len(stems.split(","))
     graph = helper.make_graph(
-        nodes, "tiny", [helper.make_tensor_value_info("audio", TensorProto.FLOAT, [1, 2, 8])],
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("audio", TensorProto.FLOAT, [1, 2, 8])],
         [helper.make_tensor_value_info("stems", TensorProto.FLOAT, [1, count, 2, 8])],
         initializer=list(initializers),
-    )  # fmt: skip
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    entries = {"openkara.stems": stems, "openkara.sample_rate": "44100",
-               "openkara.segment_samples": "8", "openkara.audio_channels": "2"}  # fmt: skip
+    entries = {
+        "openkara.stems": stems,
+        "openkara.sample_rate": "44100",
+        "openkara.segment_samples": "8",
+        "openkara.audio_channels": "2",
+    }
     entries.update(metadata)
     for key, value in entries.items():
         model.metadata_props.add(key=key, value=value)
@@ -217,8 +231,10 @@ def tiny_model(path: Path, nodes, stems: str = "a,b", initializers=(), **metadat
     ],
 )
 def test_impossible_model_metadata(metadata, message, tmp_path):
-    nodes = [helper.make_node("Unsqueeze", ["audio", "axis"], ["one"]),
-             helper.make_node("Concat", ["one", "one"], ["stems"], axis=1)]  # fmt: skip
+    nodes = [
+        helper.make_node("Unsqueeze", ["audio", "axis"], ["one"]),
+        helper.make_node("Concat", ["one", "one"], ["stems"], axis=1),
+    ]
     axis = helper.make_tensor("axis", TensorProto.INT64, [1], [1])
     model = tiny_model(tmp_path / "m.onnx", nodes, initializers=[axis], **metadata)
     line = one_line(separate(song(tmp_path / "song.wav", 0.01), model, tmp_path / "out"))
@@ -245,14 +261,16 @@ def test_convert_refuses_a_directory_in_place_of_its_output_before_any_work(smal
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("models: [f7e0c4bc, d12395a8\nweights: [\n", "is not valid YAML (expected ',' or ']', "
-         "but got ':' at line 2, column 8)"),
+        (
+            "models: [f7e0c4bc, d12395a8\nweights: [\n",
+            "is not valid YAML (expected ',' or ']', but got ':' at line 2, column 8)",
+        ),
         ("- f7e0c4bc\n", "must map `models` to a list of checkpoint signatures"),
         ("models: [12345678]\n", "quote signatures YAML reads as numbers"),
         ("models: [f7e0c4bc, d12395a8]\nweights: [[1, 0, 0, 0]]\n", "`weights` must hold one list"),
         ("models: [f7e0c4bc]\nweights: [[1, 0, 0, 0]]\n", "stem(s) [1, 2, 3] have zero total"),
     ],
-)  # fmt: skip
+)
 def test_broken_bag_yaml(text, message, small_repo, tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(small_repo, repo)
@@ -268,9 +286,12 @@ def start(args: list) -> subprocess.Popen:
     """`python -m invoke ARGS` in the background, with Ctrl-C at its default even where the
     test runner was started with SIGINT ignored (a background job)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "invoke", *map(str, args)], cwd=ROOT, stderr=subprocess.PIPE,
-        text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )  # fmt: skip
+        [sys.executable, "-m", "invoke", *map(str, args)],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def wait_for(condition, timeout: float = 120.0) -> None:
@@ -285,9 +306,13 @@ def staged_audio(folder: Path) -> bool:
     return any(p.stat().st_size > 4096 for p in folder.glob(".staging-*/*.wav"))
 
 
-@pytest.mark.parametrize("signum, status, name", [
-    (signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "Ctrl-C"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "signum, status, name",
+    [
+        (signal.SIGTERM, 143, "SIGTERM"),
+        (signal.SIGINT, 130, "Ctrl-C"),
+    ],
+)
 def test_stopping_separate_keeps_the_previous_stems(signum, status, name, small_models, tmp_path):
     out = tmp_path / "out"
     first = song(tmp_path / "first.wav", 0.5)
@@ -317,8 +342,9 @@ def test_sigterm_during_convert_cleans_up_and_stale_staging_is_removed(
     for path in small_models["htdemucs"].parent.glob("htdemucs.*"):
         shutil.copy(path, out)
     before = snapshot(out)
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True).stdout.strip()  # fmt: skip
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     stale = out / f".staging-{gone}-left"  # what a SIGKILLed run leaves
     stale.mkdir()
     (stale / "htdemucs.onnx").write_bytes(b"unvalidated")

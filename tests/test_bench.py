@@ -86,9 +86,15 @@ def test_profile_breakdown(results):
 
 def test_table_shows_every_engine_target_and_the_profile(results):
     text = bench.table(results)
-    for label in [*bench.ORT_CONFIGS, "PyTorch eager", "GMAC per segment", "physical bound",
-                  "conversion", *(t["name"] for t in results["targets"]),
-                  *(op["op"] for op in results["profile"]["top_ops"])]:  # fmt: skip
+    for label in [
+        *bench.ORT_CONFIGS,
+        "PyTorch eager",
+        "GMAC per segment",
+        "physical bound",
+        "conversion",
+        *(t["name"] for t in results["targets"]),
+        *(op["op"] for op in results["profile"]["top_ops"]),
+    ]:
         assert label in text
 
 
@@ -96,7 +102,7 @@ def test_measures_a_given_file_without_converting(small_repo, small_models, tmp_
     file = small_models["htdemucs"]
     produced = bench.bench(
         "htdemucs", repo=small_repo, runs=1, rounds=1, profile=0, out_dir=tmp_path, file=file
-    )  # fmt: skip
+    )
     assert produced["conversion"] is None and produced["file"] == str(file)
     assert "profile" not in produced and "not timed (--file)" in bench.table(produced)
 
@@ -122,9 +128,13 @@ def test_test_song_is_deterministic_stereo_of_the_asked_length(tmp_path):
 
 def test_song_mode_times_both_whole_processes(small_repo, small_models, tmp_path):
     produced = bench.bench_song(
-        "htdemucs", seconds=12.0, repo=small_repo, runs=2, out_dir=tmp_path,
+        "htdemucs",
+        seconds=12.0,
+        repo=small_repo,
+        runs=2,
+        out_dir=tmp_path,
         file=small_models["htdemucs"],
-    )  # fmt: skip
+    )
     written = json.loads((tmp_path / "htdemucs-song.json").read_text())
     assert written == json.loads(json.dumps(produced))
     assert produced["song"]["seconds"] == pytest.approx(12.0)

@@ -116,8 +116,11 @@ def test_mixed_weight_bag_follows_demucs_rule(tmp_path):
     weights = [[1.0, 0.0, 2.0, 0.5], [3.0, 1.0, 0.0, 0.5]]
     write_bag(repo, "htdemucs", ["aaaa0001", "bbbb0002"], weights)
     assert [[(c.member, c.scale) for c in stem] for stem in bag_plan(weights, 4)] == [
-        [(0, 0.25), (1, 0.75)], [(1, 1.0)], [(0, 1.0)], [(0, 0.5), (1, 0.5)],
-    ]  # fmt: skip
+        [(0, 0.25), (1, 0.75)],
+        [(1, 1.0)],
+        [(0, 1.0)],
+        [(0, 0.5), (1, 0.5)],
+    ]
     path = convert("htdemucs", repo=repo, out_dir=tmp_path / "out")  # validates against demucs
     assert meta.provenance(onnx.load(path))["weights"] == weights
 

@@ -232,8 +232,9 @@ def test_no_reduction_in_the_network_adds_more_than_a_short_run_of_values(small_
         if node.op_type in ("ReduceSum", "ReduceMean", "ReduceSumSquare"):
             axes = (
                 next(a.ints for a in node.attribute if a.name == "axes")
-                if node.op_type != "ReduceSum" else constants[node.input[1]]
-            )  # fmt: skip
+                if node.op_type != "ReduceSum"
+                else constants[node.input[1]]
+            )
             lengths[node.name] = math.prod(shape[a] for a in axes)
         elif node.op_type in ("LayerNormalization", "InstanceNormalization"):
             axis = ([a.i for a in node.attribute if a.name == "axis"] or [2])[0]

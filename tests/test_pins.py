@@ -168,9 +168,10 @@ def test_htdemucs_ft_has_three_places_and_leaves_htdemucs_alone(pin, fake, check
     }
     bootstrap = after["src-tauri/src/separator/bootstrap.rs"].decode()
     assert f'sha256: "{digest}"' in bootstrap and f'sha256: "{OLD_SHA}"' in bootstrap
-    assert f"`{tag}/htdemucs_ft.onnx`" in after[
-        "docs/references/contracts/phase-6-model-bootstrap-contract.md"
-    ].decode()
+    assert (
+        f"`{tag}/htdemucs_ft.onnx`"
+        in after["docs/references/contracts/phase-6-model-bootstrap-contract.md"].decode()
+    )
 
 
 def test_dry_run_prints_the_diff_and_changes_nothing(pin, fake, checkout):
@@ -260,9 +261,15 @@ def test_cli_dry_run_needs_no_model_code_and_changes_nothing(fake, checkout):
     digest = publish(fake, "model-v2.0.2")
     before = snapshot(checkout)
     done = run_cli(
-        fake, "pin-openkara", "--tag", "model-v2.0.2", "--checkout", str(checkout), "--dry-run",
+        fake,
+        "pin-openkara",
+        "--tag",
+        "model-v2.0.2",
+        "--checkout",
+        str(checkout),
+        "--dry-run",
         cwd=Path(__file__).resolve().parent.parent,
-    )  # fmt: skip
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert f'+    sha256: "{digest}",' in done.stdout
     assert f"+  MODEL_URL: {SERVER}/{REPOSITORY}/releases/download/model-v2.0.2/" in done.stdout
@@ -272,8 +279,13 @@ def test_cli_dry_run_needs_no_model_code_and_changes_nothing(fake, checkout):
 def test_cli_refusal_is_one_line(fake, checkout):
     publish(fake, "model-v2.0.2", draft=True)
     done = run_cli(
-        fake, "pin-openkara", "--tag", "model-v2.0.2", "--checkout", str(checkout),
+        fake,
+        "pin-openkara",
+        "--tag",
+        "model-v2.0.2",
+        "--checkout",
+        str(checkout),
         cwd=Path(__file__).resolve().parent.parent,
-    )  # fmt: skip
+    )
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("error: release model-v2.0.2 is a draft")

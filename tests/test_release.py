@@ -252,9 +252,12 @@ def test_evidence_is_refused_before_anything_is_created(client, fake, tmp_path, 
         release.release(TAG, out_dir=out, client=client, contract_results=tmp_path / "matrix")
     with pytest.raises(UserError, match=f"not publishing htdemucs.onnx: {message}"):
         release.release(
-            TAG, out_dir=out, client=client, prepare=Builder(),
+            TAG,
+            out_dir=out,
+            client=client,
+            prepare=Builder(),
             load_test=lambda model, results: write_evidence(results, model, **spoil),
-        )  # fmt: skip
+        )
     assert fake.writes() == [] and fake.releases == {}
 
 
@@ -280,9 +283,13 @@ def test_contract_results_publish_the_prebuilt_file_without_building(client, fak
     write_evidence(tmp_path / "matrix", path)
     builder = Builder()
     plan = release.release(
-        TAG, dry_run=True, out_dir=out, client=client, contract_results=tmp_path / "matrix",
+        TAG,
+        dry_run=True,
+        out_dir=out,
+        client=client,
+        contract_results=tmp_path / "matrix",
         prepare=builder,
-    )  # fmt: skip
+    )
     assert "load-test evidence" in plan and "passing rows" in plan and fake.writes() == []
     release.release(
         TAG, out_dir=out, client=client, contract_results=tmp_path / "matrix", prepare=builder
@@ -399,9 +406,12 @@ def test_assets_without_digest_are_verified_by_download(client, tmp_path):
     try:
         client.api_url = fake.api_url
         release.release(
-            TAG, out_dir=tmp_path / "models", client=client, prepare=Builder(),
+            TAG,
+            out_dir=tmp_path / "models",
+            client=client,
+            prepare=Builder(),
             load_test=passing_load_test,
-        )  # fmt: skip
+        )
         (only,) = fake.releases_for(TAG)
         assert not only["draft"]
         assert sum(1 for s in fake.seen if s.path.startswith("/download/")) >= 2
@@ -529,9 +539,17 @@ def test_publishing_with_the_matrix_results_imports_no_model_code(fake, tmp_path
     write_evidence(tmp_path / "matrix", path)
     summary = tmp_path / "step-summary.md"
     done = run_cli(
-        fake, "release", "--tag", TAG, "--contract-results", str(tmp_path / "matrix"),
-        "--out-dir", str(out), cwd=ROOT, GITHUB_STEP_SUMMARY=str(summary),
-    )  # fmt: skip
+        fake,
+        "release",
+        "--tag",
+        TAG,
+        "--contract-results",
+        str(tmp_path / "matrix"),
+        "--out-dir",
+        str(out),
+        cwd=ROOT,
+        GITHUB_STEP_SUMMARY=str(summary),
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.startswith(f"published {TAG}: htdemucs.onnx")
     assert_published_once(fake, tmp_path)
@@ -557,9 +575,16 @@ def test_cli_refusals_are_one_line_and_create_nothing(fake, tmp_path, spoil, lin
     path = write_model(out, "htdemucs")
     spoil(path, tmp_path / "matrix")
     done = run_cli(
-        fake, "release", "--tag", TAG, "--contract-results", str(tmp_path / "matrix"),
-        "--out-dir", str(out), cwd=ROOT,
-    )  # fmt: skip
+        fake,
+        "release",
+        "--tag",
+        TAG,
+        "--contract-results",
+        str(tmp_path / "matrix"),
+        "--out-dir",
+        str(out),
+        cwd=ROOT,
+    )
     assert done.returncode == 1, done.stdout + done.stderr
     errors = [text for text in done.stderr.splitlines() if text.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(line.format(path=path)), done.stderr

@@ -27,8 +27,10 @@ def make_venv(where: Path) -> Path:
     python = where / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
     site = subprocess.run(
         [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True, capture_output=True, text=True,
-    ).stdout.strip()  # fmt: skip
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     Path(site, "shared-toolchain.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     return python
 
@@ -41,14 +43,33 @@ def test_two_venvs_convert_to_identical_bytes(small_repo, tmp_path):
         python = make_venv(tmp_path / ("venv-a" if n == 1 else "other/place/venv-b"))
         out = tmp_path / f"out-{n}"
         env = {
-            **os.environ, "PYTHONHASHSEED": str(n), "HOME": str(home),
-            "TMPDIR": str(home / "tmp"), "PYTHONDONTWRITEBYTECODE": "1",
-        }  # fmt: skip
+            **os.environ,
+            "PYTHONHASHSEED": str(n),
+            "HOME": str(home),
+            "TMPDIR": str(home / "tmp"),
+            "PYTHONDONTWRITEBYTECODE": "1",
+        }
         done = subprocess.run(
-            [str(python), "-m", "invoke", "--search-root", str(ROOT), "convert",
-             "--model", "htdemucs", "--repo", str(small_repo), "--out-dir", str(out)],
-            cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
-        )  # fmt: skip
+            [
+                str(python),
+                "-m",
+                "invoke",
+                "--search-root",
+                str(ROOT),
+                "convert",
+                "--model",
+                "htdemucs",
+                "--repo",
+                str(small_repo),
+                "--out-dir",
+                str(out),
+            ],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert done.returncode == 0, done.stdout + done.stderr
         files.append(out / "htdemucs.onnx")
     first, second = (path.read_bytes() for path in files)

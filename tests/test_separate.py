@@ -70,7 +70,8 @@ def demucs_separation(bag, audio: np.ndarray, shifts: int = 0) -> np.ndarray:
 def snr_db(want: np.ndarray, got: np.ndarray) -> list[float]:
     want = want.astype(np.float64)
     return [
-        float(10 * np.log10((w**2).sum() / ((w - g) ** 2).sum())) for w, g in zip(want, got)
+        float(10 * np.log10((w**2).sum() / ((w - g) ** 2).sum()))
+        for w, g in zip(want, got, strict=True)
     ]
 
 
@@ -91,8 +92,10 @@ def parity(name, seconds, small_models, small_repo, tmp_path, monkeypatch, shift
     want = demucs_separation(load(name, small_repo).bag, audio, shifts=shifts)
     assert got.shape == want.shape == (len(paths), 2, audio.shape[1])
     snrs = snr_db(want, got)
-    print(f"{name} {seconds} s shifts={shifts}: SNR dB per stem", dict(zip(paths, snrs)))
-    assert min(snrs) >= MIN_SNR_DB, dict(zip(paths, snrs))
+    print(
+        f"{name} {seconds} s shifts={shifts}: SNR dB per stem", dict(zip(paths, snrs, strict=True))
+    )
+    assert min(snrs) >= MIN_SNR_DB, dict(zip(paths, snrs, strict=True))
     return paths
 
 
@@ -108,7 +111,9 @@ def test_bag_and_six_stems_match_demucs(name, small_models, small_repo, tmp_path
     assert len(paths) == (6 if name == "htdemucs_6s" else 4)
 
 
-def test_shift_trick_matches_demucs_with_the_same_offsets(small_models, small_repo, tmp_path, monkeypatch):
+def test_shift_trick_matches_demucs_with_the_same_offsets(
+    small_models, small_repo, tmp_path, monkeypatch
+):
     parity("htdemucs", 6.0, small_models, small_repo, tmp_path, monkeypatch, shifts=2)
 
 
@@ -131,7 +136,8 @@ def test_does_not_import_torch(small_models, tmp_path):
     song = write_song(tmp_path / "song.wav", music(1.0))
     code = (
         "import sys\nfrom pathlib import Path\nfrom converter.separate import separate\n"
-        f"separate(Path({str(song)!r}), Path({str(small_models['htdemucs'])!r}), Path({str(tmp_path)!r}))\n"
+        f"separate(Path({str(song)!r}), Path({str(small_models['htdemucs'])!r}), "
+        f"Path({str(tmp_path)!r}))\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
@@ -159,7 +165,9 @@ def test_other_sample_rate_is_resampled_with_soxr(small_models, tmp_path):
     model = small_models["htdemucs"]
     got = read_stems(sep.separate(song, model, tmp_path / "out"))
     assert got.shape == (4, 2, 2 * audio.shape[1])
-    np.testing.assert_allclose(got, read_stems(sep.separate(at_rate, model, tmp_path / "out")), atol=1e-6)
+    np.testing.assert_allclose(
+        got, read_stems(sep.separate(at_rate, model, tmp_path / "out")), atol=1e-6
+    )
 
 
 def test_refuses_to_overwrite_unless_asked(small_models, tmp_path):
@@ -192,7 +200,9 @@ def test_failed_run_leaves_previous_stems_and_no_partial_files(small_models, tmp
     monkeypatch.setattr(sep.Engine, "__call__", failing)
     with pytest.raises(KeyboardInterrupt):
         sep.separate(song, model, out, overwrite=True, shifts=1)
-    assert sorted(p.name for p in (out / "song").iterdir()) == sorted(p.name for p in paths.values())
+    assert sorted(p.name for p in (out / "song").iterdir()) == sorted(
+        p.name for p in paths.values()
+    )
     assert {p: p.read_bytes() for p in paths.values()} == before
 
 
@@ -226,8 +236,11 @@ def test_plan_reproduces_demucs_chunk_offsets():
     # apply_model(split=True): offsets range(0, length, stride), the last chunk cut short.
     chunks = sep.plan(length=1000, segment=400, overlap=0.25, bases=[0])
     assert [(c.start, c.kept, c.pad) for c in chunks] == [
-        (0, 400, 0), (300, 400, 0), (600, 400, 0), (900, 100, 150),
-    ]  # fmt: skip
+        (0, 400, 0),
+        (300, 400, 0),
+        (600, 400, 0),
+        (900, 100, 150),
+    ]
     # A shifted pass starts before the track; chunks that end before frame 0 are skipped.
     shifted = sep.plan(length=1000, segment=400, overlap=0.25, bases=[-500])
     assert [c.start for c in shifted] == [-200, 100, 400, 700]
@@ -235,10 +248,11 @@ def test_plan_reproduces_demucs_chunk_offsets():
 
 def tiny_model(path: Path, metadata: dict[str, str]) -> Path:
     graph = helper.make_graph(
-        [helper.make_node("Identity", ["audio"], ["stems"])], "tiny",
+        [helper.make_node("Identity", ["audio"], ["stems"])],
+        "tiny",
         [helper.make_tensor_value_info("audio", TensorProto.FLOAT, [1, 2, 8])],
         [helper.make_tensor_value_info("stems", TensorProto.FLOAT, [1, 2, 8])],
-    )  # fmt: skip
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     for key, value in metadata.items():
@@ -252,19 +266,27 @@ def test_user_errors(small_models, tmp_path):
     song = write_song(tmp_path / "song.wav", music(0.5))
     empty = write_song(tmp_path / "empty.wav", np.zeros((2, 0)))
     metadata = {
-        "openkara.stems": "a,b", "openkara.sample_rate": "44100",
-        "openkara.segment_samples": "8", "openkara.audio_channels": "2",
-    }  # fmt: skip
+        "openkara.stems": "a,b",
+        "openkara.sample_rate": "44100",
+        "openkara.segment_samples": "8",
+        "openkara.audio_channels": "2",
+    }
     cases = {
         "does not exist": lambda: sep.separate(tmp_path / "missing.wav", model, tmp_path),
         "cannot read": lambda: sep.separate(_text(tmp_path / "fake.wav"), model, tmp_path),
         "no audio frames": lambda: sep.separate(empty, model, tmp_path),
         "model file": lambda: sep.separate(song, tmp_path / "missing.onnx", tmp_path),
         "not an ONNX model": lambda: sep.separate(song, _text(tmp_path / "fake.onnx"), tmp_path),
-        "lacks the metadata": lambda: sep.separate(song, tiny_model(tmp_path / "t.onnx", {}), tmp_path),
-        "does not match": lambda: sep.separate(song, tiny_model(tmp_path / "m.onnx", metadata), tmp_path),
+        "lacks the metadata": lambda: sep.separate(
+            song, tiny_model(tmp_path / "t.onnx", {}), tmp_path
+        ),
+        "does not match": lambda: sep.separate(
+            song, tiny_model(tmp_path / "m.onnx", metadata), tmp_path
+        ),
         "malformed": lambda: sep.separate(
-            song, tiny_model(tmp_path / "b.onnx", {**metadata, "openkara.sample_rate": "44.1k"}), tmp_path
+            song,
+            tiny_model(tmp_path / "b.onnx", {**metadata, "openkara.sample_rate": "44.1k"}),
+            tmp_path,
         ),
         "outside": lambda: sep.separate(song, model, tmp_path, overlap=1.0),
         "negative": lambda: sep.separate(song, model, tmp_path, shifts=-1),
@@ -283,7 +305,9 @@ def _text(path: Path) -> Path:
 def test_cli_reports_a_user_error_without_traceback(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "invoke", "separate", str(tmp_path / "none.wav")],
-        cwd=ROOT, capture_output=True, text=True,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 1
     assert "error: audio file" in done.stderr and "Traceback" not in done.stderr

@@ -1,4 +1,4 @@
-"""The factorized STFT/ISTFT against torch.stft / torch.istft, and its cost in the exported graph."""
+"""The factorized STFT/ISTFT against torch.stft / torch.istft, and its cost in the graph."""
 
 from __future__ import annotations
 
@@ -20,9 +20,15 @@ def torch_spec(x: torch.Tensor, n_fft: int) -> torch.Tensor:
     pad = hop // 2 * 3
     padded = F.pad(x, (pad, pad + frames * hop - x.shape[-1]), mode="reflect")
     z = torch.stft(
-        padded.reshape(-1, padded.shape[-1]), n_fft, hop, window=torch.hann_window(n_fft),
-        normalized=True, center=True, return_complex=True, pad_mode="reflect",
-    )[:, :-1, 2 : 2 + frames]  # fmt: skip
+        padded.reshape(-1, padded.shape[-1]),
+        n_fft,
+        hop,
+        window=torch.hann_window(n_fft),
+        normalized=True,
+        center=True,
+        return_complex=True,
+        pad_mode="reflect",
+    )[:, :-1, 2 : 2 + frames]
     z = torch.view_as_real(z).permute(0, 3, 1, 2)  # [B*C, re/im, F, T]
     return z.reshape(x.shape[0], -1, n_fft // 2, frames)
 
@@ -38,9 +44,14 @@ def torch_ispec(spec: torch.Tensor, length: int) -> torch.Tensor:
     z = F.pad(z.reshape(-1, bins, frames), (2, 2, 0, 1))
     pad = hop // 2 * 3
     full = torch.istft(
-        z, n_fft, hop, window=torch.hann_window(n_fft), normalized=True,
-        length=hop * frames + 2 * pad, center=True,
-    )  # fmt: skip
+        z,
+        n_fft,
+        hop,
+        window=torch.hann_window(n_fft),
+        normalized=True,
+        length=hop * frames + 2 * pad,
+        center=True,
+    )
     return full[:, pad : pad + length].reshape(b, s, c2 // 2, length)
 
 

@@ -94,10 +94,12 @@ def tiny_model() -> tuple[onnx.ModelProto, np.ndarray]:
         "one": np.array([1], np.int64),
     }
     graph = helper.make_graph(
-        nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 300])],
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 300])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
         [numpy_helper.from_array(v, k) for k, v in inits.items()],
-    )  # fmt: skip
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model, scale

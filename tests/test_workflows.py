@@ -87,8 +87,11 @@ def test_zizmor_finds_nothing():
     )
     done = subprocess.run(
         [zizmor, "--offline", "--no-progress", str(GITHUB)],
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "No findings" in done.stdout
 
@@ -100,8 +103,11 @@ def test_actionlint_finds_nothing():
     )
     done = subprocess.run(
         [actionlint, "-no-color", *map(str, WORKFLOWS)],
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -159,7 +165,7 @@ def test_conversions_install_cpu_only_torch_through_the_one_recipe():
     assert "--index-url" not in torch_args and "torch" not in rest_args
     assert rest_args[:2] == ["-c", "requirements/constraints.txt"]
     for path in WORKFLOWS:
-        for job_name, job in load(path)["jobs"].items():
+        for job in load(path)["jobs"].values():
             runs = " ".join(s.get("run", "") for s in job.get("steps", []))
             if "invoke convert" in runs:
                 (toolchain,) = [
@@ -178,9 +184,7 @@ def release_yml() -> dict:
 
 
 def test_release_runs_on_model_tags_one_run_per_tag_without_caches(release_yml):
-    assert triggers(release_yml) == {
-        "push": {"tags": ["model-v*", "model-ft-v*", "model-6s-v*"]}
-    }
+    assert triggers(release_yml) == {"push": {"tags": ["model-v*", "model-ft-v*", "model-6s-v*"]}}
     assert release_yml["concurrency"] == {
         "group": "release-${{ github.ref_name }}",
         "cancel-in-progress": False,
@@ -225,8 +229,11 @@ def test_the_bytes_flow_from_build_through_load_tests_to_publish(release_yml):
     (upload,) = [s for s in build["steps"] if s.get("uses", "").startswith("actions/upload-")]
     name = upload["with"]["name"]
     assert set(build["outputs"]) == {"model", "sha256"}
-    downloads = [s["with"] for s in load_test["steps"] + publish["steps"]
-                 if s.get("uses", "").startswith("actions/download-artifact@")]  # fmt: skip
+    downloads = [
+        s["with"]
+        for s in load_test["steps"] + publish["steps"]
+        if s.get("uses", "").startswith("actions/download-artifact@")
+    ]
     assert [d.get("name") for d in downloads].count(name) == 2
     (results,) = [s for s in load_test["steps"] if s.get("uses", "").startswith("actions/upload-")]
     assert results["if"] == "always()"
@@ -241,8 +248,13 @@ def test_the_bytes_flow_from_build_through_load_tests_to_publish(release_yml):
     (release_step,) = [s for s in publish["steps"] if "invoke release" in s.get("run", "")]
     assert names.index(check["name"]) < names.index(release_step["name"])
     assert shlex.split(release_step["run"]) == [
-        "invoke", "release", "--tag", "$GITHUB_REF_NAME", "--contract-results", "contract-results"
-    ]  # fmt: skip
+        "invoke",
+        "release",
+        "--tag",
+        "$GITHUB_REF_NAME",
+        "--contract-results",
+        "contract-results",
+    ]
     assert release_step["env"] == {"GITHUB_TOKEN": "${{ secrets.GITHUB_TOKEN }}"}
 
 
