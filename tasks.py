@@ -211,7 +211,7 @@ def contract(c, file=None, self_test=False):
 @task(
     help={
         "song": "Audio file to separate (WAV, FLAC, whatever libsndfile reads); mono is doubled.",
-        "model": "Converted ONNX file (default: models/htdemucs.onnx); its metadata names the stems.",
+        "model": "Converted ONNX file (default: models/htdemucs.onnx), stems named by metadata.",
         "out_dir": "Stems go to OUT_DIR/SONG/STEM.wav, 32-bit float (default: separated/).",
         "overlap": "Overlap of consecutive segments, a number in [0, 1) (default 0.25, as demucs).",
         "shifts": "How many random time shifts to average (demucs' shift trick; default 0: off).",
