@@ -172,8 +172,8 @@ def test_validation_names_stem_input_and_numbers_on_failure(small_repo, small_mo
     bag = load("htdemucs", small_repo)
     real = validation.reference
 
-    def shifted(bag, audio):  # what a wrong bag rule or framing bug looks like to the gate
-        out = real(bag, audio)
+    def shifted(bag, audio, double=False):  # a wrong bag rule or framing bug, to the gate
+        out = real(bag, audio, double=double)
         out[:, 2] += 1e-3
         return out
 
@@ -182,7 +182,8 @@ def test_validation_names_stem_input_and_numbers_on_failure(small_repo, small_mo
         validation.validate_file(small_models["htdemucs"], bag)
     message = str(caught.value)
     assert "stem 'other'" in message and "MSE 1.000e-06" in message and "on input" in message
-    assert "PyTorch float32 inf dB" in message  # the shift is in both references
+    # The shift is in both references: demucs float32 keeps its own small error, the file not.
+    assert "PyTorch float32 " in message and "(allowed " in message
 
 
 def _corrupt_one_weight(source: Path, target: Path) -> str:
