@@ -2,8 +2,9 @@
 
 One module per pipeline step: `loading` (demucs' own loader), `spectral` (STFT/ISTFT as real
 matmuls), `exportable` (the ONNX-friendly HTDemucs forward), `export`, `runtime_shapes` (shape
-arithmetic that no optimizer folds), `optimize` (ONNX Runtime offline optimization), `metadata`,
-`validation`, `contract`, `pipeline` (convert, end to end), `github`, `release`, `upstream`.
+arithmetic that no optimizer folds), `optimize` (ONNX Runtime offline optimization), `storage`
+(float16 weights), `metadata`, `validation` + `accuracy` (the gate), `contract`, `pipeline`
+(convert, end to end), `evidence`, `github`, `release`, `pins`, `upstream`; DEVELOPERS.md maps all.
 """
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
