@@ -92,11 +92,7 @@ def _tiny_metadata(stems: tuple[str, ...], segment: int, channels: int) -> dict[
 
 def write_model(model: onnx.ModelProto, path: Path) -> None:
     """Save `model` with a correct `.sha256` sidecar (what convert ships)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    metadata.write_text_atomic(
-        metadata.sidecar_path(path), metadata.sidecar_text(path, metadata.sha256_file(path))
-    )
+    metadata.write_with_sidecar(model, path)
 
 
 def write_tiny(path: Path, segment: int = 4096) -> Path:

@@ -136,3 +136,12 @@ def atomic_path(final: Path) -> Iterator[Path]:
 def write_text_atomic(final: Path, text: str) -> None:
     with atomic_path(final) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def write_with_sidecar(model: onnx.ModelProto, path: Path) -> str:
+    """Save `model` to `path` and its `sha256sum` sidecar (atomically); return the digest."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    digest = sha256_file(path)
+    write_text_atomic(sidecar_path(path), sidecar_text(path, digest))
+    return digest

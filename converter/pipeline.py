@@ -70,14 +70,6 @@ def metadata_entries(
     }
 
 
-def write_with_sidecar(model: onnx.ModelProto, path: Path) -> str:
-    """Save `model` to `path` and its `sha256sum` sidecar; return the digest."""
-    onnx.save(model, path)
-    digest = meta.sha256_file(path)
-    meta.sidecar_path(path).write_text(meta.sidecar_text(path, digest), encoding="utf-8")
-    return digest
-
-
 def convert(
     model: str,
     repo: Path | None = None,
@@ -113,7 +105,7 @@ def convert(
         meta.stamp(graph, metadata_entries(bag, graph.ir_version, weight_storage, stored))
         log.info("cache key %s", meta.read_metadata(graph)[meta.CACHE_KEY])
         staged = [staging.staged(p) for p in finals]
-        digest = write_with_sidecar(graph, staged[0])
+        digest = meta.write_with_sidecar(graph, staged[0])
         del graph  # hundreds of MB of protobuf, not needed by the gates
         release_memory()
         with step("validate", timings):
