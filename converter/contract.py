@@ -22,7 +22,7 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto
 
-from converter import metadata
+from converter import metadata, storage
 from converter.errors import UserError
 from converter.facts import (
     COM_MICROSOFT,
@@ -158,6 +158,15 @@ def _metadata_violations(meta: dict[str, str]) -> list[Violation]:
     for key in (metadata.SAMPLE_RATE, metadata.SEGMENT_SAMPLES, metadata.AUDIO_CHANNELS):
         if meta.get(key) and _positive_int(meta, key) is None:
             found.append(Violation("metadata", f"{key}={meta[key]!r} is not a positive integer"))
+    storage_kind = meta.get(metadata.WEIGHT_STORAGE)
+    if storage_kind and storage_kind not in storage.STORAGES:
+        found.append(
+            Violation(
+                "metadata",
+                f"{metadata.WEIGHT_STORAGE}={storage_kind!r} is not one of "
+                f"{', '.join(storage.STORAGES)}",
+            )
+        )
     if meta.get(metadata.STEMS):
         names = meta[metadata.STEMS].split(",")
         if any(not name.strip() for name in names) or len(set(names)) != len(names):

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from converter import metadata
+from converter import metadata, storage
 from converter.accuracy import allowed_mse, stem_mse
 from converter.contract import ContractError, violations
 from converter.facts import (
@@ -87,6 +87,7 @@ def _tiny_metadata(stems: tuple[str, ...], segment: int, channels: int) -> dict[
         metadata.SEGMENT_SAMPLES: str(segment),
         metadata.AUDIO_CHANNELS: str(channels),
         metadata.PROVENANCE: json.dumps({"built_by": "converter.contract_selftest.tiny_model"}),
+        metadata.WEIGHT_STORAGE: storage.FLOAT32,
     }
 
 
@@ -112,7 +113,13 @@ def write_tiny(path: Path, segment: int = 4096) -> Path:
     stems = 0.5 * scaled * (1 + erf)
     # The bound the conversion's gate records, with float32 rounding standing in for PyTorch.
     max_mse = np.array([allowed_mse(m) for m in stem_mse(stems.astype(np.float32), stems)])
-    np.savez(reference_path(path), audio=audio, stems=stems, max_mse=max_mse)
+    np.savez(
+        reference_path(path),
+        inputs=np.array(["uniform noise"]),
+        audio=audio[None],
+        stems=stems[None],
+        max_mse=max_mse[None],
+    )
     log.info("wrote %s with sidecar and reference %s", path, reference_path(path).name)
     return path
 
@@ -187,6 +194,14 @@ def _without_provenance(model: onnx.ModelProto) -> None:
     metadata.stamp(model, entries)
 
 
+def _with_unknown_weight_storage(model: onnx.ModelProto) -> None:
+    """An app reads the storage to know what it downloads; only the converter's kinds exist."""
+    entries = metadata.read_metadata(model)
+    entries[metadata.WEIGHT_STORAGE] = "int8"
+    del entries[metadata.CACHE_KEY]
+    metadata.stamp(model, entries)
+
+
 def _with_stale_cache_key(model: onnx.ModelProto) -> None:
     """Weights edited after stamping: OpenKara would reuse a compiled session of other weights."""
     scale = model.graph.initializer[1]
@@ -214,6 +229,7 @@ SELF_TEST_CASES: dict[
     "ir_version_11": ("ir_version", _with_ir_11, None),
     "opset_18": ("opset_version", _with_opset_18, None),
     "missing_metadata": ("metadata", _without_provenance, None),
+    "unknown_weight_storage": ("metadata", _with_unknown_weight_storage, None),
     "stale_cache_key": ("cache_key", _with_stale_cache_key, None),
     "wrong_sidecar": ("sidecar", None, _break_sidecar),
     "wrong_shape": ("io", _with_dynamic_time_axis, None),

@@ -7,10 +7,10 @@ onnxruntime and the standard library and is run as a script: `python converter/o
 
 For each model it creates a CPU session twice, with graph optimization disabled (what OpenKara
 does for files marked `openkara.optimized_by=onnxruntime`) and at ORT's default level, runs one
-inference on the reference input recorded at conversion time (`NAME.reference.npz` beside
-`NAME.onnx`: the input, demucs' float64 output and each stem's allowed MSE, all written by
-`converter.validation`, which owns the gate) and applies the validation gate (per-stem MSE
-against the float64 output within the recorded bound, all finite). It also checks
+inference on each reference input recorded at conversion time (`NAME.reference.npz` beside
+`NAME.onnx`: the inputs, demucs' float64 output for each and each stem's allowed MSE, all
+written by `converter.validation`, which owns the gate) and applies the validation gate (per-stem
+MSE against the float64 output within the recorded bound, all finite). It also checks
 that every `com.microsoft` op of the static gate's allow-list has a CPU kernel in this build, so
 CI proves the list on every platform and version rather than only on the machine that wrote it.
 
@@ -32,6 +32,7 @@ if sys.path and os.path.realpath(sys.path[0]) == os.path.dirname(os.path.realpat
     del sys.path[0]
 
 import argparse  # noqa: E402 - after the sys.path fix above
+import importlib  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
@@ -44,22 +45,22 @@ import numpy as np  # noqa: E402
 log = logging.getLogger("ortcheck")
 
 
-def _facts():
-    """`converter/facts.py`, the one home of the names and limits below: imported normally when
-    this file is `converter.ortcheck`, by path when it runs as a script in a bare venv."""
+def _sibling(name: str):
+    """`converter/NAME.py` (standard library and numpy only): imported normally when this file
+    is `converter.ortcheck`, by path when it runs as a script in a bare venv. `facts` is the one
+    home of the names and limits below, `accuracy` that of the gate's arithmetic."""
     if __package__:
-        from converter import facts
-
-        return facts
+        return importlib.import_module(f"converter.{name}")
     spec = importlib.util.spec_from_file_location(
-        "converter_facts", Path(__file__).with_name("facts.py")
+        f"converter_{name}", Path(__file__).with_name(f"{name}.py")
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-facts = _facts()
+facts = _sibling("facts")
+accuracy = _sibling("accuracy")
 COM_MICROSOFT_ALLOWED = facts.COM_MICROSOFT_ALLOWED
 INPUT_NAME = facts.INPUT_NAME
 OUTPUT_NAME = facts.OUTPUT_NAME
@@ -106,31 +107,43 @@ def compare(output: np.ndarray, reference: np.ndarray, max_mse: np.ndarray) -> s
         return f"output shape {list(output.shape)} != reference {list(reference.shape)}"
     if not np.isfinite(output).all():
         return "output has non-finite values"
-    diff = output.astype(np.float64) - reference.astype(np.float64)
-    # Stems are axis 1 of [1, S, channels, samples].
-    mse = np.mean(diff * diff, axis=tuple(i for i in range(diff.ndim) if i != 1))
+    mse = accuracy.stem_mse(output, reference)
     worst = int(np.argmax(mse / max_mse))
     if mse[worst] > max_mse[worst]:
         return f"stem {worst} MSE {mse[worst]:.3e} > {max_mse[worst]:.3e} (the recorded gate)"
     return None
 
 
-def load_and_run(path: Path, audio: np.ndarray, optimize: bool) -> tuple[np.ndarray, float, float]:
-    """Create a CPU-EP session and run one inference; returns (stems, load seconds, run seconds)."""
+def margin_db(output: np.ndarray, reference: np.ndarray, max_mse: np.ndarray) -> float:
+    """How far the worst stem stays inside its recorded bound, in dB (negative: outside)."""
+    ratio = float(np.max(accuracy.stem_mse(output, reference) / max_mse))
+    return float("inf") if ratio == 0 else -10 * float(np.log10(ratio))
+
+
+def load_session(path: Path, optimize: bool):
+    """A CPU-EP session, graph optimization disabled (OpenKara) or at ORT's default level."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    start = time.perf_counter()
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    loaded = time.perf_counter()
-    (stems,) = session.run([OUTPUT_NAME], {INPUT_NAME: audio})
-    return stems, loaded - start, time.perf_counter() - loaded
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def read_reference(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """(input names, audio [K, 1, C, L], float64 stems [K, 1, S, C, L], max_mse [K, S])."""
+    with np.load(path) as ref:
+        if "max_mse" not in ref or "inputs" not in ref:
+            raise ValueError(f"{path.name} predates the float64 gate on several inputs")
+        return [str(n) for n in ref["inputs"]], ref["audio"], ref["stems"], ref["max_mse"]
 
 
 def check_model(path: Path, ort_version: str) -> dict:
-    """One summary row for `path`: status "ok" or the first failure, with timings."""
+    """One summary row for `path`: status "ok" or the first failure, with timings.
+
+    Every recorded input runs at both settings; `margin_db` is the smallest distance, over
+    inputs, stems and settings, between the file's error and the recorded bound.
+    """
     row = {
         "ort": ort_version,
         "platform": platform_name(),
@@ -138,6 +151,8 @@ def check_model(path: Path, ort_version: str) -> dict:
         "path": str(path.resolve()),
         "sha256": sha256_file(path),
         "status": "ok",
+        "inputs": [],
+        "margin_db": None,
         "load_s": None,
         "run_s": None,
         "default_load_s": None,
@@ -148,34 +163,46 @@ def check_model(path: Path, ort_version: str) -> dict:
         row["status"] = f"no reference output {ref_path.name} (written by `invoke convert`)"
         log.error("%s: %s", path.name, row["status"])
         return row
-    with np.load(ref_path) as ref:
-        if "max_mse" not in ref:
-            row["status"] = f"{ref_path.name} predates the float64 gate: convert the model again"
-            log.error("%s: %s", path.name, row["status"])
-            return row
-        audio, expected, max_mse = ref["audio"], ref["stems"], ref["max_mse"]
+    try:
+        names, audios, expected, max_mse = read_reference(ref_path)
+    except ValueError as exc:
+        row["status"] = f"{exc}: convert the model again"
+        log.error("%s: %s", path.name, row["status"])
+        return row
+    row["inputs"] = names
+    margins = []
     # OpenKara's mode first (the one that matters), then ORT's default optimization level.
     for mode, optimize, prefix in (("disabled", False, ""), ("default", True, "default_")):
         try:
-            stems, load_s, run_s = load_and_run(path, audio, optimize)
+            start = time.perf_counter()
+            session = load_session(path, optimize)
+            load_s = time.perf_counter() - start
+            run_s = []
+            for name, audio, truth, bound in zip(names, audios, expected, max_mse, strict=True):
+                start = time.perf_counter()
+                (stems,) = session.run([OUTPUT_NAME], {INPUT_NAME: audio})
+                run_s.append(time.perf_counter() - start)
+                reason = compare(stems, truth, bound)
+                if reason:
+                    row["status"] = f"[{mode}] {name}: {reason}"
+                    log.error("%s on ORT %s: %s", path.name, ort_version, row["status"])
+                    return row
+                margins.append(margin_db(stems, truth, bound))
         except Exception as exc:  # noqa: BLE001 - any ORT failure is this row's verdict
             row["status"] = f"[{mode}] {type(exc).__name__}: {_one_line(str(exc))}"
             log.error("%s on ORT %s: %s", path.name, ort_version, row["status"])
             return row
-        row[prefix + "load_s"], row[prefix + "run_s"] = round(load_s, 3), round(run_s, 3)
-        reason = compare(stems, expected, max_mse)
-        if reason:
-            row["status"] = f"[{mode}] {reason}"
-            log.error("%s on ORT %s: %s", path.name, ort_version, row["status"])
-            return row
+        row[prefix + "load_s"], row[prefix + "run_s"] = round(load_s, 3), round(min(run_s), 3)
         log.info(
-            "%s on ORT %s, optimization %s: ok (load %.2f s, run %.2f s)",
+            "%s on ORT %s, optimization %s: ok on %d inputs (load %.2f s, run %.2f s)",
             path.name,
             ort_version,
             mode,
+            len(names),
             load_s,
-            run_s,
+            min(run_s),
         )
+    row["margin_db"] = round(min(margins), 2)
     return row
 
 
@@ -224,7 +251,19 @@ def format_table(rows: list[dict]) -> str:
     def seconds(value: float | None) -> str:
         return "-" if value is None else f"{value:.2f}"
 
-    header = ("ORT", "platform", "model", "load s", "run s", "load s (default)", "run s (default)")
+    def margin(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f}"
+
+    header = (
+        "ORT",
+        "platform",
+        "model",
+        "load s",
+        "run s",
+        "load s (default)",
+        "run s (default)",
+        "gate margin dB",
+    )
     lines = [
         (
             row["ort"],
@@ -234,6 +273,7 @@ def format_table(rows: list[dict]) -> str:
             seconds(row["run_s"]),
             seconds(row["default_load_s"]),
             seconds(row["default_run_s"]),
+            margin(row.get("margin_db")),
             row["status"],
         )
         for row in rows

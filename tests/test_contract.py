@@ -328,20 +328,21 @@ def test_compare_applies_the_recorded_gate():
 def test_check_model_runs_both_optimization_levels_against_the_reference(tmp_path):
     path = contract_selftest.write_tiny(tmp_path / "tiny.onnx")
     row = ortcheck.check_model(path, ort.__version__)
-    assert row["status"] == "ok"
+    assert row["status"] == "ok" and row["inputs"] == ["uniform noise"]
     assert row["load_s"] is not None and row["default_run_s"] is not None
+    assert row["margin_db"] > 0
     assert row["sha256"] == metadata.sha256_file(path)
 
 
 def test_check_model_reports_a_missing_reference_and_a_wrong_one(tmp_path):
     path = contract_selftest.write_tiny(tmp_path / "tiny.onnx")
     reference = ortcheck.reference_path(path)
-    with np.load(reference) as ref:
-        audio, stems, bound = ref["audio"], ref["stems"], ref["max_mse"]
-    np.savez(reference, audio=audio, stems=stems * 1.01, max_mse=bound)
-    assert ortcheck.check_model(path, "x")["status"].startswith("[disabled] stem ")
-    np.savez(reference, audio=audio, stems=stems)  # written before the float64 gate
-    assert "predates the float64 gate" in ortcheck.check_model(path, "x")["status"]
+    names, audio, stems, bound = ortcheck.read_reference(reference)
+    np.savez(reference, inputs=names, audio=audio, stems=stems * 1.01, max_mse=bound)
+    assert ortcheck.check_model(path, "x")["status"].startswith("[disabled] uniform noise: stem ")
+    np.savez(reference, audio=audio[0], stems=stems[0], max_mse=bound[0])  # one input: older
+    status = ortcheck.check_model(path, "x")["status"]
+    assert "predates the float64 gate on several inputs" in status
     reference.unlink()
     assert ortcheck.check_model(path, "x")["status"].startswith(
         "no reference output tiny.reference.npz"

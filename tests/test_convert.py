@@ -21,7 +21,13 @@ from converter.fakerepo import model_kwargs, write_bag, write_checkpoint
 from converter.fingerprint import fingerprint_report
 from converter.metadata import toolchain_versions
 from converter.pipeline import convert, validate
-from converter.validation import ValidationError, reference, session
+from converter.validation import (
+    CONTRACT_INPUTS,
+    ValidationError,
+    fixed_inputs,
+    reference,
+    session,
+)
 
 STEMS = {
     "htdemucs": ["drums", "bass", "other", "vocals"],
@@ -75,13 +81,18 @@ def test_reference_npz_holds_demucs_float64_output_and_the_gate(small_models, sm
     path = small_models["htdemucs"]
     recorded = np.load(path.with_name("htdemucs.reference.npz"))
     bag = load("htdemucs", small_repo)
-    audio = recorded["audio"]
-    truth = reference(bag, audio, double=True)
-    assert recorded["stems"].dtype == np.float64 and np.array_equal(recorded["stems"], truth)
-    allowed = [accuracy.allowed_mse(m) for m in accuracy.stem_mse(reference(bag, audio), truth)]
-    assert np.array_equal(recorded["max_mse"], allowed)
-    got = session(path).run(None, {"audio": audio})[0]
-    assert (accuracy.stem_mse(got, truth) <= recorded["max_mse"]).all()
+    assert list(recorded["inputs"]) == list(CONTRACT_INPUTS)
+    assert recorded["stems"].dtype == np.float64
+    inputs = fixed_inputs(bag.models[0].audio_channels, bag.segment_samples, bag.samplerate)
+    for k, name in enumerate(CONTRACT_INPUTS):
+        audio = recorded["audio"][k]
+        assert np.array_equal(audio, inputs[name])
+        truth = reference(bag, audio, double=True)
+        assert np.array_equal(recorded["stems"][k], truth)
+        pytorch = accuracy.stem_mse(reference(bag, audio), truth)
+        assert np.array_equal(recorded["max_mse"][k], [accuracy.allowed_mse(m) for m in pytorch])
+        got = session(path).run(None, {"audio": audio})[0]
+        assert (accuracy.stem_mse(got, truth) <= recorded["max_mse"][k]).all()
 
 
 def test_one_hot_bag_takes_each_stem_from_its_own_model(small_repo, small_models):
@@ -220,5 +231,7 @@ def test_trained_like_models_convert_within_the_gate(small_trained_models, name)
     (validation gate included); here the recorded bound holds on the contract input too."""
     path = small_trained_models[name]
     recorded = np.load(path.with_name(f"{name}.reference.npz"))
-    got = session(path).run(None, {"audio": recorded["audio"]})[0]
-    assert (accuracy.stem_mse(got, recorded["stems"]) <= recorded["max_mse"]).all()
+    recorded = [recorded[key] for key in ("audio", "stems", "max_mse")]
+    for audio, truth, bound in zip(*recorded, strict=True):
+        got = session(path).run(None, {"audio": audio})[0]
+        assert (accuracy.stem_mse(got, truth) <= bound).all()
