@@ -249,6 +249,8 @@ def separate(
         "model": f"Model to convert and measure: {MODELS}.",
         "repo": "Local demucs model repo, as for convert; default: the hub.",
         "file": "Measure this converted file of MODEL instead of converting one.",
+        "baseline": "Also time another build's file of MODEL (say the last release's) against "
+        "this one, alternated in one process.",
         "runs": "Timed segments per engine and round, after 2 warm-ups (default 5); with --song: "
         "runs of each separator (default 2).",
         "rounds": "Rounds of alternating engines, each engine in a fresh process (default 2).",
@@ -264,6 +266,7 @@ def bench(
     model="htdemucs",
     repo=None,
     file=None,
+    baseline=None,
     runs="",
     rounds="2",
     profile="10",
@@ -296,6 +299,7 @@ def bench(
         profile=profile_n,
         out_dir=Path(out_dir),
         file=_path(file),
+        baseline=_path(baseline),
     )
     print(b.table(results))
 

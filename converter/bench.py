@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import storage_bench
+from . import pair_bench
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -235,7 +235,7 @@ CHILDREN = {
     "ort": child_ort,
     "profile": child_profile,
     "accuracy": child_accuracy,
-    **storage_bench.CHILDREN,
+    **pair_bench.CHILDREN,
 }
 
 
@@ -389,8 +389,12 @@ def bench(
     profile: int = 10,
     out_dir: Path = Path("bench-results"),
     file: Path | None = None,
+    baseline: Path | None = None,
 ) -> dict:
-    """Measure everything the issue asks for; write `out_dir/MODEL.json`; return the results."""
+    """Measure everything the issue asks for; write `out_dir/MODEL.json`; return the results.
+
+    With `baseline`, another build's file of the same model (say the last release's) is timed
+    against this one in the same run."""
     from .metadata import write_text_atomic
 
     if runs < 1 or rounds < 1:
@@ -409,7 +413,9 @@ def bench(
     sgemm_before = sgemm_gflops(threads)
     with tempfile.TemporaryDirectory(prefix="bench-convert-") as work:
         path = _converted(model, repo_arg, file, work, results)
-        results["weight_storage"] = storage_bench.compare(Path(path), runs, threads, run_child)
+        results["weight_storage"] = pair_bench.compare_storage(Path(path), runs, threads, run_child)
+        if baseline is not None:
+            results["baseline"] = _baseline(Path(path), baseline, runs, threads)
         results.update(run_child("stats", model=model, repo=repo_arg))
         contenders = [("torch", None), *(("ort", config) for config in ORT_CONFIGS)]
         done: dict[str | None, list[dict]] = {config: [] for _, config in contenders}
@@ -454,6 +460,23 @@ def bench(
     write_text_atomic(out, json.dumps(results, indent=2, sort_keys=True) + "\n")
     log.info("wrote %s", out)
     return results
+
+
+def _baseline(path: Path, baseline: Path, runs: int, threads: int) -> dict:
+    """This build's file against `baseline`, another build's file of the same model."""
+    import onnx
+
+    from .metadata import MODEL_NAME, read_metadata
+
+    if not baseline.is_file():
+        raise UserError(f"--baseline {baseline} does not exist; pass a converted file")
+    names = [read_metadata(onnx.load(str(p))).get(MODEL_NAME) for p in (path, baseline)]
+    if names[0] != names[1]:
+        raise UserError(
+            f"--baseline {baseline} is {names[1]!r}, not {names[0]!r}: compare files of one model"
+        )
+    files = {"this build": path, "baseline": baseline}
+    return {**pair_bench.compare(files, runs, threads, run_child), "file": str(baseline)}
 
 
 def _drift(before: dict[str, float], after: dict[str, float]) -> float:
@@ -703,7 +726,20 @@ def table(results: dict) -> str:
                 f"| {files['optimization off']:.1f} |"
             )
     if "weight_storage" in results:
-        lines += storage_bench.table_lines(results["weight_storage"], weights)
+        lines += pair_bench.table_lines(
+            results["weight_storage"],
+            weights,
+            "Weight storage: the shipped file (float16 where exact) against its float32 twin, "
+            "same conversion.",
+            stems_bound=pair_bench.STEMS_MSE,
+        )
+    if "baseline" in results:
+        lines += pair_bench.table_lines(
+            results["baseline"],
+            weights,
+            f"This build against the baseline `{results['baseline']['file']}`, alternated in one "
+            "process per setting.",
+        )
     if "profile" in results:
         p = results["profile"]
         parts = ", ".join(f"{k} {v:.2f} s" for k, v in sorted(p["by_part_s"].items()))

@@ -169,12 +169,38 @@ def test_weight_storage_compares_the_shipped_file_with_its_float32_twin(results)
     files = storage["files"]
     assert results["file_bytes"] == files["float16"]["bytes"] < files["float32"]["bytes"]
     assert all(0 < f["gzip_bytes"] < f["bytes"] for f in files.values())
-    assert set(storage["configs"]) == set(bench.storage_bench.COMPARED_CONFIGS)
+    assert set(storage["configs"]) == set(bench.pair_bench.COMPARED_CONFIGS)
     for config in storage["configs"].values():
-        assert config["stems_mse"] <= bench.storage_bench.STEMS_MSE
+        assert config["stems_mse"] <= bench.pair_bench.STEMS_MSE
         for run in (config["float16"], config["float32"]):
             assert len(run["latencies_s"]) == 1 and run["session_s"] > 0 and run["peak_rss_mb"] > 50
         assert config["latency_ratio"] == pytest.approx(
             config["float16"]["median_s"] / config["float32"]["median_s"]
         )
     assert "| float16 |" in bench.table(results)
+
+
+def test_baseline_times_another_build_of_the_same_model_in_one_run(small_models, tmp_path):
+    path = small_models["htdemucs"]
+    other = bench.pair_bench.float32_twin(path, tmp_path / "htdemucs.onnx")  # "another build"
+    result = bench._baseline(path, other, runs=1, threads=1)
+    assert result["labels"] == ["this build", "baseline"] and result["file"] == str(other)
+    assert set(result["configs"]) == set(bench.pair_bench.COMPARED_CONFIGS)
+    for config in result["configs"].values():
+        assert config["latency_ratio"] == pytest.approx(
+            config["this build"]["median_s"] / config["baseline"]["median_s"]
+        )
+    lines = bench.pair_bench.table_lines(result, 1, "title")
+    assert any(line.startswith("| this build |") for line in lines)
+
+
+@pytest.mark.parametrize("case", ["missing", "itself", "other model"])
+def test_baseline_refuses_what_it_cannot_compare(small_models, tmp_path, case):
+    path = small_models["htdemucs"]
+    baseline = {
+        "missing": tmp_path / "nothing.onnx",
+        "itself": path,
+        "other model": small_models["htdemucs_6s"],
+    }[case]
+    with pytest.raises(UserError, match="--baseline|compared with itself"):
+        bench._baseline(path, baseline, runs=1, threads=1)

@@ -1,6 +1,8 @@
-"""`invoke bench`'s weight-storage comparison: the shipped float16-storage file against its
-float32 twin from the same conversion (`storage.restore_float32`, the bytes `--weight-storage
-float32` writes), at ORT's default options and at OpenKara's (graph optimization off).
+"""`invoke bench`'s side-by-side comparisons of two files of one model, at ORT's default options
+and at OpenKara's (graph optimization off): the shipped float16-storage file against its float32
+twin from the same conversion (`storage.restore_float32`, the bytes `--weight-storage float32`
+writes), and, with `--baseline FILE`, this build's file against another build's (say the last
+release's), to catch a change that costs speed, memory or accuracy.
 
 Latency alternates the two files run by run in one process, so both see the same machine.
 Peak RSS (load + two segments, what a song's first seconds cost) and session load time come
@@ -21,12 +23,14 @@ import onnx
 
 from . import metadata as meta
 from . import storage
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
 COMPARED_CONFIGS = ("default options", "graph optimization off (OpenKara, separate)")
 ROUNDS = 2
-# The issue's bounds for the float16 file against the float32 one.
+# The bounds for the first file against the second: float16 storage against float32, or a new
+# build against its baseline.
 LATENCY_RATIO = 1.03
 RSS_RATIO = 1.10
 STEMS_MSE = 1e-14
@@ -73,15 +77,16 @@ def child_memory(path: str, config: str, threads: int) -> dict:
     return {"session_s": loaded, "segments_s": segments}
 
 
-def child_latency(half: str, float32: str, config: str, runs: int, threads: int) -> dict:
-    """Both files in one process, run alternately; their stems compared."""
+def child_latency(files: dict[str, str], config: str, runs: int, threads: int) -> dict:
+    """Both files in one process, run alternately; the first one's stems compared with the
+    second's."""
     from .bench import ORT_CONFIGS, WARMUPS, _input, _ort_session
 
     sessions = {
-        name: _ort_session(path, *ORT_CONFIGS[config], threads)
-        for name, path in ((storage.FLOAT16, half), (storage.FLOAT32, float32))
+        name: _ort_session(path, *ORT_CONFIGS[config], threads) for name, path in files.items()
     }
-    shape = sessions[storage.FLOAT16].get_inputs()[0].shape
+    first, second = sessions
+    shape = sessions[first].get_inputs()[0].shape
     audio = _input(shape[1], shape[2])
     times: dict[str, list[float]] = {name: [] for name in sessions}
     stems = {}
@@ -91,35 +96,40 @@ def child_latency(half: str, float32: str, config: str, runs: int, threads: int)
             stems[name] = session.run(["stems"], {"audio": audio})[0]
             if turn >= WARMUPS:
                 times[name].append(time.perf_counter() - start)
-    diff = stems[storage.FLOAT16].astype(np.float64) - stems[storage.FLOAT32]
+    diff = stems[first].astype(np.float64) - stems[second]
     return {
         "latencies_s": times,
         "stems_mse": float(np.mean(diff**2)),
         "stems_max_abs": float(np.abs(diff).max()),
-        "stems_identical": bool(np.array_equal(stems[storage.FLOAT16], stems[storage.FLOAT32])),
+        "stems_identical": bool(np.array_equal(stems[first], stems[second])),
     }
 
 
-CHILDREN = {"storage_memory": child_memory, "storage_latency": child_latency}
+CHILDREN = {"pair_memory": child_memory, "pair_latency": child_latency}
 
 
 # --- the parent -------------------------------------------------------------------------------
 
 
-def compare(path: Path, runs: int, threads: int, run_child: Callable[..., dict]) -> dict:
+def compare_storage(path: Path, runs: int, threads: int, run_child: Callable[..., dict]) -> dict:
     """Sizes, latency, peak RSS and stems of `path` (float16 storage) against its float32 twin."""
     twin = float32_twin(path, path.with_name(path.stem + ".float32.onnx"))
     try:
-        return _compare({storage.FLOAT16: path, storage.FLOAT32: twin}, runs, threads, run_child)
+        return compare({storage.FLOAT16: path, storage.FLOAT32: twin}, runs, threads, run_child)
     finally:
         twin.unlink()
 
 
-def _compare(
+def compare(
     files: dict[str, Path], runs: int, threads: int, run_child: Callable[..., dict]
 ) -> dict:
-    path, twin = files[storage.FLOAT16], files[storage.FLOAT32]
+    """Sizes, latency, peak RSS, session load and stems of two files, labelled: the first
+    against the second (the ratios are first / second)."""
+    (first, path), (second, other) = files.items()
+    if path.resolve() == other.resolve():
+        raise UserError(f"{path} is compared with itself: pass a different file")
     result: dict = {
+        "labels": [first, second],
         "files": {
             name: {"bytes": p.stat().st_size, "gzip_bytes": gzip_bytes(p)}
             for name, p in files.items()
@@ -128,9 +138,8 @@ def _compare(
     }
     for config in COMPARED_CONFIGS:
         latency = run_child(
-            "storage_latency",
-            half=str(path),
-            float32=str(twin),
+            "pair_latency",
+            files={name: str(p) for name, p in files.items()},
             config=config,
             runs=runs,
             threads=threads,
@@ -139,7 +148,7 @@ def _compare(
         for _ in range(ROUNDS):
             for name, p in files.items():
                 memory[name].append(
-                    run_child("storage_memory", path=str(p), config=config, threads=threads)
+                    run_child("pair_memory", path=str(p), config=config, threads=threads)
                 )
         per_file = {
             name: {
@@ -150,50 +159,50 @@ def _compare(
             }
             for name in files
         }
-        half, full = per_file[storage.FLOAT16], per_file[storage.FLOAT32]
+        a, b = per_file[first], per_file[second]
         result["configs"][config] = {
             **per_file,
-            "latency_ratio": half["median_s"] / full["median_s"],
-            "peak_rss_ratio": half["peak_rss_mb"] / full["peak_rss_mb"],
+            "latency_ratio": a["median_s"] / b["median_s"],
+            "peak_rss_ratio": a["peak_rss_mb"] / b["peak_rss_mb"],
             **{k: latency[k] for k in ("stems_mse", "stems_max_abs", "stems_identical")},
         }
     return result
 
 
-def table_lines(result: dict, fp32_weight_bytes: int) -> list[str]:
-    """Markdown: the float16-storage file against its float32 twin."""
-    files = result["files"]
-    half, full = files[storage.FLOAT16], files[storage.FLOAT32]
+def table_lines(
+    result: dict, fp32_weight_bytes: int, title: str, stems_bound: float | None = None
+) -> list[str]:
+    """Markdown: the first file against the second, under `title`; `stems_bound` is the MSE the
+    two files' stems may differ by, where one applies (storage changes no arithmetic)."""
+    labels, files = result["labels"], result["files"]
     lines = [
         "",
-        (
-            "Weight storage: the shipped file (float16 where exact) against its float32 twin, "
-            "same conversion."
-        ),
+        title,
         "",
         "| file | MB | gzip'd MB | / fp32 weights |",
         "| --- | ---: | ---: | ---: |",
     ]
     lines += [
-        f"| {name} | {f['bytes'] / 1e6:.1f} | {f['gzip_bytes'] / 1e6:.1f} | "
-        f"{f['bytes'] / fp32_weight_bytes:.3f} |"
-        for name, f in ((storage.FLOAT16, half), (storage.FLOAT32, full))
+        f"| {name} | {files[name]['bytes'] / 1e6:.1f} | {files[name]['gzip_bytes'] / 1e6:.1f} | "
+        f"{files[name]['bytes'] / fp32_weight_bytes:.3f} |"
+        for name in labels
     ]
+    pair = " / ".join(labels)
     lines += [
         "",
         (
-            "| session options | s / segment float16 / float32 | ratio (≤ "
-            f"{LATENCY_RATIO}) | peak RSS GB float16 / float32 | ratio (≤ {RSS_RATIO}) "
-            f"| session load s float16 / float32 | stems MSE (≤ {STEMS_MSE:g}) |"
+            f"| session options | s / segment {pair} | ratio (≤ {LATENCY_RATIO}) | peak RSS GB "
+            f"{pair} | ratio (≤ {RSS_RATIO}) | session load s {pair} | stems MSE"
+            + (f" (≤ {stems_bound:g}) |" if stems_bound is not None else " |")
         ),
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for config, c in result["configs"].items():
-        h, f = c[storage.FLOAT16], c[storage.FLOAT32]
+        a, b = (c[name] for name in labels)
         same = "identical" if c["stems_identical"] else f"{c['stems_mse']:.1e}"
         lines.append(
-            f"| {config} | {h['median_s']:.2f} / {f['median_s']:.2f} | {c['latency_ratio']:.3f} | "
-            f"{h['peak_rss_mb'] / 1024:.2f} / {f['peak_rss_mb'] / 1024:.2f} | "
-            f"{c['peak_rss_ratio']:.3f} | {h['session_s']:.2f} / {f['session_s']:.2f} | {same} |"
+            f"| {config} | {a['median_s']:.2f} / {b['median_s']:.2f} | {c['latency_ratio']:.3f} | "
+            f"{a['peak_rss_mb'] / 1024:.2f} / {b['peak_rss_mb'] / 1024:.2f} | "
+            f"{c['peak_rss_ratio']:.3f} | {a['session_s']:.2f} / {b['session_s']:.2f} | {same} |"
         )
     return lines
