@@ -251,6 +251,10 @@ def separate(
         "file": "Measure this converted file of MODEL instead of converting one.",
         "baseline": "Also time another build's file of MODEL (say the last release's) against "
         "this one, alternated in one process.",
+        "accuracy": "SNR per input against demucs in float64 (--no-accuracy skips it: minutes "
+        "per input for htdemucs_ft).",
+        "storage": "Time the float16-storage file against its float32 twin (--no-storage skips "
+        "it).",
         "runs": "Timed segments per engine and round, after 2 warm-ups (default 5); with --song: "
         "runs of each separator (default 2).",
         "rounds": "Rounds of alternating engines, each engine in a fresh process (default 2).",
@@ -267,6 +271,8 @@ def bench(
     repo=None,
     file=None,
     baseline=None,
+    accuracy=True,
+    storage=True,
     runs="",
     rounds="2",
     profile="10",
@@ -300,6 +306,8 @@ def bench(
         out_dir=Path(out_dir),
         file=_path(file),
         baseline=_path(baseline),
+        accuracy=accuracy,
+        storage=storage,
     )
     print(b.table(results))
 

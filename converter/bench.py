@@ -390,11 +390,14 @@ def bench(
     out_dir: Path = Path("bench-results"),
     file: Path | None = None,
     baseline: Path | None = None,
+    accuracy: bool = True,
+    storage: bool = True,
 ) -> dict:
     """Measure everything the issue asks for; write `out_dir/MODEL.json`; return the results.
 
     With `baseline`, another build's file of the same model (say the last release's) is timed
-    against this one in the same run."""
+    against this one in the same run. `accuracy` and `storage` can be skipped: for a bag, demucs
+    in float64 takes minutes per input, and the float32 twin doubles the timed runs."""
     from .metadata import write_text_atomic
 
     if runs < 1 or rounds < 1:
@@ -413,7 +416,12 @@ def bench(
     sgemm_before = sgemm_gflops(threads)
     with tempfile.TemporaryDirectory(prefix="bench-convert-") as work:
         path = _converted(model, repo_arg, file, work, results)
-        results["weight_storage"] = pair_bench.compare_storage(Path(path), runs, threads, run_child)
+        if storage:
+            results["weight_storage"] = pair_bench.compare_storage(
+                Path(path), runs, threads, run_child
+            )
+        else:
+            log.info("bench: float16 vs float32 storage skipped (--no-storage)")
         if baseline is not None:
             results["baseline"] = _baseline(Path(path), baseline, runs, threads)
         results.update(run_child("stats", model=model, repo=repo_arg))
@@ -444,7 +452,10 @@ def bench(
                 "ratio_vs_torch": ratio,
                 "round_ratios": per_round,
             }
-        results["accuracy"] = run_child("accuracy", model=model, repo=repo_arg, path=path)
+        if accuracy:
+            results["accuracy"] = run_child("accuracy", model=model, repo=repo_arg, path=path)
+        else:
+            log.info("bench: SNR against float64 skipped (--no-accuracy)")
         if profile > 0:
             results["profile"] = run_child(
                 "profile", path=path, config=PROFILED_CONFIG, threads=threads, top=profile

@@ -204,3 +204,19 @@ def test_baseline_refuses_what_it_cannot_compare(small_models, tmp_path, case):
     }[case]
     with pytest.raises(UserError, match="--baseline|compared with itself"):
         bench._baseline(path, baseline, runs=1, threads=1)
+
+
+def test_accuracy_and_storage_can_be_skipped(small_repo, small_models, tmp_path):
+    produced = bench.bench(
+        "htdemucs",
+        repo=small_repo,
+        file=small_models["htdemucs"],
+        runs=1,
+        rounds=1,
+        profile=0,
+        out_dir=tmp_path,
+        accuracy=False,
+        storage=False,
+    )
+    assert not {"accuracy", "weight_storage", "profile", "baseline"} & set(produced)
+    assert "| PyTorch eager |" in bench.table(produced)
