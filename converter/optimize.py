@@ -34,6 +34,11 @@ def used_domains(model: onnx.ModelProto) -> set[str]:
     return domains | {function.domain for function in model.functions}
 
 
+def forbidden_domains(model: onnx.ModelProto) -> list[str]:
+    """Platform-specific domains any node uses, in functions and subgraphs too."""
+    return sorted(d for d in used_domains(model) if d.startswith(FORBIDDEN_DOMAIN_PREFIXES))
+
+
 def prune_opset_imports(model: onnx.ModelProto) -> list[str]:
     """Drop opset_import entries no node uses; return the dropped domains."""
     used = used_domains(model)
@@ -58,9 +63,7 @@ def optimize(model: onnx.ModelProto, workdir: Path | None = None) -> onnx.ModelP
 
     dropped = prune_opset_imports(optimized)
     log.info("dropped unused opset imports: %s", ", ".join(dropped) or "none")
-    forbidden = sorted(
-        {n.domain for n in optimized.graph.node if n.domain.startswith(FORBIDDEN_DOMAIN_PREFIXES)}
-    )
+    forbidden = forbidden_domains(optimized)
     if forbidden:
         raise UserError(
             f"optimization produced nodes in {forbidden}, which official ONNX Runtime builds on "

@@ -18,7 +18,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from converter import contract, contract_selftest, metadata, ortcheck
+from converter import contract, contract_selftest, metadata, optimize, ortcheck
 from converter.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,6 +142,9 @@ def test_nchwc_node_inside_a_nested_subgraph_is_refused():
     found = [v for v in contract.violations(model) if v.rule == "domain"]
     assert len(found) == 1
     assert "'hidden'" in found[0].detail and "If 'branchy'.then_branch" in found[0].detail
+    # The optimizer's own guard sees it too, before anything is written.
+    assert optimize.forbidden_domains(model) == ["com.microsoft.nchwc"]
+    assert optimize.forbidden_domains(contract_selftest.tiny_model()) == []
 
 
 def test_com_microsoft_op_off_the_allow_list_is_refused_and_allowed_one_passes():
