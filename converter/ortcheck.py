@@ -334,8 +334,15 @@ def run_version(models: list[Path], results_dir: Path, expect: str | None) -> in
 
     results = results_dir / RESULTS_SUBDIR
     results.mkdir(parents=True, exist_ok=True)
-    record = {"ort": version, "platform": platform_name(), "missing_kernels": missing, "rows": rows}
-    (results / f"{version}.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    record_path = results / f"{version}.json"
+    kept = _other_files_rows(record_path, rows)
+    record = {
+        "ort": version,
+        "platform": platform_name(),
+        "missing_kernels": missing,
+        "rows": kept + rows,
+    }
+    record_path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     print(format_table(rows))
     failed = [row for row in rows if row["status"] != "ok"]
     if missing or failed:
@@ -344,6 +351,21 @@ def run_version(models: list[Path], results_dir: Path, expect: str | None) -> in
         return 1
     print(f"ORT {version}: all {len(rows)} models ok")
     return 0
+
+
+def _other_files_rows(record_path: Path, rows: list[dict]) -> list[dict]:
+    """Rows an earlier run on this version and platform recorded for other files: testing one
+    file after another keeps both (`merge_results` still drops rows of changed files)."""
+    if not record_path.is_file():
+        return []
+    earlier = json.loads(record_path.read_text(encoding="utf-8"))
+    if earlier.get("platform") != platform_name():
+        return []
+    tested = {row["path"] for row in rows}
+    kept = [row for row in earlier["rows"] if row["path"] not in tested]
+    if kept:
+        log.info("keeping %d earlier row(s) of other files in %s", len(kept), record_path)
+    return kept
 
 
 def summarize(results_dir: Path) -> int:

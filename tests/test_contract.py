@@ -374,6 +374,15 @@ def test_summary_merges_versions_and_drops_rows_for_changed_files(tmp_path):
     assert ortcheck.merge_results(tmp_path)[0] == []
 
 
+def test_testing_one_file_after_another_keeps_both_rows(tmp_path):
+    first = contract_selftest.write_tiny(tmp_path / "first.onnx")
+    second = contract_selftest.write_tiny(tmp_path / "second.onnx")
+    for paths in ([first], [second], [second]):  # the second file twice: its row replaced
+        assert ortcheck.run_version(paths, tmp_path, None) == 0
+    rows, _ = ortcheck.merge_results(tmp_path)
+    assert sorted(Path(row["path"]).name for row in rows) == ["first.onnx", "second.onnx"]
+
+
 def test_no_model_to_test_says_how_to_make_one(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match="invoke convert --model htdemucs"):
