@@ -185,6 +185,7 @@ def profile_summary(events: list[dict], top: int) -> dict:
     """Kernel time of the last `model_run` in an ORT profile, by op type and by graph part.
 
     Only the last run counts: the first ones pay one-off allocations that a long song does not.
+    An `If` (`converter.partition`) is left out: its body's nodes are profiled one by one.
     """
     from .graphstats import part
 
@@ -197,6 +198,7 @@ def profile_summary(events: list[dict], top: int) -> dict:
             e.get("cat") != "Node"
             or not e["name"].endswith("_kernel_time")
             or not lo <= e["ts"] <= hi
+            or e["args"]["op_name"] == "If"
         ):
             continue
         seconds = e["dur"] / 1e6

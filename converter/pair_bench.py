@@ -78,8 +78,8 @@ def child_memory(path: str, config: str, threads: int) -> dict:
 
 
 def child_latency(files: dict[str, str], config: str, runs: int, threads: int) -> dict:
-    """Both files in one process, run alternately; the first one's stems compared with the
-    second's."""
+    """Both files in one process, run alternately, the order flipped every turn so neither
+    always runs first; the first file's stems compared with the second's."""
     from .bench import ORT_CONFIGS, WARMUPS, _input, _ort_session
 
     sessions = {
@@ -91,7 +91,8 @@ def child_latency(files: dict[str, str], config: str, runs: int, threads: int) -
     times: dict[str, list[float]] = {name: [] for name in sessions}
     stems = {}
     for turn in range(WARMUPS + runs):
-        for name, session in sessions.items():
+        order = list(sessions.items())
+        for name, session in order if turn % 2 == 0 else reversed(order):
             start = time.perf_counter()
             stems[name] = session.run(["stems"], {"audio": audio})[0]
             if turn >= WARMUPS:

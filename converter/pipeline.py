@@ -15,7 +15,7 @@ from pathlib import Path
 
 import onnx
 
-from . import __version__, storage
+from . import __version__, partition, storage
 from . import metadata as meta
 from .errors import UserError
 from .export import INPUT, OPSET, export_bag
@@ -102,6 +102,9 @@ def convert(
             with step("weight storage", timings):
                 scales = [f.numpy() for m in bag.models for f in fold_factors(m)]
                 stored = storage.store_half(graph, scales)
+        # Last: every pass before it reads and rewrites the main graph.
+        with step("split", timings):
+            partition.split(graph)
         meta.stamp(graph, metadata_entries(bag, graph.ir_version, weight_storage, stored))
         log.info("cache key %s", meta.read_metadata(graph)[meta.CACHE_KEY])
         staged = [staging.staged(p) for p in finals]

@@ -30,24 +30,39 @@ PREFIX = "runtime_shapes/"
 ZERO = PREFIX + "zero"
 
 
-def _zero_nodes(source: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """Nodes computing ZERO, an int64 [1] tensor equal to 0 that depends on `source` (rank 3)."""
+def never(source: str, prefix: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], str]:
+    """(nodes, initializers, name): `prefix + "never"`, a bool [1, 1, 1] that is always false
+    but computed from `source` (rank 3), so no optimizer can fold it or what depends on it."""
     constants = {
         "starts": np.zeros(3, np.int64),
         "ends": np.ones(3, np.int64),
         "minus_inf": np.array(-np.inf, np.float32),
-        "length_one": np.ones(1, np.int64),
     }
-    initializers = [numpy_helper.from_array(v, PREFIX + k) for k, v in constants.items()]
-    p = PREFIX
+    initializers = [numpy_helper.from_array(v, prefix + k) for k, v in constants.items()]
     nodes = [
         helper.make_node(
-            "Slice", [source, p + "starts", p + "ends"], [p + "first"], name=p + "first"
+            "Slice",
+            [source, prefix + "starts", prefix + "ends"],
+            [prefix + "first"],
+            name=prefix + "first",
         ),
-        helper.make_node("Less", [p + "first", p + "minus_inf"], [p + "never"], name=p + "never"),
         helper.make_node(
-            "Cast", [p + "never"], [p + "zero3"], to=TensorProto.INT64, name=p + "cast"
+            "Less",
+            [prefix + "first", prefix + "minus_inf"],
+            [prefix + "never"],
+            name=prefix + "never",
         ),
+    ]
+    return nodes, initializers, prefix + "never"
+
+
+def _zero_nodes(source: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Nodes computing ZERO, an int64 [1] tensor equal to 0 that depends on `source` (rank 3)."""
+    p = PREFIX
+    nodes, initializers, false = never(source, p)
+    initializers.append(numpy_helper.from_array(np.ones(1, np.int64), p + "length_one"))
+    nodes += [
+        helper.make_node("Cast", [false], [p + "zero3"], to=TensorProto.INT64, name=p + "cast"),
         helper.make_node("Reshape", [p + "zero3", p + "length_one"], [ZERO], name=p + "zero"),
     ]
     return nodes, initializers

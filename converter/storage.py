@@ -28,6 +28,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from . import partition
+from .facts import walk_model
+
 log = logging.getLogger(__name__)
 
 FLOAT16 = "float16"
@@ -249,7 +252,15 @@ def store_half(model: onnx.ModelProto, scales: Iterable[np.ndarray] = ()) -> Sto
 
 
 def restore_float32(model: onnx.ModelProto) -> None:
-    """Undo `store_half` in place: the float32 initializers back, computed as the graph would."""
+    """Undo `store_half` in place: the float32 initializers back, computed as the graph would.
+    A split graph (`converter.partition`) is joined first and split again after."""
+    was_split = partition.join(model)
+    _restore_joined(model)
+    if was_split:
+        partition.split(model)
+
+
+def _restore_joined(model: onnx.ModelProto) -> None:
     graph = model.graph
     tensors = {t.name: t for t in graph.initializer}
     produced: dict[str, np.ndarray] = {}
@@ -283,4 +294,5 @@ def restore_float32(model: onnx.ModelProto) -> None:
 
 def storage_of(model: onnx.ModelProto) -> str:
     """FLOAT16 when `store_half` rewrote the graph, else FLOAT32 (read off the graph itself)."""
-    return FLOAT16 if any(node.name.startswith(PREFIX) for node in model.graph.node) else FLOAT32
+    stored = any(node.name.startswith(PREFIX) for _, node in walk_model(model))
+    return FLOAT16 if stored else FLOAT32

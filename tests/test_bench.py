@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from converter import bench, validation
@@ -220,3 +221,26 @@ def test_accuracy_and_storage_can_be_skipped(small_repo, small_models, tmp_path)
     )
     assert not {"accuracy", "weight_storage", "profile", "baseline"} & set(produced)
     assert "| PyTorch eager |" in bench.table(produced)
+
+
+def test_pair_latency_flips_the_order_every_turn(monkeypatch):
+    calls = []
+
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+        def get_inputs(self):
+            return [type("Input", (), {"shape": [1, 2, 8]})()]
+
+        def run(self, outputs, feeds):
+            calls.append(self.name)
+            return [np.zeros((1, 4, 2, 8), np.float32)]
+
+    monkeypatch.setattr(bench, "_ort_session", lambda path, *args: Fake(path))
+    result = bench.pair_bench.child_latency({"a": "a", "b": "b"}, bench.APP_CONFIG, 2, 1)
+    assert calls == ["a", "b", "b", "a"] * ((bench.WARMUPS + 2) // 2) + ["a", "b"] * (
+        (bench.WARMUPS + 2) % 2
+    )
+    assert {name: len(times) for name, times in result["latencies_s"].items()} == {"a": 2, "b": 2}
+    assert result["stems_identical"]

@@ -1,0 +1,158 @@
+"""Split the main graph into consecutive `If` bodies, which ONNX Runtime plans one at a time.
+
+For every tensor it places, the allocation planner of ORT 1.17-1.31 walks the list of buffers
+freed so far, hashing each one's name. Our run-time shapes (`converter.runtime_shapes`) keep
+nearly every such match from succeeding, so the list grows with the graph and planning grows
+with the square of the node count: most of htdemucs_ft's session load on ORT 1.23.2, the
+version OpenKara ships. Each `If` body gets its own planner and its own short list.
+
+The condition is always true but computed from the input audio, so neither our offline pass nor
+an app's session can fold the split away; the else branch only names empty tensors of the same
+types and ranks. Values pass between bodies by outer-scope reference, so nothing is copied.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .facts import is_ai_onnx
+from .runtime_shapes import never
+
+log = logging.getLogger(__name__)
+
+PREFIX = "partition/"
+MAX_NODES = 500  # per body: planning cost grows with its square (measured in docs/performance.md)
+_CONDITION = PREFIX + "always"
+
+
+def _inner(body: int, name: str) -> str:
+    return f"{PREFIX}{body}/{name}"
+
+
+def _value_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
+    """Element type (and rank where known) of every node output, by ONNX shape inference.
+
+    ONNX does not know ORT's com.microsoft fusions; every one we allow computes float32, so
+    their outputs are seeded as float32 and inference carries on past them.
+    """
+    seeded = onnx.ModelProto()
+    seeded.CopyFrom(model)
+    graph = seeded.graph
+    del graph.value_info[:]
+    for node in graph.node:
+        if not is_ai_onnx(node.domain):
+            graph.value_info.extend(
+                helper.make_tensor_value_info(out, TensorProto.FLOAT, None)
+                for out in node.output
+                if out
+            )
+    inferred = onnx.shape_inference.infer_shapes(seeded)
+    return {v.name: v.type for v in [*inferred.graph.value_info, *inferred.graph.output]}
+
+
+def split(model: onnx.ModelProto, max_nodes: int = MAX_NODES) -> int:
+    """Move `model`'s main-graph nodes, in order, into `If` bodies of at most `max_nodes` nodes,
+    in place. Returns the number of bodies (0: the graph is small enough as it is)."""
+    graph = model.graph
+    nodes = list(graph.node)
+    if any(node.name.startswith(PREFIX) for node in nodes):
+        raise ValueError("the graph is split already")
+    if len(nodes) <= max_nodes:
+        log.info("graph split: %d nodes fit one planner, left as one graph", len(nodes))
+        return 0
+    types = _value_types(model)
+    count = math.ceil(len(nodes) / max_nodes)
+    size = math.ceil(len(nodes) / count)
+    bodies = [nodes[i : i + size] for i in range(0, len(nodes), size)]
+    body_of = {out: b for b, body in enumerate(bodies) for node in body for out in node.output}
+    needed_outside = {o.name for o in graph.output}
+    for b, body in enumerate(bodies):
+        for node in body:
+            needed_outside.update(i for i in node.input if body_of.get(i, b) != b)
+    outer, initializers, false = never(graph.input[0].name, PREFIX)
+    outer.append(helper.make_node("Not", [false], [PREFIX + "true"], name=PREFIX + "true"))
+    outer.append(
+        helper.make_node(
+            "Reshape", [PREFIX + "true", PREFIX + "scalar"], [_CONDITION], name=_CONDITION
+        )
+    )
+    initializers.append(numpy_helper.from_array(np.zeros(0, np.int64), PREFIX + "scalar"))
+    for b, body in enumerate(bodies):
+        exported = [out for node in body for out in node.output if out in needed_outside]
+        missing = [name for name in exported if name not in types]
+        if missing:
+            raise ValueError(f"no type inferred for {missing[0]!r}, cannot split the graph")
+        renamed = {name: _inner(b, name) for name in exported}
+        inner = []
+        for node in body:
+            copy = onnx.NodeProto()
+            copy.CopyFrom(node)
+            copy.input[:] = [renamed.get(i, i) for i in node.input]
+            copy.output[:] = [renamed.get(o, o) for o in node.output]
+            inner.append(copy)
+        then_outputs, else_nodes, else_outputs = [], [], []
+        for name in exported:
+            tensor = types[name].tensor_type
+            then_outputs.append(
+                helper.make_tensor_value_info(renamed[name], tensor.elem_type, None)
+            )
+            rank = len(tensor.shape.dim) if tensor.HasField("shape") else 1
+            empty = np.zeros([0] * rank, helper.tensor_dtype_to_np_dtype(tensor.elem_type))
+            unused = _inner(b, "unused/" + name)
+            else_nodes.append(
+                helper.make_node(
+                    "Constant", [], [unused], name=unused, value=numpy_helper.from_array(empty)
+                )
+            )
+            else_outputs.append(helper.make_tensor_value_info(unused, tensor.elem_type, None))
+        outer.append(
+            helper.make_node(
+                "If",
+                [_CONDITION],
+                exported,
+                name=f"{PREFIX}{b}",
+                then_branch=helper.make_graph(inner, f"{PREFIX}{b}", [], then_outputs),
+                else_branch=helper.make_graph(else_nodes, f"{PREFIX}{b}/unused", [], else_outputs),
+            )
+        )
+    del graph.node[:]
+    graph.node.extend(outer)
+    graph.initializer.extend(initializers)
+    log.info(
+        "graph split: %d nodes into %d If bodies of at most %d, so ORT 1.17-1.31 plan each on "
+        "its own",
+        len(nodes),
+        len(bodies),
+        size,
+    )
+    return len(bodies)
+
+
+def join(model: onnx.ModelProto) -> int:
+    """Undo `split` in place: the bodies' nodes back in the main graph, in order. Returns the
+    number of bodies joined (0: the graph was not split)."""
+    graph = model.graph
+    bodies = [n for n in graph.node if n.op_type == "If" and n.name.startswith(PREFIX)]
+    if not bodies:
+        return 0
+    nodes = []
+    for b, node in enumerate(bodies):
+        then = next(a.g for a in node.attribute if a.name == "then_branch")
+        original = {_inner(b, name): name for name in node.output}
+        for inner in then.node:
+            copy = onnx.NodeProto()
+            copy.CopyFrom(inner)
+            copy.input[:] = [original.get(i, i) for i in inner.input]
+            copy.output[:] = [original.get(o, o) for o in inner.output]
+            nodes.append(copy)
+    kept = [t for t in graph.initializer if not t.name.startswith(PREFIX)]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return len(bodies)
