@@ -6,7 +6,8 @@ release's), to catch a change that costs speed, memory or accuracy.
 
 Latency alternates the two files run by run in one process, so both see the same machine.
 Peak RSS (load + two segments, what a song's first seconds cost) and session load time come
-from one fresh process per file, alternated, ROUNDS times each.
+from one fresh process per file, alternated, ROUNDS times each. The children import only
+numpy and onnxruntime, so they also run in the contract venvs, one per ORT version.
 """
 
 from __future__ import annotations
@@ -19,10 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import onnx
 
-from . import metadata as meta
-from . import storage
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -38,6 +36,11 @@ STEMS_MSE = 1e-14
 
 def float32_twin(path: Path, out: Path) -> Path:
     """Write `path` with every weight back in float32, stamped as such; return `out`."""
+    import onnx
+
+    from . import metadata as meta
+    from . import storage
+
     model = onnx.load(path)
     storage.restore_float32(model)
     entries = meta.read_metadata(model)
@@ -114,6 +117,8 @@ CHILDREN = {"pair_memory": child_memory, "pair_latency": child_latency}
 
 def compare_storage(path: Path, runs: int, threads: int, run_child: Callable[..., dict]) -> dict:
     """Sizes, latency, peak RSS and stems of `path` (float16 storage) against its float32 twin."""
+    from . import storage
+
     twin = float32_twin(path, path.with_name(path.stem + ".float32.onnx"))
     try:
         return compare({storage.FLOAT16: path, storage.FLOAT32: twin}, runs, threads, run_child)

@@ -7,6 +7,9 @@ output, never by a test.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -244,3 +247,16 @@ def test_pair_latency_flips_the_order_every_turn(monkeypatch):
     )
     assert {name: len(times) for name, times in result["latencies_s"].items()} == {"a": 2, "b": 2}
     assert result["stems_identical"]
+
+
+def test_bench_children_run_without_onnx_or_torch():
+    """The contract venvs hold only onnxruntime and numpy; `python -m converter.bench ort ...`
+    must run there to measure a file on each ORT version (docs/runtime-contract.md)."""
+    blocked = "import sys; sys.modules['onnx'] = sys.modules['torch'] = None; "
+    done = subprocess.run(
+        [sys.executable, "-c", blocked + "import converter.bench, converter.pair_bench"],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
