@@ -25,11 +25,18 @@ HEARTBEAT_SECONDS = 15.0
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far, in MB (NaN where it cannot be read).
 
-    POSIX's `resource` (Linux reports KiB, macOS bytes) does not exist on Windows, where the
-    peak working set comes from psapi; imported here so the verify tools import on Windows.
+    On Linux it is VmHWM: `ru_maxrss` keeps the parent's peak across fork and exec, so a bench
+    child started by a large parent would report the parent's size. POSIX's `resource` (macOS
+    reports bytes) does not exist on Windows, where the peak working set comes from psapi;
+    imported here so the verify tools import on Windows.
     """
     if sys.platform == "win32":
         return _peak_working_set_mb()
+    if sys.platform.startswith("linux"):
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
