@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 PREFIX = "partition/"
 MAX_NODES = 500  # per body: planning cost grows with its square (measured in docs/performance.md)
 _CONDITION = PREFIX + "always"
+_VALUES_READ = 1024  # initializers up to this size keep their values for shape inference
 
 
 def _inner(body: int, name: str) -> str:
@@ -38,20 +39,29 @@ def _value_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
     """Element type (and rank where known) of every node output, by ONNX shape inference.
 
     ONNX does not know ORT's com.microsoft fusions; every one we allow computes float32, so
-    their outputs are seeded as float32 and inference carries on past them.
+    their outputs are seeded as float32 and inference carries on past them. Large initializers
+    enter as typed inputs: inference reads the values of small ones (shapes, axes), and of the
+    weights only their types and shapes, so the model's hundreds of MB are not copied.
     """
-    seeded = onnx.ModelProto()
-    seeded.CopyFrom(model)
-    graph = seeded.graph
-    del graph.value_info[:]
-    for node in graph.node:
-        if not is_ai_onnx(node.domain):
-            graph.value_info.extend(
-                helper.make_tensor_value_info(out, TensorProto.FLOAT, None)
-                for out in node.output
-                if out
-            )
-    inferred = onnx.shape_inference.infer_shapes(seeded)
+    source = model.graph
+    seeded = [
+        helper.make_tensor_value_info(out, TensorProto.FLOAT, None)
+        for node in source.node
+        if not is_ai_onnx(node.domain)
+        for out in node.output
+        if out
+    ]
+    small = [t for t in source.initializer if math.prod(t.dims) <= _VALUES_READ]
+    weights = [
+        helper.make_tensor_value_info(t.name, t.data_type, t.dims)
+        for t in source.initializer
+        if math.prod(t.dims) > _VALUES_READ
+    ]
+    graph = helper.make_graph(
+        source.node, source.name, [*source.input, *weights], source.output, small, value_info=seeded
+    )
+    bare = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+    inferred = onnx.shape_inference.infer_shapes(bare)
     return {v.name: v.type for v in [*inferred.graph.value_info, *inferred.graph.output]}
 
 
