@@ -7,4 +7,4 @@ arithmetic that no optimizer folds), `optimize` (ONNX Runtime offline optimizati
 (convert, end to end), `evidence`, `github`, `release`, `pins`, `upstream`; DEVELOPERS.md maps all.
 """
 
-__version__ = "0.5.0"
+__version__ = "0.5.1"

@@ -7,8 +7,10 @@ with the square of the node count: most of htdemucs_ft's session load on ORT 1.2
 version OpenKara ships. Each `If` body gets its own planner and its own short list.
 
 The condition is always true but computed from the input audio, so neither our offline pass nor
-an app's session can fold the split away; the else branch only names empty tensors of the same
-types and ranks. Values pass between bodies by outer-scope reference, so nothing is copied.
+an app's session can fold the split away; the else branch only names constants of the same types
+(empty where the rank allows). Values pass between bodies by outer-scope reference, so nothing is
+copied. No cut separates a constant chain (a stored weight's Cast and Mul) from its user: ORT
+folds constants only within one graph, so an app at default options still prepacks every weight.
 """
 
 from __future__ import annotations
@@ -60,9 +62,34 @@ def _value_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
     graph = helper.make_graph(
         source.node, source.name, [*source.input, *weights], source.output, small, value_info=seeded
     )
-    bare = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+    bare = helper.make_model(
+        graph,
+        opset_imports=model.opset_import,
+        ir_version=model.ir_version,
+        functions=model.functions,
+    )
     inferred = onnx.shape_inference.infer_shapes(bare)
     return {v.name: v.type for v in [*inferred.graph.value_info, *inferred.graph.output]}
+
+
+def _bodies(graph: onnx.GraphProto, size: int) -> list[list[onnx.NodeProto]]:
+    """Consecutive runs of at most `size` nodes; a run never ends on a node computed from
+    constants alone, so that node stays in the graph of the node that reads it."""
+    nodes = list(graph.node)
+    constant = {t.name for t in graph.initializer} | {""}
+    folds = []
+    for node in nodes:
+        folds.append(all(i in constant for i in node.input))
+        if folds[-1]:
+            constant.update(node.output)
+    bodies, start = [], 0
+    while start < len(nodes):
+        end = min(start + size, len(nodes))
+        while end < len(nodes) and end - 1 > start and folds[end - 1]:
+            end -= 1
+        bodies.append(nodes[start:end])
+        start = end
+    return bodies
 
 
 def split(model: onnx.ModelProto, max_nodes: int = MAX_NODES) -> int:
@@ -75,15 +102,22 @@ def split(model: onnx.ModelProto, max_nodes: int = MAX_NODES) -> int:
     if len(nodes) <= max_nodes:
         log.info("graph split: %d nodes fit one planner, left as one graph", len(nodes))
         return 0
+    graphs = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+    nested = [node.name for node in nodes if any(a.type in graphs for a in node.attribute)]
+    if nested:
+        # Their outer-scope references would need exporting and renaming too.
+        raise ValueError(f"cannot split a graph with subgraphs (node {nested[0]!r})")
     types = _value_types(model)
     count = math.ceil(len(nodes) / max_nodes)
     size = math.ceil(len(nodes) / count)
-    bodies = [nodes[i : i + size] for i in range(0, len(nodes), size)]
-    body_of = {out: b for b, body in enumerate(bodies) for node in body for out in node.output}
+    bodies = _bodies(graph, size)
+    body_of = {
+        out: b for b, body in enumerate(bodies) for node in body for out in node.output if out
+    }
     needed_outside = {o.name for o in graph.output}
     for b, body in enumerate(bodies):
         for node in body:
-            needed_outside.update(i for i in node.input if body_of.get(i, b) != b)
+            needed_outside.update(i for i in node.input if i and body_of.get(i, b) != b)
     outer, initializers, false = never(graph.input[0].name, PREFIX)
     outer.append(helper.make_node("Not", [false], [PREFIX + "true"], name=PREFIX + "true"))
     outer.append(
@@ -94,6 +128,8 @@ def split(model: onnx.ModelProto, max_nodes: int = MAX_NODES) -> int:
     initializers.append(numpy_helper.from_array(np.zeros(0, np.int64), PREFIX + "scalar"))
     for b, body in enumerate(bodies):
         exported = [out for node in body for out in node.output if out in needed_outside]
+        if not exported:
+            raise ValueError(f"nodes {body[0].name!r} to {body[-1].name!r} compute nothing used")
         missing = [name for name in exported if name not in types]
         if missing:
             raise ValueError(f"no type inferred for {missing[0]!r}, cannot split the graph")
@@ -150,6 +186,9 @@ def join(model: onnx.ModelProto) -> int:
     bodies = [n for n in graph.node if n.op_type == "If" and n.name.startswith(PREFIX)]
     if not bodies:
         return 0
+    foreign = [n.name for n in graph.node if not n.name.startswith(PREFIX)]
+    if foreign:
+        raise ValueError(f"node {foreign[0]!r} was added after the split, cannot join")
     nodes = []
     for b, node in enumerate(bodies):
         then = next(a.g for a in node.attribute if a.name == "then_branch")

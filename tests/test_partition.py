@@ -83,3 +83,78 @@ def test_the_split_graph_computes_the_same_bits_and_survives_an_apps_optimizer(s
     # ORT's default level (an app's session) neither folds the condition nor inlines a body.
     kept = onnx.load(saved)
     assert sum(n.op_type == "If" for n in kept.graph.node) == len(_bodies(shipped))
+
+
+def _toy() -> onnx.ModelProto:
+    """Nine nodes with what a split must carry across bodies: an int64 shape, a rank-0 sum, a
+    graph output read later, left-out optional outputs and inputs, and a stored weight's Cast."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.full([1, 2, 8], 0.5, np.float16), "w16")
+    top = numpy_helper.from_array(np.array(2.0, np.float32), "top")
+    nodes = [
+        helper.make_node("Shape", ["audio"], ["shape"], name="shape"),
+        helper.make_node("ReduceSum", ["audio"], ["total"], name="total", keepdims=0),
+        helper.make_node("Cast", ["w16"], ["w"], name="cast", to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["audio", "w"], ["scaled"], name="scaled"),
+        helper.make_node("Dropout", ["scaled"], ["relu", ""], name="relu"),  # no mask
+        helper.make_node("Clip", ["relu", "", "top"], ["clipped"], name="clipped"),
+        helper.make_node("Reshape", ["clipped", "shape"], ["back"], name="back"),
+        helper.make_node("Add", ["back", "total"], ["sum"], name="sum"),
+        helper.make_node("Neg", ["sum"], ["stems"], name="stems"),
+    ]
+    audio = helper.make_tensor_value_info("audio", TensorProto.FLOAT, [1, 2, 8])
+    outputs = [
+        helper.make_tensor_value_info("stems", TensorProto.FLOAT, [1, 2, 8]),
+        helper.make_tensor_value_info("relu", TensorProto.FLOAT, [1, 2, 8]),
+    ]
+    graph = helper.make_graph(nodes, "toy", [audio], outputs, [weight, top])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _outputs(model: onnx.ModelProto, audio: np.ndarray, optimize: bool) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    return session.run(None, {"audio": audio})
+
+
+def test_a_split_carries_every_kind_of_value_and_joins_back_to_the_same_bytes():
+    original = _toy()
+    model = onnx.ModelProto()
+    model.CopyFrom(original)
+    assert partition.split(model, max_nodes=3) >= 3
+    onnx.checker.check_model(model, full_check=True)
+    bodies = _bodies(model)
+    # The Cast of the stored weight stays in the body of the Mul that reads it.
+    home = {n.name: b for b, body in enumerate(bodies) for n in body.node}
+    assert home["cast"] == home["scaled"]
+    audio = np.random.default_rng(1).standard_normal([1, 2, 8]).astype(np.float32)
+    for optimize in (False, True):
+        got, want = _outputs(model, audio, optimize), _outputs(original, audio, False)
+        assert len(got) == len(want) == 2
+        assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True))
+    assert partition.join(model) == len(bodies)
+    assert model.SerializeToString() == original.SerializeToString()
+
+
+def test_what_the_split_cannot_carry_is_refused():
+    from onnx import helper
+
+    nested = _toy()
+    branch = helper.make_graph([], "branch", [], [nested.graph.output[0]])
+    nested.graph.node.append(
+        helper.make_node(
+            "If", ["cond"], ["late"], name="nested", then_branch=branch, else_branch=branch
+        )
+    )
+    with pytest.raises(ValueError, match="subgraphs"):
+        partition.split(nested, max_nodes=3)
+    model = _toy()
+    partition.split(model, max_nodes=3)
+    model.graph.node.append(onnx.helper.make_node("Identity", ["stems"], ["copy"], name="late"))
+    with pytest.raises(ValueError, match="added after the split"):
+        partition.join(model)
