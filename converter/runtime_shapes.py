@@ -30,12 +30,16 @@ PREFIX = "runtime_shapes/"
 ZERO = PREFIX + "zero"
 
 
-def never(source: str, prefix: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], str]:
-    """(nodes, initializers, name): `prefix + "never"`, a bool [1, 1, 1] that is always false
-    but computed from `source` (rank 3), so no optimizer can fold it or what depends on it."""
+def never(
+    source: str, prefix: str, rank: int = 3
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], str]:
+    """(nodes, initializers, name): `prefix + "never"`, a bool [1] * rank that is always false
+    but computed from `source` (of that rank), so no optimizer can fold it or what depends on it."""
+    if rank < 1:
+        raise ValueError(f"{source!r} needs a known rank of at least 1, not {rank}")
     constants = {
-        "starts": np.zeros(3, np.int64),
-        "ends": np.ones(3, np.int64),
+        "starts": np.zeros(rank, np.int64),
+        "ends": np.ones(rank, np.int64),
         "minus_inf": np.array(-np.inf, np.float32),
     }
     initializers = [numpy_helper.from_array(v, prefix + k) for k, v in constants.items()]
@@ -56,14 +60,23 @@ def never(source: str, prefix: str) -> tuple[list[onnx.NodeProto], list[onnx.Ten
     return nodes, initializers, prefix + "never"
 
 
-def _zero_nodes(source: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """Nodes computing ZERO, an int64 [1] tensor equal to 0 that depends on `source` (rank 3)."""
-    p = PREFIX
-    nodes, initializers, false = never(source, p)
-    initializers.append(numpy_helper.from_array(np.ones(1, np.int64), p + "length_one"))
+def zero_nodes(
+    source: str, prefix: str, rank: int = 3
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Nodes computing `prefix + "zero"`, an int64 [1] tensor equal to 0 that depends on `source`
+    (of rank `rank`): added to a constant, it makes a value no optimizer can fold."""
+    nodes, initializers, false = never(source, prefix, rank)
+    initializers.append(numpy_helper.from_array(np.ones(1, np.int64), prefix + "length_one"))
     nodes += [
-        helper.make_node("Cast", [false], [p + "zero3"], to=TensorProto.INT64, name=p + "cast"),
-        helper.make_node("Reshape", [p + "zero3", p + "length_one"], [ZERO], name=p + "zero"),
+        helper.make_node(
+            "Cast", [false], [prefix + "zero3"], to=TensorProto.INT64, name=prefix + "cast"
+        ),
+        helper.make_node(
+            "Reshape",
+            [prefix + "zero3", prefix + "length_one"],
+            [prefix + "zero"],
+            name=prefix + "zero",
+        ),
     ]
     return nodes, initializers
 
@@ -78,7 +91,7 @@ def anchor_shapes(model: onnx.ModelProto, source: str) -> int:
         raise ValueError(f"{source!r} is not an input of the graph")
     if any(node.name.startswith(PREFIX) for node in graph.node):
         raise ValueError("the graph's shapes are anchored already")
-    nodes, initializers = _zero_nodes(source)
+    nodes, initializers = zero_nodes(source, PREFIX)
     anchored = 0
     for node in graph.node:
         nodes.append(node)

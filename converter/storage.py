@@ -13,9 +13,13 @@ back into a float32 initializer) and rewrites the optimized graph:
 - everything else (DFT twiddles, windows, a float32 fine-tune, computed constants) stays float32.
 
 Nothing is ever rounded: the graph computes the exact float32 values of the float32 file, so
-its outputs are the same. An app's session at ORT's default options folds the Casts and Muls
-back at load; with graph optimization off they run on every call. `restore_float32` undoes the
-pass exactly, which the tests use to prove it lossless.
+its outputs are the same. With graph optimization off the Casts and Muls run on every call. At
+ORT's default options an app's session folds them back at load, except for the weights that
+only matrix products read: those reach their Cast through a Reshape to a shape computed from
+the input, so they stay float16 in every session. Folded, ORT would hold each of them in
+float32 and again prepacked, which cost htdemucs_ft 0.6 GB at default options for no measurable
+speed (docs/weight-storage.md). `restore_float32` undoes the pass exactly, which the tests use
+to prove it lossless.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from . import partition
 from .facts import walk_model
+from .runtime_shapes import zero_nodes
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +46,9 @@ DEFAULT = FLOAT16
 PREFIX = "weight_storage/"
 HALF_SUFFIX = "/float16"
 SCALE_PREFIX = PREFIX + "scale/"
+HELD_PREFIX = PREFIX + "held/"
+# Readers whose float32 weight ORT would keep twice once folded (as is and prepacked).
+HELD_READERS = frozenset({"MatMul", "Gemm", "FusedMatMul"})
 # A Cast node costs ~100 bytes of file and a kernel launch per run in a session without graph
 # optimization; below this many elements the float16 copy saves too little to pay for it.
 MIN_ELEMENTS = 256
@@ -54,6 +62,7 @@ class StorageReport:
     half: list[str] = field(default_factory=list)
     products: list[str] = field(default_factory=list)
     float32: list[str] = field(default_factory=list)
+    held: list[str] = field(default_factory=list)  # of half + products: never folded
     bytes_before: int = 0
     bytes_after: int = 0
 
@@ -62,6 +71,7 @@ class StorageReport:
             "float16_initializers": len(self.half),
             "unfolded_products": len(self.products),
             "float32_initializers": len(self.float32),
+            "held_float16": len(self.held),
             "initializer_bytes": self.bytes_after,
         }
 
@@ -124,10 +134,12 @@ def factorize(
     return None
 
 
-def _referenced(graph: onnx.GraphProto) -> tuple[dict[str, int], set[str]]:
-    """{name: index of the first main-graph node reading it}, and names read inside subgraphs."""
+def _referenced(graph: onnx.GraphProto) -> tuple[dict[str, int], set[str], dict[str, set[str]]]:
+    """{name: index of the first main-graph node reading it}, names read inside subgraphs, and
+    {name: op types of the main-graph nodes reading it}."""
     first: dict[str, int] = {}
     nested: set[str] = set()
+    readers: dict[str, set[str]] = {}
 
     def walk_subgraph(sub: onnx.GraphProto) -> None:
         for node in sub.node:
@@ -139,10 +151,11 @@ def _referenced(graph: onnx.GraphProto) -> tuple[dict[str, int], set[str]]:
     for index, node in enumerate(graph.node):
         for name in node.input:
             first.setdefault(name, index)
+            readers.setdefault(name, set()).add(node.op_type)
         for attr in node.attribute:
             for g in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
                 walk_subgraph(g)
-    return first, nested
+    return first, nested, readers
 
 
 def _unique_scales(scales: Iterable[np.ndarray]) -> list[np.ndarray]:
@@ -166,12 +179,32 @@ def store_half(model: onnx.ModelProto, scales: Iterable[np.ndarray] = ()) -> Sto
     if any(node.name.startswith(PREFIX) for node in graph.node):
         raise ValueError("the graph's weights are stored as float16 already")
     candidates = _unique_scales(scales)
-    first_use, nested = _referenced(graph)
+    first_use, nested, readers = _referenced(graph)
     protected = nested | {i.name for i in graph.input} | {o.name for o in graph.output}
     report = StorageReport()
     before: dict[int, list[onnx.NodeProto]] = {}
     scale_names: dict[tuple, str] = {}
+    shape_names: dict[tuple, str] = {}
     new_initializers = []
+
+    def half_source(name: str, dims: tuple, nodes: list[onnx.NodeProto]) -> str:
+        """The float16 initializer's name, or a zero-copy Reshape of it that no session folds."""
+        if not readers[name] <= HELD_READERS:
+            return name + HALF_SUFFIX
+        if dims not in shape_names:
+            shape_names[dims] = f"{PREFIX}shape/{len(shape_names)}"
+        held = name + HALF_SUFFIX + "/held"
+        nodes.append(
+            helper.make_node(
+                "Reshape",
+                [name + HALF_SUFFIX, shape_names[dims]],
+                [held],
+                name=f"{PREFIX}hold/{name}",
+            )
+        )
+        report.held.append(name)
+        return held
+
     for tensor in graph.initializer:
         if tensor.data_type != TensorProto.FLOAT:
             new_initializers.append(tensor)
@@ -188,10 +221,11 @@ def store_half(model: onnx.ModelProto, scales: Iterable[np.ndarray] = ()) -> Sto
             new_initializers.append(
                 numpy_helper.from_array(values.astype(np.float16), name + HALF_SUFFIX)
             )
+            source = half_source(name, values.shape, nodes)
             nodes.append(
                 helper.make_node(
                     "Cast",
-                    [name + HALF_SUFFIX],
+                    [source],
                     [name],
                     to=TensorProto.FLOAT,
                     name=f"{PREFIX}cast/{name}",
@@ -212,10 +246,11 @@ def store_half(model: onnx.ModelProto, scales: Iterable[np.ndarray] = ()) -> Sto
             scale_names[key] = f"{SCALE_PREFIX}{len(scale_names)}"
             report.bytes_after += scale.nbytes
         new_initializers.append(numpy_helper.from_array(half, name + HALF_SUFFIX))
+        source = half_source(name, values.shape, nodes)
         nodes += [
             helper.make_node(
                 "Cast",
-                [name + HALF_SUFFIX],
+                [source],
                 [name + "/factor"],
                 to=TensorProto.FLOAT,
                 name=f"{PREFIX}cast/{name}",
@@ -230,6 +265,19 @@ def store_half(model: onnx.ModelProto, scales: Iterable[np.ndarray] = ()) -> Sto
         scale = np.frombuffer(data, dtype=np.float32).reshape(shape)
         new_initializers.append(numpy_helper.from_array(scale, scale_name))
     nodes = []
+    if shape_names:
+        source = graph.input[0]
+        rank = len(source.type.tensor_type.shape.dim)
+        nodes, zero_initializers = zero_nodes(source.name, HELD_PREFIX, rank)
+        new_initializers += zero_initializers
+        for dims, shape_name in shape_names.items():
+            static = numpy_helper.from_array(np.array(dims, np.int64), shape_name + "/static")
+            new_initializers.append(static)
+            nodes.append(
+                helper.make_node(
+                    "Add", [static.name, HELD_PREFIX + "zero"], [shape_name], name=shape_name
+                )
+            )
     for index, node in enumerate(graph.node):
         nodes += before.get(index, [])
         nodes.append(node)
@@ -239,12 +287,14 @@ def store_half(model: onnx.ModelProto, scales: Iterable[np.ndarray] = ()) -> Sto
     graph.node.extend(nodes)
     log.info(
         "weight storage: %d initializers as float16, %d folded products as float16 factor x scale, "
-        "%d stay float32; initializers %.1f -> %.1f MB",
+        "%d stay float32; initializers %.1f -> %.1f MB; %d read only by matrix products stay "
+        "float16 in every session",
         len(report.half),
         len(report.products),
         len(report.float32),
         report.bytes_before / 1e6,
         report.bytes_after / 1e6,
+        len(report.held),
     )
     for name in report.float32:
         log.info("stays float32 (not exact in float16): %s", name)
@@ -265,25 +315,26 @@ def _restore_joined(model: onnx.ModelProto) -> None:
     tensors = {t.name: t for t in graph.initializer}
     produced: dict[str, np.ndarray] = {}
     for node in graph.node:
-        if not node.name.startswith(PREFIX):
-            continue
-        if node.op_type == "Cast":
-            produced[node.output[0]] = numpy_helper.to_array(tensors[node.input[0]]).astype(
-                np.float32
-            )
+        kind = node.name[len(PREFIX) :].split("/")[0] if node.name.startswith(PREFIX) else ""
+        if kind not in ("hold", "cast", "product"):
+            continue  # the graph's own nodes, and the held shapes' zero
+        source = node.input[0]
+        value = produced.pop(source) if source in produced else tensors[source]
+        if isinstance(value, TensorProto):
+            value = numpy_helper.to_array(value)
+        if kind == "hold":
+            produced[node.output[0]] = value
+        elif kind == "cast":
+            produced[node.output[0]] = value.astype(np.float32)
         else:
-            factor, scale = (
-                produced.pop(node.input[0]),
-                numpy_helper.to_array(tensors[node.input[1]]),
-            )
-            produced[node.output[0]] = factor * scale
+            produced[node.output[0]] = value * numpy_helper.to_array(tensors[node.input[1]])
     restored = []
     for tensor in graph.initializer:
-        if tensor.name.startswith(SCALE_PREFIX):
-            continue
         if tensor.name.endswith(HALF_SUFFIX):
             name = tensor.name[: -len(HALF_SUFFIX)]
             tensor = numpy_helper.from_array(produced[name], name)
+        elif tensor.name.startswith(PREFIX):
+            continue  # scales, held shapes and their zero
         restored.append(tensor)
     del graph.initializer[:]
     graph.initializer.extend(restored)
