@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from converter import metadata as meta
 from converter import storage
 from converter.errors import UserError
+from converter.facts import walk_model
 from converter.fakerepo import model_kwargs, write_bag
 from converter.pipeline import convert
 
@@ -165,6 +166,9 @@ def test_converted_files_keep_only_spectral_constants_in_float32(small_models, n
     assert all(name.startswith(("stft/", "istft/")) for name in stayed)
     summary = meta.provenance(model)["weight_storage"]
     assert summary["float32_initializers"] == len(stayed) and summary["unfolded_products"] > 0
+    # The transformer's projections stay float16 in an app's optimized session too.
+    held = [n for _, n in walk_model(model) if n.name.startswith(storage.PREFIX + "hold/")]
+    assert summary["held_float16"] == len(held) > 0
 
 
 def test_float32_storage_is_the_half_file_restored(small_repo, small_models, tmp_path):
