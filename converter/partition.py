@@ -73,9 +73,9 @@ def _value_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
 
 
 def _bodies(graph: onnx.GraphProto, size: int) -> list[list[onnx.NodeProto]]:
-    """Consecutive runs of at most `size` nodes; a run never ends on a node computed from
-    constants alone, so that node stays in the graph of the node that reads it."""
-    nodes = list(graph.node)
+    """Consecutive runs of at most `size` of `graph`'s nodes; a run never ends on a node computed
+    from constants alone, so that node stays in the graph of the node that reads it."""
+    nodes = graph.node
     constant = {t.name for t in graph.initializer} | {""}
     folds = []
     for node in nodes:
@@ -118,7 +118,7 @@ def split(model: onnx.ModelProto, max_nodes: int = MAX_NODES) -> int:
     for b, body in enumerate(bodies):
         for node in body:
             needed_outside.update(i for i in node.input if i and body_of.get(i, b) != b)
-    outer, initializers, false = never(graph.input[0].name, PREFIX)
+    outer, initializers, false = never(graph.input[0], PREFIX)
     outer.append(helper.make_node("Not", [false], [PREFIX + "true"], name=PREFIX + "true"))
     outer.append(
         helper.make_node(

@@ -31,12 +31,14 @@ ZERO = PREFIX + "zero"
 
 
 def never(
-    source: str, prefix: str, rank: int = 3
+    source: onnx.ValueInfoProto, prefix: str
 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], str]:
-    """(nodes, initializers, name): `prefix + "never"`, a bool [1] * rank that is always false
-    but computed from `source` (of that rank), so no optimizer can fold it or what depends on it."""
+    """(nodes, initializers, name): `prefix + "never"`, a bool tensor of ones in `source`'s rank
+    that is always false but computed from graph input `source`, so no optimizer can fold it or
+    what depends on it."""
+    rank = len(source.type.tensor_type.shape.dim)
     if rank < 1:
-        raise ValueError(f"{source!r} needs a known rank of at least 1, not {rank}")
+        raise ValueError(f"{source.name!r} needs a known rank of at least 1")
     constants = {
         "starts": np.zeros(rank, np.int64),
         "ends": np.ones(rank, np.int64),
@@ -46,7 +48,7 @@ def never(
     nodes = [
         helper.make_node(
             "Slice",
-            [source, prefix + "starts", prefix + "ends"],
+            [source.name, prefix + "starts", prefix + "ends"],
             [prefix + "first"],
             name=prefix + "first",
         ),
@@ -61,11 +63,11 @@ def never(
 
 
 def zero_nodes(
-    source: str, prefix: str, rank: int = 3
+    source: onnx.ValueInfoProto, prefix: str
 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """Nodes computing `prefix + "zero"`, an int64 [1] tensor equal to 0 that depends on `source`
-    (of rank `rank`): added to a constant, it makes a value no optimizer can fold."""
-    nodes, initializers, false = never(source, prefix, rank)
+    """Nodes computing `prefix + "zero"`, an int64 [1] tensor equal to 0 that depends on graph
+    input `source`: added to a constant, it makes a value no optimizer can fold."""
+    nodes, initializers, false = never(source, prefix)
     initializers.append(numpy_helper.from_array(np.ones(1, np.int64), prefix + "length_one"))
     nodes += [
         helper.make_node(
@@ -87,11 +89,12 @@ def anchor_shapes(model: onnx.ModelProto, source: str) -> int:
     Returns how many Shape nodes were anchored. The values computed are unchanged.
     """
     graph = model.graph
-    if source not in {i.name for i in graph.input}:
+    inputs = {i.name: i for i in graph.input}
+    if source not in inputs:
         raise ValueError(f"{source!r} is not an input of the graph")
     if any(node.name.startswith(PREFIX) for node in graph.node):
         raise ValueError("the graph's shapes are anchored already")
-    nodes, initializers = zero_nodes(source, PREFIX)
+    nodes, initializers = zero_nodes(inputs[source], PREFIX)
     anchored = 0
     for node in graph.node:
         nodes.append(node)

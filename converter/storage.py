@@ -47,6 +47,7 @@ PREFIX = "weight_storage/"
 HALF_SUFFIX = "/float16"
 SCALE_PREFIX = PREFIX + "scale/"
 HELD_PREFIX = PREFIX + "held/"
+_CAST, _PRODUCT, _HOLD = PREFIX + "cast/", PREFIX + "product/", PREFIX + "hold/"
 # Readers whose float32 weight ORT would keep twice once folded (as is and prepacked).
 HELD_READERS = frozenset({"MatMul", "Gemm", "FusedMatMul"})
 # A Cast node costs ~100 bytes of file and a kernel launch per run in a session without graph
@@ -199,7 +200,7 @@ def store_half(model: onnx.ModelProto, scales: Iterable[np.ndarray] = ()) -> Sto
                 "Reshape",
                 [name + HALF_SUFFIX, shape_names[dims]],
                 [held],
-                name=f"{PREFIX}hold/{name}",
+                name=_HOLD + name,
             )
         )
         report.held.append(name)
@@ -228,7 +229,7 @@ def store_half(model: onnx.ModelProto, scales: Iterable[np.ndarray] = ()) -> Sto
                     [source],
                     [name],
                     to=TensorProto.FLOAT,
-                    name=f"{PREFIX}cast/{name}",
+                    name=_CAST + name,
                 )
             )
             report.half.append(name)
@@ -253,10 +254,10 @@ def store_half(model: onnx.ModelProto, scales: Iterable[np.ndarray] = ()) -> Sto
                 [source],
                 [name + "/factor"],
                 to=TensorProto.FLOAT,
-                name=f"{PREFIX}cast/{name}",
+                name=_CAST + name,
             ),
             helper.make_node(
-                "Mul", [name + "/factor", scale_names[key]], [name], name=f"{PREFIX}product/{name}"
+                "Mul", [name + "/factor", scale_names[key]], [name], name=_PRODUCT + name
             ),
         ]
         report.products.append(name)
@@ -266,9 +267,7 @@ def store_half(model: onnx.ModelProto, scales: Iterable[np.ndarray] = ()) -> Sto
         new_initializers.append(numpy_helper.from_array(scale, scale_name))
     nodes = []
     if shape_names:
-        source = graph.input[0]
-        rank = len(source.type.tensor_type.shape.dim)
-        nodes, zero_initializers = zero_nodes(source.name, HELD_PREFIX, rank)
+        nodes, zero_initializers = zero_nodes(graph.input[0], HELD_PREFIX)
         new_initializers += zero_initializers
         for dims, shape_name in shape_names.items():
             static = numpy_helper.from_array(np.array(dims, np.int64), shape_name + "/static")
@@ -315,19 +314,18 @@ def _restore_joined(model: onnx.ModelProto) -> None:
     tensors = {t.name: t for t in graph.initializer}
     produced: dict[str, np.ndarray] = {}
     for node in graph.node:
-        kind = node.name[len(PREFIX) :].split("/")[0] if node.name.startswith(PREFIX) else ""
-        if kind not in ("hold", "cast", "product"):
+        if not node.name.startswith((_HOLD, _CAST, _PRODUCT)):
             continue  # the graph's own nodes, and the held shapes' zero
         source = node.input[0]
-        value = produced.pop(source) if source in produced else tensors[source]
-        if isinstance(value, TensorProto):
-            value = numpy_helper.to_array(value)
-        if kind == "hold":
-            produced[node.output[0]] = value
-        elif kind == "cast":
-            produced[node.output[0]] = value.astype(np.float32)
+        if source in produced:
+            value = produced.pop(source)
         else:
-            produced[node.output[0]] = value * numpy_helper.to_array(tensors[node.input[1]])
+            value = numpy_helper.to_array(tensors[source])
+        if node.name.startswith(_CAST):
+            value = value.astype(np.float32)
+        elif node.name.startswith(_PRODUCT):
+            value = value * numpy_helper.to_array(tensors[node.input[1]])
+        produced[node.output[0]] = value
     restored = []
     for tensor in graph.initializer:
         if tensor.name.endswith(HALF_SUFFIX):

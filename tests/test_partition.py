@@ -58,17 +58,20 @@ def test_a_small_graph_is_left_whole(shipped):
     assert len(joined.graph.node) == count
 
 
-def _run(model: onnx.ModelProto, audio: np.ndarray, optimize: bool, saved: str = "") -> np.ndarray:
+def _session(model: onnx.ModelProto, optimize: bool, saved: str = "") -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if saved:
         options.optimized_model_filepath = saved
-    session = ort.InferenceSession(
+    return ort.InferenceSession(
         model.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )
-    return session.run(["stems"], {"audio": audio})[0]
+
+
+def _run(model: onnx.ModelProto, audio: np.ndarray, optimize: bool, saved: str = "") -> np.ndarray:
+    return _session(model, optimize, saved).run(["stems"], {"audio": audio})[0]
 
 
 def test_the_split_graph_computes_the_same_bits_and_survives_an_apps_optimizer(shipped, tmp_path):
@@ -113,13 +116,7 @@ def _toy() -> onnx.ModelProto:
 
 
 def _outputs(model: onnx.ModelProto, audio: np.ndarray, optimize: bool) -> list[np.ndarray]:
-    options = ort.SessionOptions()
-    if not optimize:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
-    return session.run(None, {"audio": audio})
+    return _session(model, optimize).run(None, {"audio": audio})
 
 
 def test_a_split_carries_every_kind_of_value_and_joins_back_to_the_same_bytes():
