@@ -187,7 +187,7 @@ def profile_summary(events: list[dict], top: int) -> dict:
     Only the last run counts: the first ones pay one-off allocations that a long song does not.
     An `If` (`converter.partition`) is left out: its body's nodes are profiled one by one.
     """
-    from .graphstats import part
+    from .graphstats import GEMM_OPS, part
 
     run = [e for e in events if e.get("name") == "model_run"][-1]
     lo, hi = run["ts"], run["ts"] + run["dur"]
@@ -213,6 +213,7 @@ def profile_summary(events: list[dict], top: int) -> dict:
         "run_s": run["dur"] / 1e6,
         "kernel_s": kernels,
         "by_part_s": by_part,
+        "gemm_s": sum(s for op, (s, _) in by_op.items() if op in GEMM_OPS),
         "top_ops": [
             {"op": op, "s": s, "nodes": n, "share": s / kernels} for op, (s, n) in ranked[:top]
         ],
@@ -462,6 +463,8 @@ def bench(
             results["profile"] = run_child(
                 "profile", path=path, config=PROFILED_CONFIG, threads=threads, top=profile
             )
+            # The matrix products alone, against PyTorch's whole segment: a floor on the ratio.
+            results["profile"]["gemm_vs_torch"] = results["profile"]["gemm_s"] / torch_s
     sgemm_after = sgemm_gflops(threads)
     results["sgemm_gflops"] = {"before": sgemm_before, "after": sgemm_after}
     gflops = max(*sgemm_before.values(), *sgemm_after.values())
@@ -759,7 +762,9 @@ def table(results: dict) -> str:
         lines += [
             "",
             f"ORT profile ({p['config']}, last of {WARMUPS + 1} runs): run {p['run_s']:.2f} s, "
-            f"kernels {p['kernel_s']:.2f} s ({parts}).",
+            f"kernels {p['kernel_s']:.2f} s ({parts}). Matrix-product kernels alone "
+            f"(MatMul, Conv, their fused forms): {p['gemm_s']:.2f} s, "
+            f"{p['gemm_vs_torch']:.2f}x PyTorch's segment.",
             "",
             "| op type | s | share of kernel time | nodes |",
             "| --- | ---: | ---: | ---: |",

@@ -20,6 +20,10 @@ import onnx
 from onnx import numpy_helper, shape_inference
 
 SPECTRAL_PREFIXES = ("stft/", "istft/")
+# Op types whose ORT CPU kernels are matrix products (MLAS SGEMM), fused forms included.
+GEMM_OPS = frozenset(
+    {"MatMul", "FusedMatMul", "Gemm", "FusedGemm", "Conv", "FusedConv", "ConvTranspose"}
+)
 
 
 def simplified(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from converter import bench, validation
+from converter import bench, graphstats, validation
 from converter.errors import UserError
 
 
@@ -86,6 +86,11 @@ def test_profile_breakdown(results):
     assert set(profile["by_part_s"]) == {"spectral", "network"}
     assert 0 < profile["kernel_s"] <= profile["run_s"] * 1.01
     assert sum(profile["by_part_s"].values()) == pytest.approx(profile["kernel_s"])
+    gemm = sum(op["s"] for op in profile["top_ops"] if op["op"] in graphstats.GEMM_OPS)
+    assert gemm <= profile["gemm_s"] and 0 < profile["gemm_s"] < profile["kernel_s"]
+    assert profile["gemm_vs_torch"] == pytest.approx(
+        profile["gemm_s"] / results["torch"]["median_s"]
+    )
 
 
 def test_table_shows_every_engine_target_and_the_profile(results):
@@ -95,6 +100,7 @@ def test_table_shows_every_engine_target_and_the_profile(results):
         "PyTorch eager",
         "GMAC per segment",
         "physical bound",
+        "Matrix-product kernels alone",
         "conversion",
         *(t["name"] for t in results["targets"]),
         *(op["op"] for op in results["profile"]["top_ops"]),
