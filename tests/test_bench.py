@@ -91,6 +91,8 @@ def test_profile_breakdown(results):
     assert profile["gemm_vs_torch"] == pytest.approx(
         profile["gemm_s"] / results["torch"]["median_s"]
     )
+    gmac = results["gmac_spectral"] + results["gmac_network"]
+    assert profile["gemm_gflops"] == pytest.approx(2 * gmac / profile["gemm_s"])
 
 
 def test_table_shows_every_engine_target_and_the_profile(results):
