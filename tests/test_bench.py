@@ -93,6 +93,12 @@ def test_profile_breakdown(results):
     )
     gmac = results["gmac_spectral"] + results["gmac_network"]
     assert profile["gemm_gflops"] == pytest.approx(2 * gmac / profile["gemm_s"])
+    left = bench.TARGET_RATIO * results["torch"]["median_s"] - profile["run_s"] + profile["gemm_s"]
+    assert (
+        profile["gemm_gflops_for_target"] == pytest.approx(2 * gmac / left)
+        if left > 0
+        else profile["gemm_gflops_for_target"] is None
+    )
 
 
 def test_table_shows_every_engine_target_and_the_profile(results):
