@@ -20,6 +20,30 @@ PRODUCTS = ("htdemucs", "htdemucs_ft", "htdemucs_6s")
 INPUT_NAME = "audio"
 OUTPUT_NAME = "stems"
 
+# The tensor interfaces a file can have (`invoke convert --interface`), stamped as
+# `openkara.tensor_interface`. "waveform": the seed's audio -> stems graph, STFT/ISTFT inside.
+# "spectral-core": the demucs core between an STFT and ISTFT the app computes itself
+# (openkara-models' spectral-contract v1, docs/spectral-core.md); today's OpenKara loads only this.
+WAVEFORM = "waveform"
+SPECTRAL_CORE = "spectral-core"
+INTERFACES = (WAVEFORM, SPECTRAL_CORE)
+SPECTRAL_CONTRACT = "openkara.spectral-contract/v1"
+
+# Spectral-core I/O, as OpenKara checks them at load: spectral [1, C, 2 (re, im), F, T] and
+# mix [1, C, L] -> spectral_out [1, S, C, 2, F, T] and time_out [1, S, C, L], all float32.
+SPECTRAL_INPUT = "spectral"
+MIX_INPUT = "mix"
+SPECTRAL_OUTPUT = "spectral_out"
+TIME_OUTPUT = "time_out"
+
+
+def file_stem(model: str, interface: str = WAVEFORM) -> str:
+    """The released file's name without `.onnx`: NAME (waveform) or NAME.spectral."""
+    if interface not in INTERFACES:
+        raise ValueError(f"unknown tensor interface {interface!r}")
+    return model if interface == WAVEFORM else f"{model}.spectral"
+
+
 # ORT 1.17 (the floor) runs opset <= 20 and IR <= 9; opset 17 is what torch's TorchScript
 # exporter writes and what every supported version implements identically on the CPU EP.
 OPSET = 17
