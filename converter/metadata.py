@@ -32,6 +32,13 @@ AUDIO_CHANNELS = "openkara.audio_channels"
 PROVENANCE = "openkara.provenance"
 # "float16": exact float16 initializers Cast to float32 in the graph (`converter.storage`).
 WEIGHT_STORAGE = "openkara.weight_storage"
+# facts.WAVEFORM or facts.SPECTRAL_CORE; spectral-core files also name their contract
+# (facts.SPECTRAL_CONTRACT) and stem profile, as OpenKara dispatches on these keys alone.
+TENSOR_INTERFACE = "openkara.tensor_interface"
+SPECTRAL_CONTRACT = "openkara.spectral_contract"
+STEM_PROFILE = "openkara.stem_profile"
+INPUT_SEMANTICS = "openkara.input_semantics"
+OUTPUT_SEMANTICS = "openkara.output_semantics"
 
 REQUIRED_KEYS = (
     CACHE_KEY,
