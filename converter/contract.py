@@ -5,10 +5,12 @@ provider on Linux x64, Windows x64 and macOS x64/arm64. An earlier converter shi
 at ORT_ENABLE_ALL whose `com.microsoft.nchwc` nodes exist only in x86 builds, and they failed on
 Apple Silicon. This gate refuses that class of file before it is written or released: node
 domains (allow-listed `com.microsoft` ops only, also inside functions and subgraphs), opset
-imports, IR version, the documented I/O, metadata, cache key, `.sha256` sidecar and the ONNX
-checker. `convert` and the release call `gate`; `invoke contract --self-test`
-(`converter.contract_selftest`) proves every rule refuses a model built to break it. Policy and
-rationale: docs/runtime-contract.md.
+imports, IR version, the documented I/O of the file's tensor interface (waveform or
+spectral-core), metadata, cache key, `.sha256` sidecar and the ONNX checker; `check_app`
+checks a spectral-core file the way today's OpenKara does before it creates a session.
+`convert` and the release call `gate`; `invoke contract --self-test`
+(`converter.contract_selftest`) proves every rule refuses a model built to break it. Policy
+and rationale: docs/runtime-contract.md and docs/spectral-core.md.
 """
 
 from __future__ import annotations
@@ -29,15 +31,24 @@ from converter.facts import (
     COM_MICROSOFT_ALLOWED,
     COM_MICROSOFT_OPSET,
     INPUT_NAME,
+    INTERFACES,
     MAX_IR_VERSION,
+    MIX_INPUT,
     OPSET,
     OUTPUT_NAME,
+    SPECTRAL_CONTRACT,
+    SPECTRAL_CORE,
+    SPECTRAL_INPUT,
+    SPECTRAL_OUTPUT,
+    TIME_OUTPUT,
+    WAVEFORM,
     is_ai_onnx,
     walk_model,
     walk_nodes,
 )
 from converter.fingerprint import read_model
 from converter.ortcheck import DEFAULT_MODELS, HOW_TO_MAKE_A_MODEL
+from converter.spectral_contract import N_FFT, frames
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +192,47 @@ def _metadata_violations(meta: dict[str, str]) -> list[Violation]:
             json.loads(meta[metadata.PROVENANCE])
         except json.JSONDecodeError as exc:
             found.append(Violation("metadata", f"{metadata.PROVENANCE} is not JSON: {exc}"))
+    interface = meta.get(metadata.TENSOR_INTERFACE)
+    if interface and interface not in INTERFACES:
+        found.append(
+            Violation(
+                "metadata",
+                f"{metadata.TENSOR_INTERFACE}={interface!r} is not one of {', '.join(INTERFACES)}",
+            )
+        )
+    if interface == SPECTRAL_CORE:
+        found += _spectral_metadata_violations(meta)
+    return found
+
+
+def _n_fft(meta: dict[str, str]) -> int:
+    """Contract v1's n_fft, or the one test-size models record in their provenance."""
+    try:
+        return int(json.loads(meta.get(metadata.PROVENANCE, "{}")).get("n_fft", N_FFT))
+    except (ValueError, TypeError, AttributeError):
+        return N_FFT
+
+
+def _spectral_metadata_violations(meta: dict[str, str]) -> list[Violation]:
+    """The keys OpenKara dispatches spectral-core files on, with their exact values."""
+    channels = _positive_int(meta, metadata.AUDIO_CHANNELS)
+    segment = _positive_int(meta, metadata.SEGMENT_SAMPLES)
+    rate = _positive_int(meta, metadata.SAMPLE_RATE)
+    stems = [name for name in meta.get(metadata.STEMS, "").split(",") if name]
+    want = {metadata.SPECTRAL_CONTRACT: SPECTRAL_CONTRACT}
+    found = []
+    if len(stems) not in metadata.STEM_PROFILES:
+        found.append(Violation("metadata", f"{len(stems)} stems: no stem profile (4 or 6 stems)"))
+    elif channels and segment and rate:
+        want = metadata.spectral_entries(stems, channels, segment, rate, _n_fft(meta))
+    for key in metadata.SPECTRAL_KEYS:
+        if key in want and meta.get(key) != want[key]:
+            found.append(
+                Violation(
+                    "metadata",
+                    f"{key}={meta.get(key)!r}, a {SPECTRAL_CORE} file needs {want[key]!r}",
+                )
+            )
     return found
 
 
@@ -192,37 +244,65 @@ def _shape(value: onnx.ValueInfoProto) -> list[int | str]:
     ]
 
 
+Shapes = list[tuple[str, list[int]]]
+
+
+def expected_io(
+    interface: str, stems: int, channels: int, segment: int, n_fft: int = N_FFT
+) -> tuple[Shapes, Shapes]:
+    """([(input name, shape)], [(output name, shape)]) of a file of `interface`, in order."""
+    if interface == WAVEFORM:
+        return [(INPUT_NAME, [1, channels, segment])], [
+            (OUTPUT_NAME, [1, stems, channels, segment])
+        ]
+    spectral = [channels, 2, n_fft // 2, frames(segment, n_fft)]
+    return (
+        [(SPECTRAL_INPUT, [1, *spectral]), (MIX_INPUT, [1, channels, segment])],
+        [
+            (SPECTRAL_OUTPUT, [1, stems, *spectral]),
+            (TIME_OUTPUT, [1, stems, channels, segment]),
+        ],
+    )
+
+
 def _io_violations(model: onnx.ModelProto, meta: dict[str, str]) -> list[Violation]:
     channels = _positive_int(meta, metadata.AUDIO_CHANNELS)
     segment = _positive_int(meta, metadata.SEGMENT_SAMPLES)
     stems = len(meta[metadata.STEMS].split(",")) if meta.get(metadata.STEMS) else None
-    # Without the metadata the expected shape is unknown; the metadata rule reports that.
-    expected = {
-        INPUT_NAME: [1, channels, segment] if channels and segment else None,
-        OUTPUT_NAME: [1, stems, channels, segment] if stems and channels and segment else None,
-    }
+    interface = meta.get(metadata.TENSOR_INTERFACE, WAVEFORM)
+    if interface not in INTERFACES:
+        return []  # the metadata rule reports it; which I/O to expect is unknown
+    # Without the metadata the expected shapes are unknown; the metadata rule reports that.
+    known = bool(stems and channels and segment)
+    want = expected_io(interface, stems or 1, channels or 1, segment or 1, _n_fft(meta))
     found = []
-    for kind, values, name in (
-        ("input", model.graph.input, INPUT_NAME),
-        ("output", model.graph.output, OUTPUT_NAME),
+    for kind, values, expected in (
+        ("input", model.graph.input, want[0]),
+        ("output", model.graph.output, want[1]),
     ):
         names = [value.name for value in values]
-        if names != [name]:
-            found.append(Violation("io", f"graph {kind}s are {names}, must be exactly [{name!r}]"))
-            continue
-        value = values[0]
-        if value.type.tensor_type.elem_type != TensorProto.FLOAT:
-            dtype = TensorProto.DataType.Name(value.type.tensor_type.elem_type)
-            found.append(Violation("io", f"{kind} {name!r} is {dtype}, must be FLOAT"))
-        shape = _shape(value)
-        if not all(isinstance(dim, int) and dim > 0 for dim in shape):
-            found.append(Violation("io", f"{kind} {name!r} has shape {shape}, must be static"))
-        elif expected[name] is not None and shape != expected[name]:
+        if names != [name for name, _ in expected]:
             found.append(
                 Violation(
-                    "io", f"{kind} {name!r} has shape {shape}, metadata says {expected[name]}"
+                    "io",
+                    f"graph {kind}s are {names}, a {interface} file's must be exactly "
+                    f"{[name for name, _ in expected]}",
                 )
             )
+            continue
+        for value, (name, shape_wanted) in zip(values, expected, strict=True):
+            if value.type.tensor_type.elem_type != TensorProto.FLOAT:
+                dtype = TensorProto.DataType.Name(value.type.tensor_type.elem_type)
+                found.append(Violation("io", f"{kind} {name!r} is {dtype}, must be FLOAT"))
+            shape = _shape(value)
+            if not all(isinstance(dim, int) and dim > 0 for dim in shape):
+                found.append(Violation("io", f"{kind} {name!r} has shape {shape}, must be static"))
+            elif known and shape != shape_wanted:
+                found.append(
+                    Violation(
+                        "io", f"{kind} {name!r} has shape {shape}, metadata says {shape_wanted}"
+                    )
+                )
     return found
 
 
@@ -287,6 +367,14 @@ def gate(path: Path) -> None:
             f"{path} breaks the runtime contract (docs/runtime-contract.md), "
             f"{len(found)} violation(s):\n{lines}"
         )
+    meta = metadata.read_metadata(model)
+    if meta.get(metadata.TENSOR_INTERFACE) == SPECTRAL_CORE:
+        # The app's own check, at this file's segment and with six stems allowed.
+        segment = int(meta[metadata.SEGMENT_SAMPLES])
+        try:
+            check_app(model, str(path), segment, tuple(metadata.STEM_PROFILES), _n_fft(meta))
+        except UserError as exc:
+            raise ContractError(str(exc)) from None
     log.info("contract: %s passes every static rule (%s)", path, ", ".join(RULES))
 
 
@@ -320,3 +408,56 @@ def gate_files(patterns: list[str] | None = None) -> list[Path]:
     if errors:
         raise ContractError("\n".join(errors))
     return paths
+
+
+# What today's OpenKara accepts: stereo 343980-sample segments, four stems (six-stem files are
+# correct but have no place in it yet).
+APP_CHANNELS = 2
+APP_SEGMENT = 343980
+APP_STEMS = (4,)
+
+
+def check_app(
+    model: onnx.ModelProto,
+    label: str,
+    segment: int = APP_SEGMENT,
+    stems: tuple[int, ...] = APP_STEMS,
+    n_fft: int = N_FFT,
+) -> None:
+    """Check `model` as today's OpenKara does before it creates a session: metadata dispatch
+    (spectral-core, contract v1), then the exact I/O (names, order, float32, literal dims,
+    batch 1, S in `stems`); UserError in one line naming the first problem and the fix.
+    `segment`, `stems` and `n_fft` differ from the app's only for test-size models and six
+    stems."""
+    meta = metadata.read_metadata(model)
+    interface = meta.get(metadata.TENSOR_INTERFACE)
+    if interface != SPECTRAL_CORE:
+        what = "a waveform-interface file" if interface in (None, WAVEFORM) else "a file"
+        raise UserError(
+            f"{label} is {what} ({metadata.TENSOR_INTERFACE}={interface!r}); OpenKara loads only "
+            f"{SPECTRAL_CORE} files: convert with `invoke convert --interface {SPECTRAL_CORE}`"
+        )
+    if meta.get(metadata.SPECTRAL_CONTRACT) != SPECTRAL_CONTRACT:
+        raise UserError(
+            f"{label}: {metadata.SPECTRAL_CONTRACT}={meta.get(metadata.SPECTRAL_CONTRACT)!r}, "
+            f"OpenKara needs {SPECTRAL_CONTRACT!r}; convert it again"
+        )
+    outputs = {value.name: _shape(value) for value in model.graph.output}
+    count = outputs.get(SPECTRAL_OUTPUT, [None, None])[1]
+    if count not in stems:
+        raise UserError(
+            f"{label}: {count} stems, OpenKara takes {' or '.join(map(str, stems))}; "
+            "use a four-stem model (htdemucs, htdemucs_ft)"
+        )
+    want = expected_io(SPECTRAL_CORE, count, APP_CHANNELS, segment, n_fft)
+    for kind, values, expected in (
+        ("inputs", model.graph.input, want[0]),
+        ("outputs", model.graph.output, want[1]),
+    ):
+        got = [(value.name, _shape(value)) for value in values]
+        if got != expected:
+            raise UserError(f"{label}: {kind} {got}, OpenKara needs {expected}; convert it again")
+        for value in values:
+            if value.type.tensor_type.elem_type != TensorProto.FLOAT:
+                dtype = TensorProto.DataType.Name(value.type.tensor_type.elem_type)
+                raise UserError(f"{label}: {value.name!r} is {dtype}, OpenKara needs float32")

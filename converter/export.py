@@ -1,5 +1,9 @@
 """Export a demucs bag to ONE ONNX graph: shared STFT, one network per model, bag mix, ISTFT.
 
+With the spectral-core interface (facts.SPECTRAL_CORE) the STFT and ISTFT pieces are left out:
+the app computes them (`converter.spectral_contract`), the graph takes `spectral` and `mix` and
+returns the bag-mixed `spectral_out` and `time_out`, laid out as the contract says by Reshapes.
+
 A single TorchScript trace of four full-size HTDemucs peaked near 20 GB, so each piece is traced
 on its own (the STFT, every model's network, the ISTFT) and the pieces are joined as ONNX graphs.
 Because the ISTFT is linear, the bag's weighted sum is taken on the spectrograms and waveforms
@@ -15,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,10 +29,22 @@ import torch
 from onnx import TensorProto, compose, helper
 
 from .exportable import Network
-from .facts import INPUT_NAME, OPSET, OUTPUT_NAME
+from .facts import (
+    INPUT_NAME,
+    INTERFACES,
+    MIX_INPUT,
+    OPSET,
+    OUTPUT_NAME,
+    SPECTRAL_CORE,
+    SPECTRAL_INPUT,
+    SPECTRAL_OUTPUT,
+    TIME_OUTPUT,
+    WAVEFORM,
+)
 from .loading import LoadedBag
 from .progress import step
 from .spectral import Istft, Stft
+from .spectral_contract import N_FFT
 
 log = logging.getLogger(__name__)
 
@@ -151,12 +168,37 @@ def _mix(
     return mixed
 
 
-def export_bag(bag: LoadedBag, timings: dict[str, float] | None = None) -> onnx.ModelProto:
-    """Trace every piece of `bag` and join them into one graph `audio` -> `stems`."""
+def _reshape(graph: onnx.GraphProto, source: str, shape: list[int], output: str) -> str:
+    """`output` = `source` reshaped to the literal `shape` (no data movement)."""
+    target = _const(graph, f"{output}/shape", shape)
+    graph.node.append(helper.make_node("Reshape", [source, target], [output], name=output))
+    return output
+
+
+def _value(name: str, shape: list[int]) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+def export_bag(
+    bag: LoadedBag, timings: dict[str, float] | None = None, interface: str = WAVEFORM
+) -> onnx.ModelProto:
+    """Trace every piece of `bag` and join them into one graph: `audio` -> `stems` (waveform),
+    or `spectral`, `mix` -> `spectral_out`, `time_out` (spectral-core, no STFT/ISTFT inside)."""
+    if interface not in INTERFACES:
+        raise ValueError(f"unknown tensor interface {interface!r}")
     first = bag.models[0]
     length, channels, sources = bag.segment_samples, first.audio_channels, len(bag.sources)
+    spectral = interface == SPECTRAL_CORE
+    if spectral and first.nfft != N_FFT:
+        log.warning("n_fft %d, not contract v1's %d: a test-size model", first.nfft, N_FFT)
     plan = bag_plan(bag.weights, sources)
-    log.info("segment: %d samples, %d stems, %d model(s)", length, sources, len(bag.models))
+    log.info(
+        "segment: %d samples, %d stems, %d model(s), %s interface",
+        length,
+        sources,
+        len(bag.models),
+        interface,
+    )
     for s, stem in enumerate(plan):
         log.info(
             "stem %s <- %s",
@@ -167,19 +209,38 @@ def export_bag(bag: LoadedBag, timings: dict[str, float] | None = None) -> onnx.
         )
 
     audio = torch.zeros(1, channels, length)
-    with step("export: STFT", timings):
-        stft = Stft(first.nfft, length)
-        mag = stft(audio)
-        stft_proto = trace(stft, (audio,), ["audio"], ["mag"])
-
-    graph = helper.make_graph(
-        [],
-        "demucs",
-        [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, [1, channels, length])],
-        [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, [1, sources, channels, length])],
-    )
-    mag_name = _embed(graph, stft_proto, "stft/", {"audio": INPUT})["mag"]
-    del stft_proto
+    bins, frames = first.nfft // 2, math.ceil(length / (first.nfft // 4))
+    mag = torch.zeros(1, 2 * channels, bins, frames)
+    if spectral:
+        # Contract layout (batch, channel, {re, im}, freq, frame) is demucs' cac layout
+        # [batch, (channel, re/im), freq, frame] split in two: Reshapes only, both ways.
+        graph = helper.make_graph(
+            [],
+            "demucs-spectral-core",
+            [
+                _value(SPECTRAL_INPUT, [1, channels, 2, bins, frames]),
+                _value(MIX_INPUT, [1, channels, length]),
+            ],
+            [
+                _value(SPECTRAL_OUTPUT, [1, sources, channels, 2, bins, frames]),
+                _value(TIME_OUTPUT, [1, sources, channels, length]),
+            ],
+        )
+        mix_name = MIX_INPUT
+        mag_name = _reshape(graph, SPECTRAL_INPUT, [1, 2 * channels, bins, frames], "mag")
+    else:
+        graph = helper.make_graph(
+            [],
+            "demucs",
+            [_value(INPUT, [1, channels, length])],
+            [_value(OUTPUT, [1, sources, channels, length])],
+        )
+        mix_name = INPUT
+        with step("export: STFT", timings):
+            stft = Stft(first.nfft, length)
+            stft_proto = trace(stft, (audio,), ["audio"], ["mag"])
+        mag_name = _embed(graph, stft_proto, "stft/", {"audio": INPUT})["mag"]
+        del stft_proto
 
     spec_outputs, wave_outputs = {}, {}
     for m, model in enumerate(bag.models):
@@ -190,22 +251,25 @@ def export_bag(bag: LoadedBag, timings: dict[str, float] | None = None) -> onnx.
         network = Network(model, [c.stem for c in contributions], [c.scale for c in contributions])
         with step(f"export: model {m + 1}/{len(bag.models)} ({bag.signatures[m]})", timings):
             proto = trace(network, (audio, mag), ["mix", "mag"], ["spec", "wave"])
-            names = _embed(graph, proto, f"m{m}/", {"mix": INPUT, "mag": mag_name})
+            names = _embed(graph, proto, f"m{m}/", {"mix": mix_name, "mag": mag_name})
             del proto
         spec_outputs[m], wave_outputs[m] = names["spec"], names["wave"]
 
-    with step("export: ISTFT and bag mix", timings):
+    with step("export: bag mix" + ("" if spectral else " and ISTFT"), timings):
         spec = _mix(graph, spec_outputs, plan, "spec")
         wave = _mix(graph, wave_outputs, plan, "wave")
-        istft = Istft(first.nfft, length)
-        istft_proto = trace(
-            istft,
-            (torch.zeros(1, sources, 2 * channels, first.nfft // 2, stft.frames),),
-            ["spec"],
-            ["wave"],
-        )
-        synth = _embed(graph, istft_proto, "istft/", {"spec": spec})["wave"]
-        graph.node.append(helper.make_node("Add", [wave, synth], [OUTPUT]))
+        if spectral:
+            _reshape(graph, spec, [1, sources, channels, 2, bins, frames], SPECTRAL_OUTPUT)
+            graph.node.append(helper.make_node("Identity", [wave], [TIME_OUTPUT]))
+        else:
+            istft_proto = trace(
+                Istft(first.nfft, length),
+                (torch.zeros(1, sources, 2 * channels, bins, frames),),
+                ["spec"],
+                ["wave"],
+            )
+            synth = _embed(graph, istft_proto, "istft/", {"spec": spec})["wave"]
+            graph.node.append(helper.make_node("Add", [wave, synth], [OUTPUT]))
 
     model = helper.make_model(
         graph,

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import onnx
 
+from . import facts
 from .facts import sha256_file  # noqa: F401 - re-exported: metadata.sha256_file
+from .spectral_contract import N_FFT, frames
 
 CACHE_KEY = "openkara.model_cache_key"
 OPTIMIZED_BY = "openkara.optimized_by"
@@ -50,7 +52,39 @@ REQUIRED_KEYS = (
     AUDIO_CHANNELS,
     PROVENANCE,
     WEIGHT_STORAGE,
+    TENSOR_INTERFACE,
 )
+# What spectral-core files carry on top, with values `spectral_entries` computes.
+SPECTRAL_KEYS = (SPECTRAL_CONTRACT, STEM_PROFILE, INPUT_SEMANTICS, OUTPUT_SEMANTICS)
+# Stem count -> openkara-models' stem profile name (today's OpenKara loads four-stem only).
+STEM_PROFILES = {4: "four-stem", 6: "six-stem"}
+
+
+def _dims(shape: list[int]) -> str:
+    return "[" + ",".join(map(str, shape)) + "]"
+
+
+def spectral_entries(
+    stems: list[str], channels: int, segment: int, sample_rate: int, n_fft: int = N_FFT
+) -> dict:
+    """The spectral-core keys and their exact values for a file of `stems` (ValueError for a
+    stem count without a profile). The semantics strings are the ones openkara-models' own
+    exporter writes for htdemucs, with this file's shapes and stem names."""
+    if len(stems) not in STEM_PROFILES:
+        raise ValueError(f"no stem profile for {len(stems)} stems ({', '.join(stems)})")
+    spectral = [channels, 2, n_fft // 2, frames(segment, n_fft)]
+    names = "/".join(stems)
+    rate = f"{sample_rate / 1000:g} kHz"
+    return {
+        TENSOR_INTERFACE: facts.SPECTRAL_CORE,
+        SPECTRAL_CONTRACT: facts.SPECTRAL_CONTRACT,
+        STEM_PROFILE: STEM_PROFILES[len(stems)],
+        INPUT_SEMANTICS: f"spectral={_dims([1, *spectral])} contract-v1 spec(mix); "
+        f"mix={_dims([1, channels, segment])} stereo {rate} waveform",
+        OUTPUT_SEMANTICS: f"spectral_out={_dims([1, len(stems), *spectral])} pre-ISTFT "
+        f"(de-normalized) {names}; time_out={_dims([1, len(stems), channels, segment])} "
+        f"time-branch waveform; stems[s] = ispec(spectral_out[:,s], {segment}) + time_out[:,s]",
+    }
 
 
 # The installed packages that determine the output bytes, recorded in the provenance.

@@ -9,7 +9,9 @@ For each model it creates a CPU session twice, with graph optimization disabled 
 does for files marked `openkara.optimized_by=onnxruntime`) and at ORT's default level, runs one
 inference on each reference input recorded at conversion time (`NAME.reference.npz` beside
 `NAME.onnx`: the inputs, demucs' float64 output for each and each stem's allowed MSE, all
-written by `converter.validation`, which owns the gate) and applies the validation gate (per-stem
+written by `converter.validation`, which owns the gate), composes the stems of spectral-core
+files as the app does (`run_stems`: contract STFT in float64, the file, ISTFT + time branch in
+float64, `converter/spectral_contract.py` loaded by path) and applies the validation gate (per-stem
 MSE against the float64 output within the recorded bound, all finite). It also checks
 that every `com.microsoft` op of the static gate's allow-list has a CPU kernel in this build, so
 CI proves the list on every platform and version rather than only on the machine that wrote it.
@@ -61,6 +63,7 @@ def _sibling(name: str):
 
 facts = _sibling("facts")
 accuracy = _sibling("accuracy")
+spectral_contract = _sibling("spectral_contract")
 COM_MICROSOFT_ALLOWED = facts.COM_MICROSOFT_ALLOWED
 INPUT_NAME = facts.INPUT_NAME
 OUTPUT_NAME = facts.OUTPUT_NAME
@@ -95,6 +98,24 @@ def missing_allowed_kernels() -> list[str]:
         if kernel.domain == facts.COM_MICROSOFT and kernel.provider == "CPUExecutionProvider"
     }
     return sorted(COM_MICROSOFT_ALLOWED - registered)
+
+
+def run_stems(session, audio: np.ndarray) -> np.ndarray:
+    """Stems [1, S, C, L] of `audio` [1, C, L] from a waveform file's graph, or composed from a
+    spectral-core file as OpenKara does: spec(audio) in float64 -> float32 inputs -> the file ->
+    ispec(spectral_out) + time_out in float64. The interface is read off the input names."""
+    names = [value.name for value in session.get_inputs()]
+    if names == [INPUT_NAME]:
+        return session.run([OUTPUT_NAME], {INPUT_NAME: audio})[0]
+    if names == [facts.SPECTRAL_INPUT, facts.MIX_INPUT]:
+        n_fft = 2 * session.get_inputs()[0].shape[3]  # 4096 but in test-size models
+        spectral = spectral_contract.spec(audio, n_fft).astype(np.float32)
+        spectral_out, time_out = session.run(
+            [facts.SPECTRAL_OUTPUT, facts.TIME_OUTPUT],
+            {facts.SPECTRAL_INPUT: spectral, facts.MIX_INPUT: audio},
+        )
+        return spectral_contract.ispec(spectral_out, audio.shape[-1], n_fft) + time_out
+    raise ValueError(f"inputs {names} are neither interface's ({', '.join(facts.INTERFACES)})")
 
 
 def compare(output: np.ndarray, reference: np.ndarray, max_mse: np.ndarray) -> str | None:
@@ -180,7 +201,7 @@ def check_model(path: Path, ort_version: str) -> dict:
             run_s = []
             for name, audio, truth, bound in zip(names, audios, expected, max_mse, strict=True):
                 start = time.perf_counter()
-                (stems,) = session.run([OUTPUT_NAME], {INPUT_NAME: audio})
+                stems = run_stems(session, audio)
                 run_s.append(time.perf_counter() - start)
                 reason = compare(stems, truth, bound)
                 if reason:

@@ -15,13 +15,15 @@ from pathlib import Path
 
 import onnx
 
-from . import __version__, partition, storage
+from . import __version__, oplist, partition, storage
 from . import metadata as meta
 from .errors import UserError
-from .export import INPUT, OPSET, export_bag
+from .export import OPSET, export_bag
 from .exportable import fold_factors
+from .facts import INPUT_NAME, INTERFACES, MIX_INPUT, WAVEFORM, file_stem
 from .loading import LoadedBag, load
 from .optimize import LEVEL, optimize
+from .ortcheck import reference_path
 from .progress import peak_rss_mb, release_memory, step
 from .runtime_shapes import anchor_shapes
 from .staging import Staging
@@ -29,10 +31,21 @@ from .staging import Staging
 log = logging.getLogger(__name__)
 
 
-def file_paths(model: str, out_dir: Path) -> tuple[Path, Path, Path]:
-    """(NAME.onnx, NAME.onnx.sha256, NAME.reference.npz) in `out_dir`."""
-    onnx_path = out_dir / f"{model}.onnx"
-    return onnx_path, meta.sidecar_path(onnx_path), out_dir / f"{model}.reference.npz"
+def file_paths(model: str, out_dir: Path, interface: str = WAVEFORM) -> tuple[Path, ...]:
+    """(NAME.onnx, its .sha256, its reference npz, its operator list) in `out_dir`, NAME being
+    `facts.file_stem(model, interface)`."""
+    onnx_path = out_dir / f"{file_stem(model, interface)}.onnx"
+    return (
+        onnx_path,
+        meta.sidecar_path(onnx_path),
+        reference_path(onnx_path),
+        oplist.config_path(onnx_path),
+    )
+
+
+def check_interface(interface: str) -> None:
+    if interface not in INTERFACES:
+        raise UserError(f"--interface {interface!r} is not one of {', '.join(INTERFACES)}")
 
 
 def metadata_entries(
@@ -40,6 +53,7 @@ def metadata_entries(
     ir_version: int,
     weight_storage: str = storage.FLOAT32,
     stored: storage.StorageReport | None = None,
+    interface: str = WAVEFORM,
 ) -> dict[str, str]:
     provenance = {
         "model": bag.name,
@@ -55,10 +69,21 @@ def metadata_entries(
         "ir_version": ir_version,
         "optimization_level": LEVEL,
         "converter": __version__,
+        "tensor_interface": interface,
+        "n_fft": bag.models[0].nfft,
     }
     if stored is not None:
         provenance["weight_storage"] = stored.summary()
+    channels = bag.models[0].audio_channels
+    interface_entries = (
+        {meta.TENSOR_INTERFACE: WAVEFORM}
+        if interface == WAVEFORM
+        else meta.spectral_entries(
+            bag.sources, channels, bag.segment_samples, bag.samplerate, bag.models[0].nfft
+        )
+    )
     return {
+        **interface_entries,
         meta.OPTIMIZED_BY: meta.OPTIMIZED_BY_VALUE,
         meta.MODEL_NAME: bag.name,
         meta.STEMS: ",".join(bag.sources),
@@ -70,14 +95,51 @@ def metadata_entries(
     }
 
 
+def build(
+    bag: LoadedBag,
+    interface: str,
+    weight_storage: str,
+    workdir: Path,
+    timings: dict[str, float] | None = None,
+) -> tuple[onnx.ModelProto, storage.StorageReport | None]:
+    """The graph passes, one list for both interfaces: export, shape anchors, offline
+    optimization, weight storage, `If` split. Returns the unstamped graph and the storage report."""
+    with step("export", timings):
+        graph = export_bag(bag, timings, interface)
+    anchor_shapes(graph, INPUT_NAME if interface == WAVEFORM else MIX_INPUT)
+    with step("optimize", timings):
+        graph = optimize(graph, workdir=workdir)
+    stored = None
+    if weight_storage == storage.FLOAT16:
+        # After the offline optimization: its constant folding would undo the Casts.
+        with step("weight storage", timings):
+            scales = [f.numpy() for m in bag.models for f in fold_factors(m)]
+            stored = storage.store_half(graph, scales)
+    # Last: every pass before it reads and rewrites the main graph.
+    with step("split", timings):
+        partition.split(graph)
+    return graph, stored
+
+
+def operator_list(graph: onnx.ModelProto, path: Path, digest: str) -> str:
+    """The reduced-build operator config of the file written at `path` (a release asset)."""
+    header = [
+        f"operators of {path.name} (sha256 {digest}), ONNX Runtime reduced-build format",
+        f"written by openkara-demucs-onnx {__version__}",
+    ]
+    return oplist.config_text(oplist.required_operators(graph), header)
+
+
 def convert(
     model: str,
     repo: Path | None = None,
     out_dir: Path = Path("models"),
     weight_storage: str = storage.DEFAULT,
+    interface: str = WAVEFORM,
 ) -> Path:
-    """Build, validate and write `out_dir/MODEL.onnx` (+ `.sha256`, + reference npz), its
-    exact float16 weights stored as float16 unless `weight_storage` is 'float32'."""
+    """Build, validate and write `out_dir/NAME.onnx` (+ `.sha256`, reference npz, operator
+    list; NAME per `facts.file_stem`), its exact float16 weights stored as float16 unless
+    `weight_storage` is 'float32'."""
     from .contract import gate
     from .validation import validate_file
 
@@ -87,28 +149,18 @@ def convert(
         raise UserError(
             f"--weight-storage {weight_storage!r} is not one of {', '.join(storage.STORAGES)}"
         )
-    finals = list(file_paths(model, out_dir))
+    check_interface(interface)
+    finals = list(file_paths(model, out_dir, interface))
     with Staging(finals, "--out-dir") as staging:  # refuses an unwritable folder before any work
         with step("load", timings):
             bag = load(model, repo)
-        with step("export", timings):
-            graph = export_bag(bag, timings)
-        anchor_shapes(graph, INPUT)
-        with step("optimize", timings):
-            graph = optimize(graph, workdir=staging.path)
-        stored = None
-        if weight_storage == storage.FLOAT16:
-            # After the offline optimization: its constant folding would undo the Casts.
-            with step("weight storage", timings):
-                scales = [f.numpy() for m in bag.models for f in fold_factors(m)]
-                stored = storage.store_half(graph, scales)
-        # Last: every pass before it reads and rewrites the main graph.
-        with step("split", timings):
-            partition.split(graph)
-        meta.stamp(graph, metadata_entries(bag, graph.ir_version, weight_storage, stored))
+        graph, stored = build(bag, interface, weight_storage, staging.path, timings)
+        entries = metadata_entries(bag, graph.ir_version, weight_storage, stored, interface)
+        meta.stamp(graph, entries)
         log.info("cache key %s", meta.read_metadata(graph)[meta.CACHE_KEY])
         staged = [staging.staged(p) for p in finals]
         digest = meta.write_with_sidecar(graph, staged[0])
+        meta.write_text_atomic(staged[3], operator_list(graph, finals[0], digest))
         del graph  # hundreds of MB of protobuf, not needed by the gates
         release_memory()
         with step("validate", timings):
@@ -128,16 +180,25 @@ def convert(
     return finals[0]
 
 
-def validate(model: str, repo: Path | None = None, out_dir: Path = Path("models")) -> None:
-    """Re-run the validation and contract gates on an existing `out_dir/MODEL.onnx`."""
+def validate(
+    model: str,
+    repo: Path | None = None,
+    out_dir: Path = Path("models"),
+    interface: str = WAVEFORM,
+) -> None:
+    """Re-run the validation and contract gates on an existing `out_dir/NAME.onnx`."""
     from .contract import gate
     from .validation import validate_file
 
-    onnx_path, _, reference = file_paths(model, out_dir)
+    check_interface(interface)
+    onnx_path, _, reference, _ = file_paths(model, out_dir, interface)
     if onnx_path.is_dir():
         raise UserError(f"{onnx_path} is a directory, not a converted file; move it away")
     if not onnx_path.is_file():
-        raise UserError(f"{onnx_path} does not exist; run `invoke convert --model {model}` first")
+        raise UserError(
+            f"{onnx_path} does not exist; run `invoke convert --model {model} "
+            f"--interface {interface}` first"
+        )
     gate(onnx_path)
     bag = load(model, repo)
     stamped = meta.read_metadata(onnx.load(onnx_path, load_external_data=False))

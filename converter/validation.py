@@ -7,7 +7,8 @@ may exceed PyTorch float32's own by at most MARGIN_DB, above an absolute floor s
 and exact zeros pass. Being relative to the stem's own float32 error, the gate does not scale
 with loudness. Inputs cover what songs throw at the model: noise, tones, a sweep, digital
 silence (the model divides by the segment's std), a DC offset, a clipped full-scale signal and
-loud clipped noise.
+loud clipped noise. A spectral-core file is held to the same gate on its composed stems
+(`ortcheck.run_stems`: the contract's STFT/ISTFT in float64 around the file, as the app does).
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ import numpy as np
 
 from .accuracy import FLOOR_RMS, MARGIN_DB, allowed_mse, snr_db, stem_mse
 from .errors import UserError
+from .facts import WAVEFORM
 from .loading import LoadedBag
-from .metadata import atomic_path
+from .metadata import TENSOR_INTERFACE, atomic_path
+from .ortcheck import run_stems
 from .progress import release_memory
 
 log = logging.getLogger(__name__)
@@ -171,6 +174,26 @@ def _log_table(rows: list[StemError]) -> None:
         )
 
 
+def check_session_interface(sess, path: Path, bag: LoadedBag) -> str:
+    """The file's stamped tensor interface, after checking its I/O is that interface's for
+    `bag` (names, order, static shapes); ValidationError naming both otherwise."""
+    from .contract import expected_io
+
+    interface = sess.get_modelmeta().custom_metadata_map.get(TENSOR_INTERFACE, WAVEFORM)
+    channels, length = bag.models[0].audio_channels, bag.segment_samples
+    want = expected_io(interface, len(bag.sources), channels, length, bag.models[0].nfft)
+    got = (
+        [(v.name, list(v.shape)) for v in sess.get_inputs()],
+        [(v.name, list(v.shape)) for v in sess.get_outputs()],
+    )
+    if got != want:
+        raise ValidationError(
+            f"{path.name}: {interface} interface {got[0]} -> {got[1]}, "
+            f"expected {want[0]} -> {want[1]}"
+        )
+    return interface
+
+
 def validate_file(path: Path, bag: LoadedBag, reference_out: Path | None = None) -> list[StemError]:
     """Run every fixed input through `path` and demucs; raise ValidationError past the gate.
 
@@ -190,21 +213,10 @@ def validate_file(path: Path, bag: LoadedBag, reference_out: Path | None = None)
         truths[name] = reference(bag, audio, double=True)
     release_memory()
     sess = session(path)
-    (inp,), (out,) = sess.get_inputs(), sess.get_outputs()
-    want_in, want_out = [1, channels, length], [1, len(bag.sources), channels, length]
-    if (
-        inp.name != "audio"
-        or list(inp.shape) != want_in
-        or out.name != "stems"
-        or list(out.shape) != want_out
-    ):
-        raise ValidationError(
-            f"{path.name}: interface {inp.name}{inp.shape} -> {out.name}{out.shape}, "
-            f"expected audio{want_in} -> stems{want_out}"
-        )
+    interface = check_session_interface(sess, path, bag)
     rows: list[StemError] = []
     for signal, audio in tqdm(inputs.items(), desc="onnxruntime", unit="input"):
-        got = sess.run(["stems"], {"audio": audio})[0]
+        got = run_stems(sess, audio)
         rows += compare(signal, bag.sources, got, truths[signal], pytorch[signal])
     if reference_out is not None:
         allowed = {(r.signal, r.stem): r.allowed for r in rows}
@@ -212,6 +224,7 @@ def validate_file(path: Path, bag: LoadedBag, reference_out: Path | None = None)
             with open(tmp, "wb") as file:
                 np.savez(
                     file,
+                    interface=np.array(interface),
                     inputs=np.array(CONTRACT_INPUTS),
                     audio=np.stack([inputs[name] for name in CONTRACT_INPUTS]),
                     stems=np.stack([truths[name] for name in CONTRACT_INPUTS]),
@@ -263,7 +276,7 @@ def snr_by_input(path: Path, bag: LoadedBag) -> list[dict]:
     rows = []
     for signal, audio in fixed_inputs(channels, length, bag.samplerate).items():
         truth = reference(bag, audio, double=True)
-        outputs = {name: s.run(["stems"], {"audio": audio})[0] for name, s in sessions.items()}
+        outputs = {name: run_stems(s, audio) for name, s in sessions.items()}
         files = {name: _worst_snr(out, truth) for name, out in outputs.items()}
         pytorch = _worst_snr(reference(bag, audio), truth)
         rows.append({"input": signal, "pytorch_snr_db": pytorch, "file_snr_db": files})
