@@ -18,10 +18,14 @@ from invoke import Collection, Exit, task
 
 from converter import interrupts
 from converter.errors import UserError
-from converter.facts import PRODUCTS
+from converter.facts import INTERFACES, PRODUCTS, WAVEFORM
 
 MODELS = f"{', '.join(PRODUCTS[:-1])} or {PRODUCTS[-1]}"
 ALL_MODELS = ",".join(PRODUCTS)
+INTERFACE_HELP = (
+    f"Tensor interface: {' or '.join(INTERFACES)} (default {WAVEFORM}; spectral-core writes "
+    "NAME.spectral.onnx, the STFT/ISTFT left to the app, docs/spectral-core.md)."
+)
 
 
 def _cli(func):
@@ -63,14 +67,28 @@ def _path(value: str | None) -> Path | None:
         "out_dir": "Where to write NAME.onnx and NAME.onnx.sha256 (default: models/).",
         "weight_storage": "float16 (default: weights exact in float16 stored as float16, Cast in "
         "the graph; half the size, same outputs) or float32 (every initializer float32).",
+        "interface": INTERFACE_HELP,
     }
 )
 @_cli
-def convert(c, model="htdemucs", repo=None, out_dir="models", weight_storage="float16"):
+def convert(
+    c,
+    model="htdemucs",
+    repo=None,
+    out_dir="models",
+    weight_storage="float16",
+    interface=WAVEFORM,
+):
     """Convert a pretrained Demucs model to one optimized, validated ONNX file."""
     from converter.pipeline import convert as run
 
-    run(model, repo=_path(repo), out_dir=Path(out_dir), weight_storage=weight_storage)
+    run(
+        model,
+        repo=_path(repo),
+        out_dir=Path(out_dir),
+        weight_storage=weight_storage,
+        interface=interface,
+    )
 
 
 @task(
@@ -78,14 +96,15 @@ def convert(c, model="htdemucs", repo=None, out_dir="models", weight_storage="fl
         "model": f"Model whose file to validate: {MODELS}.",
         "repo": "Local demucs model repo to build the PyTorch reference from (default: the hub).",
         "out_dir": "Folder holding NAME.onnx (default: models/).",
+        "interface": INTERFACE_HELP,
     }
 )
 @_cli
-def validate(c, model="htdemucs", repo=None, out_dir="models"):
+def validate(c, model="htdemucs", repo=None, out_dir="models", interface=WAVEFORM):
     """Check models/NAME.onnx against demucs in float64 (within 6 dB of PyTorch float32's error)."""
     from converter.pipeline import validate as run
 
-    run(model, repo=_path(repo), out_dir=Path(out_dir))
+    run(model, repo=_path(repo), out_dir=Path(out_dir), interface=interface)
 
 
 @task(help={"file": "ONNX file whose openkara.model_cache_key to recompute."})
