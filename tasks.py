@@ -203,6 +203,30 @@ def check_upstream(c):
 @task(
     iterable=["file"],
     help={
+        "file": "ONNX file whose operators to list; repeat for a release's files (the union).",
+        "out": "Write the config here (atomically) instead of printing it.",
+    },
+)
+@_cli
+def operators(c, file=None, out=None):
+    """Operators of FILEs in ONNX Runtime's reduced-build config format (the union of all).
+
+    Needs only onnx: the list an app's reduced runtime is rebuilt from (docs/spectral-core.md).
+    """
+    from converter.metadata import write_text_atomic
+    from converter.oplist import files_config
+
+    text = files_config([Path(name) for name in file or []])
+    if out:
+        write_text_atomic(Path(out), text)
+        print(f"wrote {out}")
+    else:
+        print(text, end="")
+
+
+@task(
+    iterable=["file"],
+    help={
         "file": "ONNX file to check; repeat for more, globs (relative or absolute) allowed "
         "(default: every models/*.onnx).",
         "self_test": "Instead of checking files, prove each rule refuses a model built to break "
@@ -221,7 +245,7 @@ def contract(c, file=None, self_test=False):
         from converter.contract_selftest import self_test as run_self_test
 
         print("\n".join(run_self_test()))
-        print("contract self-test: every rule refuses its violation; the compliant model passes")
+        print("contract self-test: every rule refuses its violation; the compliant models pass")
         return
     for path in gate.gate_files(file):
         print(f"{path}: ok")
@@ -340,6 +364,7 @@ ns = Collection(
     pin_openkara,
     check_upstream,
     contract,
+    operators,
     separate,
     bench,
 )

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+from .errors import UserError
 from .facts import is_ai_onnx, walk_model
 
 Operators = dict[tuple[str, int], set[str]]
@@ -76,3 +77,18 @@ def parse_config(text: str) -> Operators:
         domain, opset, names = parts
         ops.setdefault((domain, int(opset)), set()).update(n.strip() for n in names.split(","))
     return ops
+
+
+def files_config(paths: list[Path]) -> str:
+    """The union config of the ONNX files at `paths` (a release's list), naming each file and
+    its SHA-256 in the header; UserError in one line for a path that is not an ONNX file."""
+    from .facts import sha256_file
+    from .fingerprint import read_model
+
+    if not paths:
+        raise UserError("no ONNX file given: pass one or more with --file")
+    lists, header = [], ["ONNX Runtime reduced-build operator config, union of:"]
+    for path in paths:
+        lists.append(required_operators(read_model(path)))
+        header.append(f"{path.name} sha256 {sha256_file(path)}")
+    return config_text(union(lists), header)
