@@ -195,9 +195,9 @@ def validate(
     if onnx_path.is_dir():
         raise UserError(f"{onnx_path} is a directory, not a converted file; move it away")
     if not onnx_path.is_file():
+        flag = "" if interface == WAVEFORM else f" --interface {interface}"
         raise UserError(
-            f"{onnx_path} does not exist; run `invoke convert --model {model} "
-            f"--interface {interface}` first"
+            f"{onnx_path} does not exist; run `invoke convert --model {model}{flag}` first"
         )
     gate(onnx_path)
     bag = load(model, repo)

@@ -357,6 +357,7 @@ def test_sigterm_during_convert_cleans_up_and_stale_staging_is_removed(
     line = one_line(done, "interrupted", 143)
     assert line == (
         "interrupted (SIGTERM): nothing new was written; kept htdemucs.onnx, "
-        f"htdemucs.onnx.sha256, htdemucs.reference.npz in {out} as they were"
+        f"htdemucs.onnx.sha256, htdemucs.reference.npz, htdemucs.required_operators.config in "
+        f"{out} as they were"
     )
     assert snapshot(out) == before and not leftovers(out)

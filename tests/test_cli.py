@@ -73,7 +73,12 @@ def test_fake_repo_writes_demucs_checkpoints_and_refuses_an_unknown_size(convert
 def test_convert_writes_the_file_its_sidecar_and_reference_and_nothing_else(converted):
     out = converted["out"]
     names = sorted(path.name for path in out.iterdir())
-    assert names == ["htdemucs.onnx", "htdemucs.onnx.sha256", "htdemucs.reference.npz"]
+    assert names == [
+        "htdemucs.onnx",
+        "htdemucs.onnx.sha256",
+        "htdemucs.reference.npz",
+        "htdemucs.required_operators.config",
+    ]
     model = out / "htdemucs.onnx"
     assert metadata.read_sidecar(model) == (metadata.sha256_file(model), model.name)
     # A log line for every step and decision, on stderr.

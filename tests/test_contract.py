@@ -46,10 +46,17 @@ def test_six_stem_model_with_short_segment_takes_shapes_from_metadata(tmp_path):
     contract.gate(_write(model, tmp_path / "six.onnx"))
 
 
-@pytest.mark.parametrize("case", list(contract_selftest.SELF_TEST_CASES))
+ALL_CASES = {
+    name: (factory, case)
+    for factory, cases in contract_selftest.SELF_TESTS
+    for name, case in cases.items()
+}
+
+
+@pytest.mark.parametrize("case", list(ALL_CASES))
 def test_each_self_test_case_trips_exactly_its_own_rule(tmp_path, case):
-    rule, break_model, break_files = contract_selftest.SELF_TEST_CASES[case]
-    model = contract_selftest.tiny_model()
+    factory, (rule, break_model, break_files) = ALL_CASES[case]
+    model = factory()
     if break_model:
         break_model(model)
     path = _write(model, tmp_path / f"{case}.onnx")
@@ -82,9 +89,11 @@ def test_violation_names_the_offending_node_or_value(case, offender):
 
 def test_self_test_refuses_every_violation_and_passes_the_compliant_model(tmp_path):
     report = contract_selftest.self_test(tmp_path)
-    assert report[0] == "compliant: passes"
-    assert len(report) == 1 + len(contract_selftest.SELF_TEST_CASES)
-    assert all("refused, [" in line for line in report[1:])
+    waveform = len(contract_selftest.SELF_TEST_CASES)
+    assert report[0] == "compliant tiny_model: passes"
+    assert report[waveform + 1] == "compliant tiny_spectral_model: passes"
+    assert len(report) == 2 + len(ALL_CASES)
+    assert all("refused, [" in line for line in report if not line.startswith("compliant"))
     assert (tmp_path / "nchwc_node.onnx").is_file()
 
 
