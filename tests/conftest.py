@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from converter.facts import PRODUCTS
+from converter.facts import PRODUCTS, SPECTRAL_CORE
 from converter.fakerepo import write_repo
 from converter.pipeline import convert
 from tests.fake_github import FakeGitHub
@@ -29,6 +29,17 @@ def small_models(small_repo, tmp_path_factory) -> dict[str, Path]:
     logging.getLogger("converter").setLevel(logging.INFO)
     out = tmp_path_factory.mktemp("small-models")
     return {name: convert(name, repo=small_repo, out_dir=out) for name in PRODUCTS}
+
+
+@pytest.fixture(scope="session")
+def small_spectral_models(small_repo, tmp_path_factory) -> dict[str, Path]:
+    """{name: converted, validated NAME.spectral.onnx} for the three products, small size."""
+    logging.getLogger("converter").setLevel(logging.INFO)
+    out = tmp_path_factory.mktemp("small-spectral-models")
+    return {
+        name: convert(name, repo=small_repo, out_dir=out, interface=SPECTRAL_CORE)
+        for name in PRODUCTS
+    }
 
 
 @pytest.fixture(scope="session")
