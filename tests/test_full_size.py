@@ -7,7 +7,9 @@ import numpy as np
 import onnx
 import pytest
 
+from converter import contract
 from converter import metadata as meta
+from converter.facts import SPECTRAL_CORE
 from converter.loading import load
 from converter.pipeline import convert
 
@@ -31,3 +33,14 @@ def test_full_size_htdemucs_converts_within_budget(full_repo, tmp_path):
     assert meta.read_sidecar(path)[0] == meta.sha256_file(path)
     recorded = np.load(path.with_name("htdemucs.reference.npz"))
     assert recorded["stems"].dtype == np.float64 and recorded["max_mse"].shape == (4, 4)
+
+
+def test_full_size_spectral_htdemucs_is_what_the_app_loads(full_repo, tmp_path):
+    path = convert("htdemucs", repo=full_repo, out_dir=tmp_path, interface=SPECTRAL_CORE)
+
+    assert path.name == "htdemucs.spectral.onnx"
+    assert path.stat().st_size <= 0.52 * HTDEMUCS_PARAMETERS * 4  # no DFT constants either
+    model = onnx.load(path)
+    contract.check_app(model, path.name)  # the app's literal shapes, four stems, contract v1
+    recorded = np.load(path.with_name("htdemucs.spectral.reference.npz"))
+    assert str(recorded["interface"]) == SPECTRAL_CORE and recorded["max_mse"].shape == (4, 4)

@@ -62,6 +62,8 @@ def test_one_session_per_pinned_version_selectable_by_name(tmp_path):
 @pytest.mark.index
 def test_contract_session_loads_and_checks_a_model_on_the_official_wheel(tmp_path):
     good = contract_selftest.write_tiny(tmp_path / "models/tiny.onnx")
+    # Composed as the app does, with converter/spectral_contract.py loaded by path.
+    spectral = contract_selftest.write_tiny_spectral(tmp_path / "models/tiny.spectral.onnx")
     orphan = tmp_path / "models/orphan.onnx"
     # No reference npz beside this one.
     contract_selftest.write_model(contract_selftest.tiny_model(), orphan)
@@ -74,6 +76,7 @@ def test_contract_session_loads_and_checks_a_model_on_the_official_wheel(tmp_pat
         "--results-dir",
         str(results),
         str(good),
+        str(spectral),
         str(orphan),
         envdir=tmp_path / "nox",
     )
@@ -88,6 +91,7 @@ def test_contract_session_loads_and_checks_a_model_on_the_official_wheel(tmp_pat
     assert (
         by_model["tiny.onnx"]["load_s"] is not None and by_model["tiny.onnx"]["run_s"] is not None
     )
+    assert by_model["tiny.spectral.onnx"]["status"] == "ok"
     assert by_model["orphan.onnx"]["status"].startswith("no reference output orphan.reference.npz")
     # The venv held only onnxruntime and numpy: the loader needs nothing else. (A virtualenv venv
     # is also seeded with pip; a uv one is not.)
@@ -103,21 +107,24 @@ def test_contract_session_loads_and_checks_a_model_on_the_official_wheel(tmp_pat
 
 @pytest.mark.slow
 @pytest.mark.index
-def test_converted_models_run_on_the_oldest_pinned_wheel_at_default_options(small_models, tmp_path):
+def test_converted_models_run_on_the_oldest_pinned_wheel_at_default_options(
+    small_models, small_spectral_models, tmp_path
+):
     """ORT 1.17-1.23 fuse at session load what newer versions leave alone: a LayerNormalization
     with a [T, C] scale after an Add passed every check on 1.32 and failed at run time on the
     older wheels as a SkipLayerNormalization. So converted files are proven on the oldest wheel
-    too, at default session options, where those fusions happen."""
+    too, at default session options, where those fusions happen. Spectral-core files too."""
+    files = [*small_models.values(), *small_spectral_models.values()]
     run = _nox(
         "-s",
         f"contract(ort='{VERSIONS[0]}')",
         "--",
         "--results-dir",
         str(tmp_path),
-        *map(str, small_models.values()),
+        *map(str, files),
         envdir=tmp_path / "nox",
     )
     assert run.returncode == 0, run.stdout + run.stderr
     summary = json.loads((tmp_path / ortcheck.SUMMARY_NAME).read_text())
-    assert sorted(row["model"] for row in summary) == sorted(p.name for p in small_models.values())
+    assert sorted(row["model"] for row in summary) == sorted(p.name for p in files)
     assert {(row["ort"], row["status"]) for row in summary} == {(VERSIONS[0], "ok")}
