@@ -9,7 +9,9 @@ load test, a standalone script); this file only builds the venvs from pinned ver
     nox -s contract [-- FILE.onnx ...]                 # every ORT version, default models/*.onnx
     nox -s "contract(ort='1.23.2')" [-- FILE.onnx ...] # one version
 
-Model paths are relative to the repository root (nox runs from here). `contract` also accepts
+Spectral-core files (`NAME.spectral.onnx`) are load-tested on their stems composed as the app
+composes them (`ortcheck.run_stems`). Model paths are relative to the repository root (nox runs
+from here). `contract` also accepts
 `--results-dir DIR` before the files (default: models/, where contract-summary.json goes).
 """
 

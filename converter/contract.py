@@ -443,12 +443,14 @@ def check_app(
             f"OpenKara needs {SPECTRAL_CONTRACT!r}; convert it again"
         )
     outputs = {value.name: _shape(value) for value in model.graph.output}
-    count = outputs.get(SPECTRAL_OUTPUT, [None, None])[1]
-    if count not in stems:
+    shape = outputs.get(SPECTRAL_OUTPUT) or []
+    count = shape[1] if len(shape) == 6 else None
+    if isinstance(count, int) and count not in stems:
         raise UserError(
             f"{label}: {count} stems, OpenKara takes {' or '.join(map(str, stems))}; "
             "use a four-stem model (htdemucs, htdemucs_ft)"
         )
+    count = count if count in stems else stems[0]  # otherwise the I/O check below says why
     want = expected_io(SPECTRAL_CORE, count, APP_CHANNELS, segment, n_fft)
     for kind, values, expected in (
         ("inputs", model.graph.input, want[0]),
