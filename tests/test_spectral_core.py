@@ -119,6 +119,35 @@ def test_app_check_refuses_a_waveform_file_and_wrong_values_in_one_line(small_mo
         contract.check_app(contract_selftest.tiny_spectral_model(), "tiny.onnx")
 
 
+def _drop_time_out(model: onnx.ModelProto) -> None:
+    del model.graph.output[1]
+
+
+def _symbolic_batch(model: onnx.ModelProto) -> None:
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+
+
+def _float16_time_out(model: onnx.ModelProto) -> None:
+    model.graph.output[1].type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (_drop_time_out, r"outputs \[\('spectral_out', .*\)\], OpenKara needs .*'time_out'"),
+        (_symbolic_batch, r"inputs \[\('spectral', \['batch', 2, 2, 256, 32\]\)"),
+        (_float16_time_out, "'time_out' is FLOAT16, OpenKara needs float32"),
+    ],
+)
+def test_app_check_refuses_what_the_app_refuses(damage, message):
+    model = contract_selftest.tiny_spectral_model()
+    contract.check_app(model, "tiny.onnx", 4096, n_fft=512)
+    damage(model)
+    with pytest.raises(UserError, match=message) as caught:
+        contract.check_app(model, "tiny.onnx", 4096, n_fft=512)
+    assert "\n" not in str(caught.value)
+
+
 def test_gate_refuses_a_waveform_stamp_on_a_spectral_graph(tmp_path):
     model = contract_selftest.tiny_spectral_model()
     contract_selftest._with_entry(meta.TENSOR_INTERFACE, "waveform")(model)
