@@ -34,7 +34,7 @@ from converter.facts import (
 )
 from converter.fakerepo import model_kwargs, write_bag, write_checkpoint
 from converter.loading import load
-from converter.pipeline import convert
+from converter.pipeline import convert, validate
 from converter.validation import fixed_inputs, reference, session
 
 STEMS = {
@@ -321,3 +321,15 @@ def test_contract_transforms_at_a_test_size_equal_demucs():
     back = HTDemucs._ispec(_demucs(SMALL_N_FFT), torch.from_numpy(z), SMALL_SEGMENT).numpy()
     spectrum = spectral_contract.spec(audio, SMALL_N_FFT)
     _close(spectral_contract.ispec(spectrum, SMALL_SEGMENT, SMALL_N_FFT), back)
+
+
+def test_interface_option_is_checked_and_named_in_errors(tmp_path):
+    with pytest.raises(UserError, match="--interface 'spectral' is not one of waveform, spectral"):
+        convert("htdemucs", out_dir=tmp_path, interface="spectral")
+    with pytest.raises(
+        UserError,
+        match=r"htdemucs.spectral.onnx does not exist; run `invoke convert --model htdemucs "
+        r"--interface spectral-core` first",
+    ):
+        validate("htdemucs", out_dir=tmp_path, interface=SPECTRAL_CORE)
+    assert not any(tmp_path.iterdir())
