@@ -63,14 +63,25 @@ def _path(value: str | None) -> Path | None:
         "out_dir": "Where to write NAME.onnx and NAME.onnx.sha256 (default: models/).",
         "weight_storage": "float16 (default: weights exact in float16 stored as float16, Cast in "
         "the graph; half the size, same outputs) or float32 (every initializer float32).",
+        "target": "cpu (default: the CPU EP's graph, shapes hidden from ORT's folding, split "
+        "into If bodies) or accelerators (static shapes, no control flow, standard ops only: "
+        "what CoreML, DirectML and XNNPACK take; docs/runtime-contract.md).",
     }
 )
 @_cli
-def convert(c, model="htdemucs", repo=None, out_dir="models", weight_storage="float16"):
+def convert(
+    c, model="htdemucs", repo=None, out_dir="models", weight_storage="float16", target="cpu"
+):
     """Convert a pretrained Demucs model to one optimized, validated ONNX file."""
     from converter.pipeline import convert as run
 
-    run(model, repo=_path(repo), out_dir=Path(out_dir), weight_storage=weight_storage)
+    run(
+        model,
+        repo=_path(repo),
+        out_dir=Path(out_dir),
+        weight_storage=weight_storage,
+        target=target,
+    )
 
 
 @task(

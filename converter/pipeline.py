@@ -15,7 +15,7 @@ from pathlib import Path
 
 import onnx
 
-from . import __version__, partition, storage
+from . import __version__, accelerate, partition, storage
 from . import metadata as meta
 from .errors import UserError
 from .export import INPUT, OPSET, export_bag
@@ -23,7 +23,7 @@ from .exportable import fold_factors
 from .loading import LoadedBag, load
 from .optimize import LEVEL, optimize
 from .progress import peak_rss_mb, release_memory, step
-from .runtime_shapes import anchor_shapes
+from .runtime_shapes import anchor_shapes, settle
 from .staging import Staging
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ def metadata_entries(
     ir_version: int,
     weight_storage: str = storage.FLOAT32,
     stored: storage.StorageReport | None = None,
+    target: str = accelerate.CPU,
 ) -> dict[str, str]:
     provenance = {
         "model": bag.name,
@@ -55,6 +56,7 @@ def metadata_entries(
         "ir_version": ir_version,
         "optimization_level": LEVEL,
         "converter": __version__,
+        "target": target,
     }
     if stored is not None:
         provenance["weight_storage"] = stored.summary()
@@ -75,9 +77,11 @@ def convert(
     repo: Path | None = None,
     out_dir: Path = Path("models"),
     weight_storage: str = storage.DEFAULT,
+    target: str = accelerate.CPU,
 ) -> Path:
     """Build, validate and write `out_dir/MODEL.onnx` (+ `.sha256`, + reference npz), its
-    exact float16 weights stored as float16 unless `weight_storage` is 'float32'."""
+    exact float16 weights stored as float16 unless `weight_storage` is 'float32', its graph
+    for the CPU EP or, with `target` 'accelerators', for CoreML/DirectML/XNNPACK."""
     from .contract import gate
     from .validation import validate_file
 
@@ -87,25 +91,37 @@ def convert(
         raise UserError(
             f"--weight-storage {weight_storage!r} is not one of {', '.join(storage.STORAGES)}"
         )
+    if target not in accelerate.TARGETS:
+        raise UserError(f"--target {target!r} is not one of {', '.join(accelerate.TARGETS)}")
+    cpu = target == accelerate.CPU
     finals = list(file_paths(model, out_dir))
     with Staging(finals, "--out-dir") as staging:  # refuses an unwritable folder before any work
         with step("load", timings):
             bag = load(model, repo)
         with step("export", timings):
             graph = export_bag(bag, timings)
-        anchor_shapes(graph, INPUT)
+        # The passes, in order. The CPU graph hides its shapes from ORT's folding and planner
+        # (anchors, the If split); the accelerators' graph makes every shape static instead.
+        if cpu:
+            anchor_shapes(graph, INPUT)
+        else:
+            settle(graph)
         with step("optimize", timings):
-            graph = optimize(graph, workdir=staging.path)
+            graph = optimize(graph, workdir=staging.path, fusions=cpu)
+        if not cpu:
+            with step("accelerator rewrites", timings):
+                accelerate.rewrite(graph)
         stored = None
         if weight_storage == storage.FLOAT16:
             # After the offline optimization: its constant folding would undo the Casts.
             with step("weight storage", timings):
                 scales = [f.numpy() for m in bag.models for f in fold_factors(m)]
-                stored = storage.store_half(graph, scales)
-        # Last: every pass before it reads and rewrites the main graph.
-        with step("split", timings):
-            partition.split(graph)
-        meta.stamp(graph, metadata_entries(bag, graph.ir_version, weight_storage, stored))
+                stored = storage.store_half(graph, scales, hold=cpu)
+        if cpu:  # last: every pass before it reads and rewrites the main graph
+            with step("split", timings):
+                partition.split(graph)
+        entries = metadata_entries(bag, graph.ir_version, weight_storage, stored, target)
+        meta.stamp(graph, entries)
         log.info("cache key %s", meta.read_metadata(graph)[meta.CACHE_KEY])
         staged = [staging.staged(p) for p in finals]
         digest = meta.write_with_sidecar(graph, staged[0])
