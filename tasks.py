@@ -323,6 +323,28 @@ def bench(
     print(b.table(results))
 
 
+@task(
+    help={
+        "file": "Converted .onnx file to report on.",
+        "json": "Also write the figures to this JSON file (CI keeps it beside the load tests).",
+        "static": "Only the graph's checks and ORT's static checker, no provider sessions.",
+    }
+)
+@_cli
+def ep_report(c, file, json=None, static=False):
+    """What CoreML, DirectML, XNNPACK and the CPU EP take of FILE, opened as OpenKara does."""
+    from converter import ep_report as report
+
+    result = report.report(Path(file), providers=[] if static else None)
+    if json:
+        import json as json_lib
+
+        from converter.metadata import write_text_atomic
+
+        write_text_atomic(Path(json), json_lib.dumps(result, indent=1) + "\n")
+    print("\n".join(report.lines(result)))
+
+
 ns = Collection(
     convert,
     validate,
@@ -334,4 +356,5 @@ ns = Collection(
     contract,
     separate,
     bench,
+    ep_report,
 )

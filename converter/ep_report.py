@@ -136,6 +136,25 @@ def computed_shape_inputs(model: onnx.ModelProto) -> list[str]:
     return found
 
 
+MATRIX_PRODUCTS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
+
+
+def computed_weights(model: onnx.ModelProto) -> list[str]:
+    """Main-graph matrix products whose weight (input 1) is computed from stored constants
+    (float16 storage's Cast): CoreML and XNNPACK take Conv/MatMul only with constant weights."""
+    graph = model.graph
+    constant = _constants(graph)
+    derived: set[str] = set()
+    for node in graph.node:  # topological order: a constant expression's inputs come first
+        if node.input and all(i in constant or i in derived for i in node.input if i):
+            derived.update(node.output)
+    return [
+        f"{n.op_type} {n.name}"
+        for n in graph.node
+        if n.op_type in MATRIX_PRODUCTS and len(n.input) > 1 and n.input[1] in derived
+    ]
+
+
 def nodes_in_subgraphs(model: onnx.ModelProto) -> int:
     return sum(1 for where, _ in walk_model(model) if where != "main graph")
 
@@ -419,12 +438,9 @@ def report(path: Path, providers: list[str] | None = None) -> dict:
     """Everything `invoke ep-report FILE` prints, as a dict (also written as JSON by the task)."""
     import onnxruntime as ort
 
-    if not path.is_file():
-        raise UserError(f"{path} is not a file; pass a converted .onnx file")
-    try:
-        model = onnx.load(str(path))
-    except Exception as exc:  # onnx raises DecodeError and friends
-        raise UserError(f"{path} is not an ONNX model: {exc}") from None
+    from .fingerprint import read_model
+
+    model = read_model(path)
     available = ort.get_available_providers()
     shaped = with_shapes(model, path)
     macs = node_macs(shaped)
@@ -433,6 +449,9 @@ def report(path: Path, providers: list[str] | None = None) -> dict:
         "onnxruntime": ort.__version__,
         "nodes_in_subgraphs": nodes_in_subgraphs(model),
         "computed_shape_inputs": len(computed_shape_inputs(model)),
+        "computed_weights": len(weighted := computed_weights(model)),
+        "computed_weight_macs": sum(macs.get(w.split(" ", 1)[1], 0) for w in weighted),
+        "total_macs": sum(macs.values()),
         "dynamic_values": len(dynamic_values(model)),
         "com_microsoft": sorted(
             {n.op_type for _, n in walk_model(model) if not is_ai_onnx(n.domain)}
@@ -441,7 +460,7 @@ def report(path: Path, providers: list[str] | None = None) -> dict:
         "providers": {},
         "missing": [],
     }
-    for provider in providers or list(PROVIDERS):
+    for provider in PROVIDERS if providers is None else providers:
         if provider not in available:
             result["missing"].append(provider)
             continue
@@ -453,12 +472,15 @@ def report(path: Path, providers: list[str] | None = None) -> dict:
 
 def lines(result: dict) -> list[str]:
     """The report as text: one line per fact, one per missing provider."""
+    share = result["computed_weight_macs"] / result["total_macs"] if result["total_macs"] else 0.0
     out = [
         f"{result['file']} on onnxruntime {result['onnxruntime']}",
         f"nodes in subgraphs: {result['nodes_in_subgraphs']}; computed shape inputs: "
         f"{result['computed_shape_inputs']}; values without a static shape: "
         f"{result['dynamic_values']}; com.microsoft ops: "
         f"{', '.join(result['com_microsoft']) or 'none'}",
+        f"matrix products whose weight is not a constant (float16 storage's Cast): "
+        f"{result['computed_weights']}, {share:.1%} of the multiply-accumulates",
     ]
     out += [CheckerVerdict(**v).line() for v in result["checker"]]
     for provider, shares in result["providers"].items():
