@@ -68,6 +68,9 @@ def _path(value: str | None) -> Path | None:
         "weight_storage": "float16 (default: weights exact in float16 stored as float16, Cast in "
         "the graph; half the size, same outputs) or float32 (every initializer float32).",
         "interface": INTERFACE_HELP,
+        "target": "cpu (default: the CPU EP's graph, shapes hidden from ORT's folding, split "
+        "into If bodies) or accelerators (static shapes, no control flow, standard ops only: "
+        "what CoreML, DirectML and XNNPACK take; docs/runtime-contract.md).",
     }
 )
 @_cli
@@ -78,6 +81,7 @@ def convert(
     out_dir="models",
     weight_storage="float16",
     interface=WAVEFORM,
+    c, model="htdemucs", repo=None, out_dir="models", weight_storage="float16", target="cpu"
 ):
     """Convert a pretrained Demucs model to one optimized, validated ONNX file."""
     from converter.pipeline import convert as run
@@ -88,6 +92,7 @@ def convert(
         out_dir=Path(out_dir),
         weight_storage=weight_storage,
         interface=interface,
+        target=target,
     )
 
 
@@ -355,6 +360,28 @@ def bench(
     print(b.table(results))
 
 
+@task(
+    help={
+        "file": "Converted .onnx file to report on.",
+        "json": "Also write the figures to this JSON file (CI keeps it beside the load tests).",
+        "static": "Only the graph's checks and ORT's static checker, no provider sessions.",
+    }
+)
+@_cli
+def ep_report(c, file, json=None, static=False):
+    """What CoreML, DirectML, XNNPACK and the CPU EP take of FILE, opened as OpenKara does."""
+    from converter import ep_report as report
+
+    result = report.report(Path(file), providers=[] if static else None)
+    if json:
+        import json as json_lib
+
+        from converter.metadata import write_text_atomic
+
+        write_text_atomic(Path(json), json_lib.dumps(result, indent=1) + "\n")
+    print("\n".join(report.lines(result)))
+
+
 ns = Collection(
     convert,
     validate,
@@ -367,4 +394,5 @@ ns = Collection(
     operators,
     separate,
     bench,
+    ep_report,
 )

@@ -73,26 +73,12 @@ def part(name: str) -> str:
 
 
 def _fold_never(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model` with every `x < -inf` (false for any x) replaced by a constant false.
-
-    `converter.exportable` sizes some reshapes with such a zero so that no optimizer knows the
-    shapes before a run; the shapes are the same, and shape inference needs them here.
-    """
-    import numpy as np
+    """A copy of `model` whose run-time zeros are constants (`runtime_shapes.settle`): the
+    shapes are the same, and shape inference needs them here."""
+    from .runtime_shapes import settle
 
     model = copy.deepcopy(model)
-    values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    for node in model.graph.node:
-        tensor = node.attribute[0].type == onnx.AttributeProto.TENSOR if node.attribute else False
-        if node.op_type == "Constant" and tensor:
-            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-    for i, node in enumerate(model.graph.node):
-        bound = values.get(node.input[1]) if node.op_type == "Less" else None
-        if bound is not None and bound.size == 1 and np.isneginf(bound).all():
-            false = numpy_helper.from_array(np.zeros((), np.bool_))
-            model.graph.node[i].CopyFrom(
-                onnx.helper.make_node("Constant", [], [node.output[0]], name=node.name, value=false)
-            )
+    settle(model)
     return model
 
 

@@ -8,6 +8,10 @@ it is never used. ORT also writes every domain it knows into `opset_import`, whi
 versions refuse, so unused imports are dropped here. Constant folding runs with the rest: the
 graph's shape arithmetic reaches this step anchored to the input (`converter.runtime_shapes`),
 so only true constants fold, and an app's session finds nothing left to fold at load time.
+
+For accelerators (`fusions=False`) the passes that write `com.microsoft` ops are switched off
+by name: CoreML (1.23) and XNNPACK have no kernel for any of them and DirectML none for
+`FusedConv`, so each one would cut the accelerator's partition and run on the CPU EP.
 """
 
 from __future__ import annotations
@@ -20,11 +24,27 @@ import onnx
 import onnxruntime as ort
 
 from .errors import UserError
-from .facts import MAX_IR_VERSION, walk_model
+from .facts import COM_MICROSOFT, MAX_IR_VERSION, walk_model
 
 log = logging.getLogger(__name__)
 
 LEVEL = "ORT_ENABLE_EXTENDED"
+# ORT's names for the passes that write com.microsoft ops (both spellings across 1.17-1.32:
+# GeluFusion became GeluFusionL1/L2); an unknown name disables nothing.
+COM_MICROSOFT_FUSIONS = (
+    "BiasGeluFusion",
+    "BiasSoftmaxFusion",
+    "ConvActivationFusion",
+    "FastGeluFusion",
+    "GeluFusion",
+    "GeluFusionL1",
+    "GeluFusionL2",
+    "GemmActivationFusion",
+    "MatMulScaleFusion",
+    "MatmulTransposeFusion",
+    "QuickGeluFusion",
+    "SkipLayerNormFusion",
+)
 FORBIDDEN_DOMAIN_PREFIXES = ("com.microsoft.nchwc", "com.ms.internal")
 
 
@@ -49,16 +69,27 @@ def prune_opset_imports(model: onnx.ModelProto) -> list[str]:
     return dropped
 
 
-def optimize(model: onnx.ModelProto, workdir: Path | None = None) -> onnx.ModelProto:
-    """Run ORT's EXTENDED optimizations on the CPU EP and return the optimized, pruned model."""
+def optimize(
+    model: onnx.ModelProto, workdir: Path | None = None, fusions: bool = True
+) -> onnx.ModelProto:
+    """Run ORT's EXTENDED optimizations on the CPU EP and return the optimized, pruned model;
+    without `fusions`, none of the passes that write com.microsoft ops."""
     with tempfile.TemporaryDirectory(prefix="optimize-", dir=workdir) as tmp:
         source, target = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
         onnx.save(model, source)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         options.optimized_model_filepath = str(target)
-        log.info("onnxruntime %s: optimizing at %s on the CPU EP", ort.__version__, LEVEL)
-        ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+        disabled = [] if fusions else list(COM_MICROSOFT_FUSIONS)
+        log.info(
+            "onnxruntime %s: optimizing at %s on the CPU EP%s",
+            ort.__version__,
+            LEVEL,
+            "" if fusions else ", no com.microsoft fusions (accelerators have no kernels)",
+        )
+        ort.InferenceSession(
+            str(source), options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled
+        )
         optimized = onnx.load(target)
 
     dropped = prune_opset_imports(optimized)
@@ -68,6 +99,12 @@ def optimize(model: onnx.ModelProto, workdir: Path | None = None) -> onnx.ModelP
         raise UserError(
             f"optimization produced nodes in {forbidden}, which official ONNX Runtime builds on "
             f"other platforms cannot run; optimize at {LEVEL}, never ORT_ENABLE_ALL"
+        )
+    fused = sorted({n.op_type for _, n in walk_model(optimized) if n.domain == COM_MICROSOFT})
+    if not fusions and fused:
+        raise UserError(
+            f"optimization wrote com.microsoft {fused} although its fusions were disabled; add "
+            "the pass that writes them to optimize.COM_MICROSOFT_FUSIONS"
         )
     if optimized.ir_version > MAX_IR_VERSION:
         log.info("lowering ir_version %d -> %d", optimized.ir_version, MAX_IR_VERSION)

@@ -16,6 +16,7 @@ from pathlib import Path
 import onnx
 
 from . import __version__, oplist, partition, storage
+from . import __version__, accelerate, partition, storage
 from . import metadata as meta
 from .errors import UserError
 from .export import OPSET, export_bag
@@ -25,7 +26,7 @@ from .loading import LoadedBag, load
 from .optimize import LEVEL, optimize
 from .ortcheck import reference_path
 from .progress import peak_rss_mb, release_memory, step
-from .runtime_shapes import anchor_shapes
+from .runtime_shapes import anchor_shapes, settle
 from .staging import Staging
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ def metadata_entries(
     weight_storage: str = storage.FLOAT32,
     stored: storage.StorageReport | None = None,
     interface: str = WAVEFORM,
+    target: str = accelerate.CPU,
 ) -> dict[str, str]:
     provenance = {
         "model": bag.name,
@@ -71,6 +73,7 @@ def metadata_entries(
         "converter": __version__,
         "tensor_interface": interface,
         "n_fft": bag.models[0].nfft,
+        "target": target,
     }
     if stored is not None:
         provenance["weight_storage"] = stored.summary()
@@ -140,6 +143,11 @@ def convert(
     """Build, validate and write `out_dir/NAME.onnx` (+ `.sha256`, reference npz, operator
     list; NAME per `facts.file_stem`), its exact float16 weights stored as float16 unless
     `weight_storage` is 'float32'."""
+    target: str = accelerate.CPU,
+) -> Path:
+    """Build, validate and write `out_dir/MODEL.onnx` (+ `.sha256`, + reference npz), its
+    exact float16 weights stored as float16 unless `weight_storage` is 'float32', its graph
+    for the CPU EP or, with `target` 'accelerators', for CoreML/DirectML/XNNPACK."""
     from .contract import gate
     from .validation import validate_file
 
@@ -156,6 +164,36 @@ def convert(
             bag = load(model, repo)
         graph, stored = build(bag, interface, weight_storage, staging.path, timings)
         entries = metadata_entries(bag, graph.ir_version, weight_storage, stored, interface)
+    if target not in accelerate.TARGETS:
+        raise UserError(f"--target {target!r} is not one of {', '.join(accelerate.TARGETS)}")
+    cpu = target == accelerate.CPU
+    finals = list(file_paths(model, out_dir))
+    with Staging(finals, "--out-dir") as staging:  # refuses an unwritable folder before any work
+        with step("load", timings):
+            bag = load(model, repo)
+        with step("export", timings):
+            graph = export_bag(bag, timings)
+        # The passes, in order. The CPU graph hides its shapes from ORT's folding and planner
+        # (anchors, the If split); the accelerators' graph makes every shape static instead.
+        if cpu:
+            anchor_shapes(graph, INPUT)
+        else:
+            settle(graph)
+        with step("optimize", timings):
+            graph = optimize(graph, workdir=staging.path, fusions=cpu)
+        if not cpu:
+            with step("accelerator rewrites", timings):
+                accelerate.rewrite(graph)
+        stored = None
+        if weight_storage == storage.FLOAT16:
+            # After the offline optimization: its constant folding would undo the Casts.
+            with step("weight storage", timings):
+                scales = [f.numpy() for m in bag.models for f in fold_factors(m)]
+                stored = storage.store_half(graph, scales, hold=cpu)
+        if cpu:  # last: every pass before it reads and rewrites the main graph
+            with step("split", timings):
+                partition.split(graph)
+        entries = metadata_entries(bag, graph.ir_version, weight_storage, stored, target)
         meta.stamp(graph, entries)
         log.info("cache key %s", meta.read_metadata(graph)[meta.CACHE_KEY])
         staged = [staging.staged(p) for p in finals]

@@ -113,3 +113,31 @@ def anchor_shapes(model: onnx.ModelProto, source: str) -> int:
         "anchored %d Shape nodes to the input, so no optimizer folds them into constants", anchored
     )
     return anchored
+
+
+def settle(model: onnx.ModelProto) -> int:
+    """Replace every always-false `x < -inf` of `model`'s main graph by a constant false, in place.
+
+    The exporter's run-time zeros (`converter.exportable._unplanned`) and `anchor_shapes` hide
+    static shapes from optimizers behind such a comparison. Settled, constant folding turns every
+    shape input into an initializer and every shape static, which accelerators need (CoreML
+    cuts a partition at each computed Reshape/Slice shape). Returns how many were replaced.
+    """
+    graph = model.graph
+    values = {i.name: i for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = node.attribute[0].t
+    settled = 0
+    for index, node in enumerate(graph.node):
+        if node.op_type != "Less" or not is_ai_onnx(node.domain) or node.input[1] not in values:
+            continue
+        bound = numpy_helper.to_array(values[node.input[1]])
+        if bound.size == 1 and np.isneginf(bound).all():
+            false = numpy_helper.from_array(np.zeros((), np.bool_))
+            graph.node[index].CopyFrom(
+                helper.make_node("Constant", [], [node.output[0]], name=node.name, value=false)
+            )
+            settled += 1
+    log.info("settled %d run-time zeros into constants: every shape becomes static", settled)
+    return settled

@@ -170,11 +170,15 @@ def _unique_scales(scales: Iterable[np.ndarray]) -> list[np.ndarray]:
     return unique
 
 
-def store_half(model: onnx.ModelProto, scales: Iterable[np.ndarray] = ()) -> StorageReport:
+def store_half(
+    model: onnx.ModelProto, scales: Iterable[np.ndarray] = (), hold: bool = True
+) -> StorageReport:
     """Rewrite `model`'s float32 initializers in place as described in the module docstring.
 
     `scales` are the factors the converter folded into weight matrices; each folded product
     that one of them reproduces exactly is stored as its float16 factor times that scale.
+    Without `hold`, no weight reaches its Cast through a run-time Reshape (accelerators need
+    every shape input constant).
     """
     graph = model.graph
     if any(node.name.startswith(PREFIX) for node in graph.node):
@@ -190,7 +194,7 @@ def store_half(model: onnx.ModelProto, scales: Iterable[np.ndarray] = ()) -> Sto
 
     def half_source(name: str, dims: tuple, nodes: list[onnx.NodeProto]) -> str:
         """The float16 initializer's name, or a zero-copy Reshape of it that no session folds."""
-        if not readers[name] <= HELD_READERS:
+        if not hold or not readers[name] <= HELD_READERS:
             return name + HALF_SUFFIX
         if dims not in shape_names:
             shape_names[dims] = f"{PREFIX}shape/{len(shape_names)}"
