@@ -75,9 +75,11 @@ def convert(
     repo: Path | None = None,
     out_dir: Path = Path("models"),
     weight_storage: str = storage.DEFAULT,
+    outputs: dict | None = None,
 ) -> Path:
     """Build, validate and write `out_dir/MODEL.onnx` (+ `.sha256`, + reference npz), its
-    exact float16 weights stored as float16 unless `weight_storage` is 'float32'."""
+    exact float16 weights stored as float16 unless `weight_storage` is 'float32'; `outputs`
+    receives the gate's inputs and demucs' outputs (`validation.validate_file`)."""
     from .contract import gate
     from .validation import validate_file
 
@@ -112,7 +114,7 @@ def convert(
         del graph  # hundreds of MB of protobuf, not needed by the gates
         release_memory()
         with step("validate", timings):
-            validate_file(staged[0], bag, reference_out=staged[2])
+            validate_file(staged[0], bag, reference_out=staged[2], outputs=outputs)
         with step("contract gate", timings):
             gate(staged[0])
         staging.commit()
