@@ -179,12 +179,11 @@ def _check_statistics(statistics: str) -> None:
         raise UserError(f"unknown statistics {statistics!r}: use {choices}")
 
 
-def write_checkpoint(
-    repo: Path, signature: str, kwargs: dict, statistics: str = "init", seed: int | None = None
-) -> Path:
-    """Write one random-weight model as `SIG-CHECKSUM.th` (`checkpoint_seed`), the bytes demucs'
-    `save_with_checksum` writes, through a temp file and a rename: a full disk or a stop
-    leaves no partial checkpoint under a name demucs would load."""
+def checkpoint_bytes(
+    signature: str, kwargs: dict, statistics: str = "init", seed: int | None = None
+) -> tuple[str, bytes]:
+    """(`SIG-CHECKSUM.th`, its bytes) for one random-weight model (`checkpoint_seed`): what
+    demucs' `save_with_checksum` would write."""
     _check_statistics(statistics)
     seed = checkpoint_seed(signature, seed)
     torch.manual_seed(seed)
@@ -199,11 +198,24 @@ def write_checkpoint(
     buffer = io.BytesIO()
     torch.save(serialize_model(model, OmegaConf.create({})), buffer)
     data = buffer.getvalue()
-    path = repo / f"{signature}-{hashlib.sha256(data).hexdigest()[:8]}.th"
+    return f"{signature}-{hashlib.sha256(data).hexdigest()[:8]}.th", data
+
+
+def _write(path: Path, data: bytes) -> Path:
+    """`data` into `path` through a temp file and a rename: a full disk or a stop leaves no
+    partial checkpoint under a name demucs would load."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
-    log.info("wrote %s (%d parameters)", path.name, sum(p.numel() for p in model.parameters()))
+    log.info("wrote %s (%.1f MB)", path.name, len(data) / 1e6)
     return path
+
+
+def write_checkpoint(
+    repo: Path, signature: str, kwargs: dict, statistics: str = "init", seed: int | None = None
+) -> Path:
+    """Write one random-weight model as `repo/SIG-CHECKSUM.th` (`checkpoint_bytes`)."""
+    name, data = checkpoint_bytes(signature, kwargs, statistics, seed)
+    return _write(repo / name, data)
 
 
 def intact(checkpoint: Path) -> bool:
@@ -303,12 +315,21 @@ def write_repo(
             signatures, weights, _, _ = BAGS[name]
             for signature in signatures:
                 if _existing(out, signature, settings, manifest) is None:
-                    path = write_checkpoint(out, signature, kwargs[name], statistics, seed)
-                    written.append(path.name)
-                    manifest[signature] = {"file": path.name, "settings": settings}
+                    file, data = checkpoint_bytes(signature, kwargs[name], statistics, seed)
+                    # The settings first: a stop in between leaves a record of a missing file,
+                    # which the next run writes, never a file of unknown settings.
+                    manifest[signature] = {"file": file, "settings": settings}
                     write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+                    written.append(_write(out / file, data).name)
             write_bag(out, name, signatures, weights)
             log.info("bag %s (%s) ready in %s", name, _settings_text(settings), out)
+    except OSError as exc:  # a full disk, a folder made read-only meanwhile
+        reason = exc.strerror or type(exc).__name__
+        kept = f"; kept {len(written)} complete checkpoint(s) written so far" if written else ""
+        raise UserError(
+            f"cannot write into {out}: {reason}{kept}; free space or pick another --out, then "
+            "rerun (no partial file is left)"
+        ) from None
     except KeyboardInterrupt as exc:
         done = (
             f"kept {len(written)} complete checkpoint(s) written so far in {out}; rerun the "
