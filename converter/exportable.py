@@ -17,10 +17,11 @@ The demucs modules are called with their weights; what is restated, and why:
   and LayerScale into it (`_dconv_rows`); a GLU is two convs; the frequency ConvTranspose is a
   conv and a shuffle; 1-D convs run as 2-D ones;
 - transformer tokens go in memory order and LayerScales ride on the projections;
-- every statistic over more than SHORT_REDUCTION values (the input normalization, the
-  transformer's `norm_out`, the time branch's DConv norms and GLU covariance) is a sum of block
-  sums of centred data (`_long_sum`, `_mean_var`): ONNX Runtime's float32 reductions
-  accumulate naively and cost 35-50 dB against PyTorch on trained-like weights (docs/accuracy.md).
+- every statistic (the input normalization, the transformer's `norm_out`, the DConv norms
+  over long rows, every DConv's GLU means and covariance over time, short rows included) is a
+  tree of short sums of centred data (`_tree_sum`, `_long_sum`, `_mean_var`): ONNX Runtime's
+  float32 reductions accumulate naively and cost 35-50 dB against PyTorch on trained-like
+  weights, and 12 dB on rows of one large and many equal small terms (docs/accuracy.md).
 - the decoder's and the transformer's inputs get shapes ONNX Runtime only learns at run time
   (`_unplanned`), so its planner cannot hand them the buffers of same-shaped tensors freed long
   before and hold those buffers in between (0.9 GB less peak RSS for htdemucs).
