@@ -65,21 +65,22 @@ def _blocks(length: int) -> tuple[int, int]:
     return -(-length // block), block
 
 
-def _tree_sum(x: torch.Tensor, squares: bool = False) -> torch.Tensor:
-    """The sum (of squares, with `squares`) over the last axis of `x`, dropping it: sums of
+def _tree_sum(x: torch.Tensor, squares: bool = False, dim: int = -1) -> torch.Tensor:
+    """The sum (of squares, with `squares`) over axis `dim` of `x`, dropping it: sums of
     block sums of about sqrt(length) values (zero-padded to whole blocks, which adds nothing),
     level after level until at most LEAF terms are left. Squares are Mul + ReduceSum: ORT's
     ReduceL2 cost 10 dB on loud noise."""
-    lead = [int(n) for n in x.shape[:-1]]
-    length = int(x.shape[-1])
+    dim = dim % x.dim()
+    lead, tail = [int(n) for n in x.shape[:dim]], [int(n) for n in x.shape[dim + 1 :]]
+    length = int(x.shape[dim])
     while length > LEAF:
         blocks, block = _blocks(length)
         if blocks * block != length:
-            x = F.pad(x, (0, blocks * block - length))
-        x = x.reshape(lead + [blocks, block])
-        x = (x * x).sum(dim=-1) if squares else x.sum(dim=-1)
+            x = F.pad(x, [0, 0] * len(tail) + [0, blocks * block - length])
+        x = x.reshape(lead + [blocks, block] + tail)
+        x = (x * x).sum(dim=dim + 1) if squares else x.sum(dim=dim + 1)
         length, squares = blocks, False
-    return (x * x).sum(dim=-1) if squares else x.sum(dim=-1)
+    return (x * x).sum(dim=dim) if squares else x.sum(dim=dim)
 
 
 def _long_sum(x: torch.Tensor, dims: int, squares: bool = False) -> torch.Tensor:
@@ -226,7 +227,7 @@ def _glu_moments(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         centered = F.pad(centered, (0, blocks * block - frames))
     centered = centered.reshape(rows, channels, blocks, block).transpose(1, 2)
     per_block = torch.matmul(centered, centered.transpose(2, 3))  # [rows, blocks, d, d]
-    return mean, _tree_sum(per_block.permute(0, 2, 3, 1)) / frames
+    return mean, _tree_sum(per_block, dim=1) / frames
 
 
 def _normalized_glu(
