@@ -366,7 +366,8 @@ def test_sigterm_during_convert_cleans_up_and_stale_staging_is_removed(
 
 
 def fake_repo(out: Path, *more):
-    return invoke("fake-repo", "--out", out, "--size", "small", "--models", "htdemucs", *more)
+    size = [] if "--size" in more else ["--size", "small"]
+    return invoke("fake-repo", "--out", out, *size, "--models", "htdemucs", *more)
 
 
 def test_fake_repo_on_a_full_disk_leaves_no_partial_checkpoint_and_a_rerun_completes(
@@ -409,6 +410,7 @@ def test_fake_repo_over_a_repo_of_other_settings_refuses_and_keeps_it(tmp_path):
     assert fake_repo(out).returncode == 0
     before = snapshot(out)
     for more, said in [
+        (("--size", "full"), "not full size"),
         (("--statistics", "trained"), "trained statistics"),
         (("--seed", "7"), "seed 7"),
     ]:
