@@ -134,16 +134,38 @@ def fingerprint(c, file):
         "models": "Comma-separated bag names to write (default: all three).",
         "statistics": "'init' (demucs' initialization) or 'trained' (trained-like: large biases, "
         "norm scales far from 1, growing activations).",
+        "seed": "Integer for other random weights (default: the seed every earlier repo used).",
     }
 )
 @_cli
-def fake_repo(c, out, size="full", models=ALL_MODELS, statistics="init"):
+def fake_repo(c, out, size="full", models=ALL_MODELS, statistics="init", seed=None):
     """Write random-weight checkpoints in demucs' own repo format (offline testing)."""
     from converter.fakerepo import write_repo
 
     write_repo(
-        Path(out), size=size, names=[m for m in models.split(",") if m], statistics=statistics
+        Path(out),
+        size=size,
+        names=[m for m in models.split(",") if m],
+        statistics=statistics,
+        seed=None if seed is None else _number("seed", seed, int),
     )
+
+
+@task(
+    help={
+        "out": "Folder for the sweep's repos, files and tables (built files are reused).",
+        "seeds": "How many seeds of the small models (htdemucs, htdemucs_6s, a 2-model bag).",
+        "full": "How many seeds of full-size htdemucs (several minutes each).",
+        "python": "Interpreter that runs the files (a venv with another onnxruntime; "
+        "default: this one).",
+    }
+)
+@_cli
+def sweep(c, out, seeds="20", full="3", python=None):
+    """Convert trained-like models of many seeds; worst file-vs-PyTorch gap per model and input."""
+    from converter.sweep import sweep as run
+
+    run(Path(out), _number("seeds", seeds, int), _number("full", full, int), python)
 
 
 @task(
@@ -387,6 +409,7 @@ ns = Collection(
     validate,
     fingerprint,
     fake_repo,
+    sweep,
     release,
     pin_openkara,
     check_upstream,

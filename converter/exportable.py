@@ -17,10 +17,11 @@ The demucs modules are called with their weights; what is restated, and why:
   and LayerScale into it (`_dconv_rows`); a GLU is two convs; the frequency ConvTranspose is a
   conv and a shuffle; 1-D convs run as 2-D ones;
 - transformer tokens go in memory order and LayerScales ride on the projections;
-- every statistic over more than SHORT_REDUCTION values (the input normalization, the
-  transformer's `norm_out`, the time branch's DConv norms and GLU covariance) is a sum of block
-  sums of centred data (`_long_sum`, `_mean_var`): ONNX Runtime's float32 reductions
-  accumulate naively and cost 35-50 dB against PyTorch on trained-like weights (docs/accuracy.md).
+- every statistic (the input normalization, the transformer's `norm_out`, the DConv norms
+  over long rows, every DConv's GLU means and covariance over time, short rows included) is a
+  tree of short sums of centred data (`_tree_sum`, `_long_sum`, `_mean_var`): ONNX Runtime's
+  float32 reductions accumulate naively and cost 35-50 dB against PyTorch on trained-like
+  weights, and 12 dB on rows of one large and many equal small terms (docs/accuracy.md).
 - the decoder's and the transformer's inputs get shapes ONNX Runtime only learns at run time
   (`_unplanned`), so its planner cannot hand them the buffers of same-shaped tensors freed long
   before and hold those buffers in between (0.9 GB less peak RSS for htdemucs).
@@ -43,9 +44,14 @@ from torch import nn
 from torch.nn import functional as F
 
 ATTENTION_BLOCK_BYTES = 32 << 20
-# Sums over more values than this are taken in blocks: ONNX Runtime's float32 reductions add
-# naively, so their error grows with the length, while PyTorch's stay near machine precision.
+# No reduction in the graph covers more values than this: ONNX Runtime's float32 reductions
+# (ReduceSum, MatMul's inner dimension, the norms) add naively, so their error grows with the
+# length, while PyTorch's stay near machine precision.
 SHORT_REDUCTION = 4096
+# Statistics are summed in a tree whose last level adds at most this many terms; every level
+# below adds blocks of about sqrt(length). Short rows need it too: one large term followed by
+# hundreds of equal small ones (a steady input) rounds the same way at every addition.
+LEAF = 32
 
 
 def _blocks(length: int) -> tuple[int, int]:
@@ -59,35 +65,46 @@ def _blocks(length: int) -> tuple[int, int]:
     return -(-length // block), block
 
 
-def _long_sum(x: torch.Tensor, dims: int, squares: bool = False) -> torch.Tensor:
-    """The sum (of squares, with `squares`) over the last `dims` axes of `x`, keeping them as
-    ones, accurate in float32.
-
-    Long sums become sums of block sums (zero-padded to whole blocks, which adds nothing), so
-    no accumulator in any ONNX Runtime kernel adds more than about sqrt(length) terms. Squares
-    are Mul + ReduceSum: ORT's ReduceL2 cost 10 dB on loud noise.
-    """
-    lead = [int(n) for n in x.shape[: x.dim() - dims]]
-    length = math.prod(int(n) for n in x.shape[x.dim() - dims :])
-    x = x.reshape(lead + [length])
-    while length > SHORT_REDUCTION:
+def _tree_sum(x: torch.Tensor, squares: bool = False, dim: int = -1) -> torch.Tensor:
+    """The sum (of squares, with `squares`) over axis `dim` of `x`, dropping it: sums of
+    block sums of about sqrt(length) values (zero-padded to whole blocks, which adds nothing),
+    level after level until at most LEAF terms are left. Squares are Mul + ReduceSum: ORT's
+    ReduceL2 cost 10 dB on loud noise."""
+    dim = dim % x.dim()
+    lead, tail = [int(n) for n in x.shape[:dim]], [int(n) for n in x.shape[dim + 1 :]]
+    length = int(x.shape[dim])
+    while length > LEAF:
         blocks, block = _blocks(length)
         if blocks * block != length:
-            x = F.pad(x, (0, blocks * block - length))
-        x = x.reshape(lead + [blocks, block])
-        x = (x * x).sum(dim=-1) if squares else x.sum(dim=-1)
+            x = F.pad(x, [0, 0] * len(tail) + [0, blocks * block - length])
+        x = x.reshape(lead + [blocks, block] + tail)
+        x = (x * x).sum(dim=dim + 1) if squares else x.sum(dim=dim + 1)
         length, squares = blocks, False
-    x = (x * x).sum(dim=-1) if squares else x.sum(dim=-1)
-    return x.reshape(lead + [1] * dims)
+    return (x * x).sum(dim=dim) if squares else x.sum(dim=dim)
 
 
-def _mean_var(x: torch.Tensor, dims: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(mean, biased variance, x - mean) over the last `dims` axes: blocked sums, and the
+def _long_sum(x: torch.Tensor, dims: int, squares: bool = False) -> torch.Tensor:
+    """The sum (of squares, with `squares`) over the last `dims` axes of `x`, keeping them as
+    ones, accurate in float32 whatever the length and however uneven the terms (`_tree_sum`)."""
+    lead = [int(n) for n in x.shape[: x.dim() - dims]]
+    length = math.prod(int(n) for n in x.shape[x.dim() - dims :])
+    return _tree_sum(x.reshape(lead + [length]), squares).reshape(lead + [1] * dims)
+
+
+def _mean_var(
+    x: torch.Tensor, dims: int, refine: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean, biased variance, x - mean) over the last `dims` axes: tree sums, and the
     variance of the centred values (never E[x²] - E[x]², which cancels under a large mean).
-    A second, shifted pass for the mean measured worse in whole models (loud noise: -10 dB)."""
+    With `refine`, the mean of the centred values corrects the mean and them: under a large
+    offset the first mean is only good to about one ulp, and an input normalization adds it
+    back to every stem."""
     count = math.prod(int(n) for n in x.shape[x.dim() - dims :])
     mean = _long_sum(x, dims) / count
     centered = x - mean
+    if refine:
+        correction = _long_sum(centered, dims) / count
+        mean, centered = mean + correction, centered - correction
     return mean, _long_sum(centered, dims, squares=True) / count, centered
 
 
@@ -196,19 +213,21 @@ def _attention(
 
 
 def _glu_moments(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Channel means [rows, d, 1] and centred covariance [rows, d, d] of [rows, d, T] `g`;
-    over long T both are sums of per-block products (`_long_sum`)."""
+    """Channel means [rows, d, 1] and centred covariance [rows, d, d] of [rows, d, T] `g`,
+    both tree sums over T (`_tree_sum`): the covariance as per-block products, whose sum over
+    blocks is a tree sum too. One MatMul over T frames loses ~100 ulp when a row is one large
+    value and T - 1 equal small ones (a width-1 branch on a steady input)."""
     rows, channels, frames = (int(n) for n in g.shape)
     mean = _long_sum(g, 1) / frames
     centered = g - mean
-    if frames <= SHORT_REDUCTION:
+    if frames <= LEAF:
         return mean, torch.matmul(centered, centered.transpose(1, 2)) / frames
     blocks, block = _blocks(frames)
     if blocks * block != frames:
         centered = F.pad(centered, (0, blocks * block - frames))
     centered = centered.reshape(rows, channels, blocks, block).transpose(1, 2)
     per_block = torch.matmul(centered, centered.transpose(2, 3))  # [rows, blocks, d, d]
-    return mean, per_block.sum(dim=1) / frames
+    return mean, _tree_sum(per_block, dim=1) / frames
 
 
 def _normalized_glu(
@@ -229,8 +248,9 @@ def _normalized_glu(
     mean, cov = _glu_moments(g)
     channel_means = torch.matmul(weight, mean)[..., 0] + bias  # [rows, 2C]
     within = (torch.matmul(weight, cov) * weight).sum(dim=2)  # W_c Σ W_cᵀ: [rows, 2C]
-    mu = channel_means.mean(dim=1, keepdim=True)
-    var = (within + (channel_means - mu) ** 2).mean(dim=1, keepdim=True)
+    count = int(channel_means.shape[1])
+    mu = _long_sum(channel_means, 1) / count
+    var = _long_sum(within + (channel_means - mu) ** 2, 1) / count
     fold = torch.cat([scale, torch.ones_like(scale)])  # LayerScale acts on the value half only
     factor = norm.weight * fold / torch.sqrt(var + norm.eps)  # [rows, 2C]
     shift = factor * (bias - mu) + norm.bias * fold
@@ -518,9 +538,10 @@ def _cross_transformer(
 
 def _standardize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mean, std, (x - mean) / (1e-5 + std)) over all but the batch axis, as HTDemucs
-    normalizes its inputs (unbiased std), from blocked sums of centred values."""
+    normalizes its inputs (unbiased std), from tree sums of centred values, the mean refined
+    (`_mean_var`)."""
     count = math.prod(int(n) for n in x.shape[1:])
-    mean, var, centered = _mean_var(x, x.dim() - 1)
+    mean, var, centered = _mean_var(x, x.dim() - 1, refine=True)
     std = torch.sqrt(var * (count / (count - 1)))
     return mean, std, centered / (1e-5 + std)
 

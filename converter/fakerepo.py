@@ -3,8 +3,9 @@
 Pretrained weights cannot be downloaded everywhere (CI, air-gapped machines), but the loading
 code must still be the real one. A repo written here is exactly what `demucs --repo DIR` reads:
 `SIG-CHECKSUM.th` packages from `demucs.states.serialize_model` (fp16 state, like the released
-checkpoints) saved by `save_with_checksum`, plus one `NAME.yaml` per bag. `size="full"` uses the
-pretrained hyper-parameters (41,984,456 parameters for htdemucs); `size="small"` keeps every
+checkpoints) named as `save_with_checksum` names them, plus one `NAME.yaml` per bag, and
+`fake-repo.json` with the settings of each checkpoint. `size="full"` uses the pretrained
+hyper-parameters (41,984,456 parameters for htdemucs); `size="small"` keeps every
 architectural feature (time/frequency branches, cross-transformer, bottom channels or not) at a
 size that converts in seconds.
 
@@ -17,6 +18,8 @@ weights calibrated so that activations grow about 1.5x per encoder layer.
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import logging
 from fractions import Fraction
 from pathlib import Path
@@ -25,15 +28,18 @@ import torch
 import yaml
 from demucs.demucs import LayerScale as DConvLayerScale
 from demucs.htdemucs import HTDemucs
-from demucs.states import save_with_checksum, serialize_model
+from demucs.states import serialize_model
 from demucs.transformer import LayerScale as TransformerLayerScale
 from torch import nn
 
 from .errors import UserError
+from .facts import sha256_file
+from .metadata import atomic_path, write_text_atomic
 
 log = logging.getLogger(__name__)
 
 STATISTICS = ("init", "trained")
+MANIFEST = "fake-repo.json"  # the settings each checkpoint was written with
 GROWTH = 1.5  # activation RMS growth per encoder layer of a trained-like model
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d)
 
@@ -160,12 +166,26 @@ def trained_like(model: HTDemucs, seed: int, rounds: int = 3) -> list[float]:
     return _encoder_growth(model)
 
 
-def write_checkpoint(repo: Path, signature: str, kwargs: dict, statistics: str = "init") -> Path:
-    """Write one random-weight model as `SIG-CHECKSUM.th`; the seed derives from `signature`."""
+def checkpoint_seed(signature: str, seed: int | None = None) -> int:
+    """The random seed of `signature`'s weights: from the signature alone by default (the
+    bytes every earlier repo holds), or from the signature and `seed` for other draws."""
+    text = signature if seed is None else f"{signature}:{seed}"
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
+
+
+def _check_statistics(statistics: str) -> None:
     if statistics not in STATISTICS:
         choices = " or ".join(map(repr, STATISTICS))
         raise UserError(f"unknown statistics {statistics!r}: use {choices}")
-    seed = int(hashlib.sha256(signature.encode()).hexdigest()[:8], 16)
+
+
+def checkpoint_bytes(
+    signature: str, kwargs: dict, statistics: str = "init", seed: int | None = None
+) -> tuple[str, bytes]:
+    """(`SIG-CHECKSUM.th`, its bytes) for one random-weight model (`checkpoint_seed`): what
+    demucs' `save_with_checksum` would write."""
+    _check_statistics(statistics)
+    seed = checkpoint_seed(signature, seed)
     torch.manual_seed(seed)
     model = HTDemucs(**kwargs)
     if statistics == "trained":
@@ -175,11 +195,33 @@ def write_checkpoint(repo: Path, signature: str, kwargs: dict, statistics: str =
     # The training config is irrelevant for inference; demucs stores it as a plain dict.
     from omegaconf import OmegaConf
 
-    package = serialize_model(model, OmegaConf.create({}))
-    save_with_checksum(package, repo / f"{signature}.th")
-    (path,) = repo.glob(f"{signature}-*.th")
-    log.info("wrote %s (%d parameters)", path.name, sum(p.numel() for p in model.parameters()))
+    buffer = io.BytesIO()
+    torch.save(serialize_model(model, OmegaConf.create({})), buffer)
+    data = buffer.getvalue()
+    return f"{signature}-{hashlib.sha256(data).hexdigest()[:8]}.th", data
+
+
+def _write(path: Path, data: bytes) -> Path:
+    """`data` into `path` through a temp file and a rename: a full disk or a stop leaves no
+    partial checkpoint under a name demucs would load."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    log.info("wrote %s (%.1f MB)", path.name, len(data) / 1e6)
     return path
+
+
+def write_checkpoint(
+    repo: Path, signature: str, kwargs: dict, statistics: str = "init", seed: int | None = None
+) -> Path:
+    """Write one random-weight model as `repo/SIG-CHECKSUM.th` (`checkpoint_bytes`)."""
+    name, data = checkpoint_bytes(signature, kwargs, statistics, seed)
+    return _write(repo / name, data)
+
+
+def intact(checkpoint: Path) -> bool:
+    """Whether `SIG-CHECKSUM.th` holds the bytes its name promises (demucs' own check)."""
+    checksum = checkpoint.stem.rsplit("-", 1)[-1]
+    return sha256_file(checkpoint)[: len(checksum)] == checksum
 
 
 def write_bag(
@@ -190,26 +232,111 @@ def write_bag(
     if weights is not None:
         content["weights"] = weights
     path = repo / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(content, default_flow_style=None), encoding="utf-8")
+    write_text_atomic(path, yaml.safe_dump(content, default_flow_style=None))
     return path
 
 
+def _settings_text(settings: dict | None) -> str:
+    if settings is None:
+        return "unknown settings (not recorded by fake-repo)"
+    seed = "default seed" if settings["seed"] is None else f"seed {settings['seed']}"
+    return f"{settings['size']} size, {settings['statistics']} statistics, {seed}"
+
+
+def _read_manifest(out: Path) -> dict:
+    try:
+        manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def _prepare(out: Path) -> None:
+    """Create `out`, or say in one line why it cannot be a repo folder."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder; pick another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise UserError(f"cannot create --out {out}: {reason}; pick another --out") from None
+
+
+def _existing(out: Path, signature: str, settings: dict, manifest: dict) -> Path | None:
+    """The checkpoint of `signature` already in `out` if it is intact and was written with
+    `settings`; damaged ones (checksum mismatch) are removed; others refused."""
+    found = [p for p in out.glob(f"{signature}-*.th") if p.stem.split("-")[0] == signature]
+    kept = []
+    for path in found:
+        if intact(path):
+            kept.append(path)
+        else:
+            log.warning("removing %s: its bytes do not match the checksum in its name", path)
+            path.unlink()
+    if not kept:
+        return None
+    entry = manifest.get(signature)
+    recorded = entry.get("settings") if isinstance(entry, dict) else None
+    if len(kept) == 1 and recorded == settings and entry.get("file") == kept[0].name:
+        log.info("kept %s: intact and written with %s", kept[0].name, _settings_text(settings))
+        return kept[0]
+    names = ", ".join(p.name for p in kept)
+    raise UserError(
+        f"{out} already holds {names}, written with {_settings_text(recorded)}, not "
+        f"{_settings_text(settings)}: remove it or pick another --out"
+    )
+
+
 def write_repo(
-    out: Path, size: str = "full", names: list[str] | None = None, statistics: str = "init"
+    out: Path,
+    size: str = "full",
+    names: list[str] | None = None,
+    statistics: str = "init",
+    seed: int | None = None,
 ) -> Path:
     """Write the bags `names` (default: all three pretrained products) into `out`, with
-    weights at demucs' initialization or trained-like `statistics`."""
+    weights at demucs' initialization or trained-like `statistics`, drawn with `seed`.
+
+    Checkpoints already there are kept only if intact and written with the same settings
+    (recorded in `fake-repo.json`); a damaged one is rewritten, any other refused.
+    """
     names = names or list(BAGS)
     unknown = [n for n in names if n not in BAGS]
     if unknown:
         raise UserError(f"unknown model(s) {unknown}: choose from {', '.join(BAGS)}")
-    out.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        signatures, weights, _, _ = BAGS[name]
-        kwargs = model_kwargs(name, size)
-        for signature in signatures:
-            if not any(out.glob(f"{signature}-*.th")):
-                write_checkpoint(out, signature, kwargs, statistics)
-        write_bag(out, name, signatures, weights)
-        log.info("wrote bag %s (%s size, %s statistics) into %s", name, size, statistics, out)
+    _check_statistics(statistics)
+    kwargs = {name: model_kwargs(name, size) for name in names}
+    _prepare(out)
+    settings = {"size": size, "statistics": statistics, "seed": seed}
+    manifest = _read_manifest(out)
+    written: list[str] = []
+    try:
+        for name in names:
+            signatures, weights, _, _ = BAGS[name]
+            for signature in signatures:
+                if _existing(out, signature, settings, manifest) is None:
+                    file, data = checkpoint_bytes(signature, kwargs[name], statistics, seed)
+                    # The settings first: a stop in between leaves a record of a missing file,
+                    # which the next run writes, never a file of unknown settings.
+                    manifest[signature] = {"file": file, "settings": settings}
+                    write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+                    written.append(_write(out / file, data).name)
+            write_bag(out, name, signatures, weights)
+            log.info("bag %s (%s) ready in %s", name, _settings_text(settings), out)
+    except OSError as exc:  # a full disk, a folder made read-only meanwhile
+        reason = exc.strerror or type(exc).__name__
+        kept = f"; kept {len(written)} complete checkpoint(s) written so far" if written else ""
+        raise UserError(
+            f"cannot write into {out}: {reason}{kept}; free space or pick another --out, then "
+            "rerun (no partial file is left)"
+        ) from None
+    except KeyboardInterrupt as exc:
+        done = (
+            f"kept {len(written)} complete checkpoint(s) written so far in {out}; rerun the "
+            "same command to write the rest"
+            if written
+            else f"no checkpoint was written to {out}"
+        )
+        exc.add_note(done + " (no partial file is left)")
+        raise
     return out

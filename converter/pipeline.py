@@ -148,6 +148,11 @@ def convert(
     """Build, validate and write `out_dir/MODEL.onnx` (+ `.sha256`, + reference npz), its
     exact float16 weights stored as float16 unless `weight_storage` is 'float32', its graph
     for the CPU EP or, with `target` 'accelerators', for CoreML/DirectML/XNNPACK."""
+    outputs: dict | None = None,
+) -> Path:
+    """Build, validate and write `out_dir/MODEL.onnx` (+ `.sha256`, + reference npz), its
+    exact float16 weights stored as float16 unless `weight_storage` is 'float32'; `outputs`
+    receives the gate's inputs and demucs' outputs (`validation.validate_file`)."""
     from .contract import gate
     from .validation import validate_file
 
@@ -202,7 +207,7 @@ def convert(
         del graph  # hundreds of MB of protobuf, not needed by the gates
         release_memory()
         with step("validate", timings):
-            validate_file(staged[0], bag, reference_out=staged[2])
+            validate_file(staged[0], bag, reference_out=staged[2], outputs=outputs)
         with step("contract gate", timings):
             gate(staged[0])
         staging.commit()

@@ -195,11 +195,15 @@ def check_session_interface(sess, path: Path, bag: LoadedBag) -> str:
 
 
 def validate_file(path: Path, bag: LoadedBag, reference_out: Path | None = None) -> list[StemError]:
+def validate_file(
+    path: Path, bag: LoadedBag, reference_out: Path | None = None, outputs: dict | None = None
+) -> list[StemError]:
     """Run every fixed input through `path` and demucs; raise ValidationError past the gate.
 
     With `reference_out`, the CONTRACT_INPUTS, demucs' float64 output for them and each stem's
     allowed MSE are saved there (npz, one leading axis per input), for the load test on other
-    ORT versions (ortcheck).
+    ORT versions (ortcheck). `outputs` receives every input and demucs' float64 and float32
+    output for it (the seed sweep records them rather than running demucs again).
     """
     from tqdm import tqdm
 
@@ -211,6 +215,8 @@ def validate_file(path: Path, bag: LoadedBag, reference_out: Path | None = None)
     for name, audio in tqdm(inputs.items(), desc="demucs float32 + float64", unit="input"):
         pytorch[name] = reference(bag, audio)
         truths[name] = reference(bag, audio, double=True)
+    if outputs is not None:
+        outputs.update(inputs=inputs, truth=truths, pytorch=pytorch)
     release_memory()
     sess = session(path)
     interface = check_session_interface(sess, path, bag)

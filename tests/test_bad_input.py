@@ -361,3 +361,95 @@ def test_sigterm_during_convert_cleans_up_and_stale_staging_is_removed(
         f"{out} as they were"
     )
     assert snapshot(out) == before and not leftovers(out)
+
+
+# --- fake-repo: checkpoints whole or absent, settings honest ---
+
+
+def fake_repo(out: Path, *more):
+    size = [] if "--size" in more else ["--size", "small"]
+    return invoke("fake-repo", "--out", out, *size, "--models", "htdemucs", *more)
+
+
+def test_fake_repo_on_a_full_disk_leaves_no_partial_checkpoint_and_a_rerun_completes(
+    tmp_path, monkeypatch
+):
+    import errno
+
+    from converter import fakerepo
+
+    def half_then_full(self, data):
+        with open(self, "wb") as file:
+            file.write(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    out = tmp_path / "repo"
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "write_bytes", half_then_full)
+        with pytest.raises(UserError, match="No space left on device") as caught:
+            fakerepo.write_repo(out, size="small", names=["htdemucs"])
+    assert "\n" not in str(caught.value)
+    assert not list(out.glob("*.th")) and not leftovers(out)
+    fakerepo.write_repo(out, size="small", names=["htdemucs"])
+    (checkpoint,) = out.glob("955717e8-*.th")
+    assert fakerepo.intact(checkpoint)
+
+
+def test_fake_repo_rewrites_a_truncated_checkpoint_it_finds(tmp_path):
+    out = tmp_path / "repo"
+    assert fake_repo(out).returncode == 0
+    (checkpoint,) = out.glob("955717e8-*.th")
+    whole = checkpoint.read_bytes()
+    checkpoint.write_bytes(whole[:1000])  # what a full disk left before writes were atomic
+    done = fake_repo(out)
+    assert done.returncode == 0 and "do not match the checksum" in done.stderr, done.stderr
+    assert checkpoint.read_bytes() == whole
+
+
+def test_fake_repo_over_a_repo_of_other_settings_refuses_and_keeps_it(tmp_path):
+    out = tmp_path / "repo"
+    assert fake_repo(out).returncode == 0
+    before = snapshot(out)
+    for more, said in [
+        (("--size", "full"), "not full size"),
+        (("--statistics", "trained"), "trained statistics"),
+        (("--seed", "7"), "seed 7"),
+    ]:
+        line = one_line(fake_repo(out, *more))
+        assert "already holds 955717e8-" in line and said in line, line
+    assert snapshot(out) == before
+    kept = fake_repo(out)
+    assert kept.returncode == 0 and "kept 955717e8-" in kept.stderr and snapshot(out) == before
+
+
+@pytest.mark.parametrize(
+    "where, more, message",
+    [
+        ("file", (), "is a file, not a folder"),
+        ("under a file", (), "cannot create --out"),
+        ("fresh", ("--statistics", "bogus"), "unknown statistics 'bogus'"),
+        ("fresh", ("--seed", "1.5"), "--seed '1.5' is not an integer"),
+    ],
+)
+def test_fake_repo_bad_out_or_options_are_one_line(where, more, message, tmp_path):
+    (tmp_path / "file").write_text("x")
+    out = {"file": "file", "under a file": "file/repo", "fresh": "repo"}[where]
+    assert message in one_line(fake_repo(tmp_path / out, *more))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_stopping_fake_repo_says_what_it_kept(tmp_path):
+    out = tmp_path / "repo"
+    run = start(["fake-repo", "--out", out, "--size", "full", "--models", "htdemucs_ft"])
+    wait_for(lambda: list(out.glob("*.th")) or run.poll() is not None)
+    run.send_signal(signal.SIGTERM)
+    _, stderr = run.communicate(timeout=120)
+    line = one_line(
+        subprocess.CompletedProcess(run.args, run.returncode, "", stderr), "interr", 143
+    )
+    kept = sorted(out.glob("*.th"))
+    assert 1 <= len(kept) < 4 and not leftovers(out)
+    assert line == (
+        f"interrupted (SIGTERM): kept {len(kept)} complete checkpoint(s) written so far in {out}; "
+        "rerun the same command to write the rest (no partial file is left)"
+    )

@@ -158,6 +158,18 @@ def test_long_time_branch_dconv_as_accurate_as_demucs():
     _check_accuracy(_Rows(dconv), dconv, x, base=x.double().numpy())
 
 
+def test_width_one_dconv_on_steady_rows_as_accurate_as_demucs():
+    """A small model's frequency branch is one channel wide (8 / compress 8), so its first norm
+    takes each row over time alone; rows zero but for their edge frame become one large value
+    and 335 equal small ones, and a covariance taken as one MatMul over T (every addition
+    rounding the same way) lost 12 dB against PyTorch at ORT's default options."""
+    torch.manual_seed(0)
+    dconv = _trained_like(DConv(8, compress=8, depth=2, init=1e-3))
+    x = torch.zeros(64, 8, 336)
+    x[..., 0] = 3.0 * torch.randn(64, 8, generator=torch.Generator().manual_seed(5))
+    _check_accuracy(_Rows(dconv), dconv, x, base=x.double().numpy())
+
+
 def test_frequency_rows_dconv_as_accurate_as_demucs():
     dconv = _trained_like(DConv(16, compress=8, depth=2, init=1e-3))
     x = 3.0 + 2.0 * torch.randn(64, 16, 336)
@@ -190,17 +202,12 @@ class _DemucsStandardize(torch.nn.Module):
         return (x - mean) / (1e-5 + std)
 
 
-_OPEN_GAP = pytest.mark.xfail(
-    strict=True,
-    reason="open: the blocked mean alone reaches 119 dB against PyTorch's 137 dB on a 10:1 DC "
-    "offset; a shifted second pass fixes this module but cost 10 dB on loud noise in whole "
-    "models (whole-model DC-offset input: -4.2 dB, within the gate)",
-)
-
-
-@pytest.mark.parametrize("shape", [pytest.param((1, 4, 512, 336), marks=_OPEN_GAP), (1, 2, 343980)])
-def test_input_normalization_as_accurate_as_demucs(shape):
-    x = 0.5 + 0.05 * torch.randn(shape)  # a DC offset ten times the signal
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("shape", [(1, 4, 512, 336), (1, 2, 343980)])
+def test_input_normalization_as_accurate_as_demucs(shape, seed):
+    """A DC offset ten times the signal: a mean good to one ulp (what float32 sums give) cost
+    up to 12 dB against PyTorch's, depending on the draw; the refined mean does not."""
+    x = 0.5 + 0.05 * torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     _check_accuracy(_Call(lambda x: _standardize(x)[2]), _DemucsStandardize(), x)
 
 
@@ -241,6 +248,6 @@ def test_no_reduction_in_the_network_adds_more_than_a_short_run_of_values(small_
             lengths[node.name] = math.prod(shape[axis:])
         elif node.op_type in ("MatMul", "Gemm"):
             lengths[node.name] = shape[-1]
-    assert len(lengths) > 20 and max(lengths.values()) > 1000
+    assert len(lengths) > 20 and max(lengths.values()) > 300  # the check sees long ones
     long = {name: n for name, n in lengths.items() if n > SHORT_REDUCTION}
     assert not long, long
