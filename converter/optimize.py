@@ -12,6 +12,7 @@ so only true constants fold, and an app's session finds nothing left to fold at 
 
 from __future__ import annotations
 
+import errno
 import logging
 import tempfile
 from pathlib import Path
@@ -19,7 +20,7 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
-from .errors import UserError
+from .errors import UserError, short_of_space
 from .facts import MAX_IR_VERSION, walk_model
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,12 @@ def optimize(model: onnx.ModelProto, workdir: Path | None = None) -> onnx.ModelP
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         options.optimized_model_filepath = str(target)
         log.info("onnxruntime %s: optimizing at %s on the CPU EP", ort.__version__, LEVEL)
-        ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+        try:
+            ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT reports a full disk as INVALID_PROTOBUF, not ENOSPC
+            if short_of_space(target.parent, source.stat().st_size):
+                raise OSError(errno.ENOSPC, f"onnxruntime could not write {target}") from exc
+            raise
         optimized = onnx.load(target)
 
     dropped = prune_opset_imports(optimized)

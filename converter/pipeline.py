@@ -17,14 +17,14 @@ import onnx
 
 from . import __version__, partition, storage
 from . import metadata as meta
-from .errors import UserError
+from .errors import UserError, disk_space
 from .export import INPUT, OPSET, export_bag
 from .exportable import fold_factors
 from .loading import LoadedBag, load
 from .optimize import LEVEL, optimize
 from .progress import peak_rss_mb, release_memory, step
 from .runtime_shapes import anchor_shapes
-from .staging import Staging
+from .staging import Staging, check_targets
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,10 @@ def convert(
             f"--weight-storage {weight_storage!r} is not one of {', '.join(storage.STORAGES)}"
         )
     finals = list(file_paths(model, out_dir))
-    with Staging(finals, "--out-dir") as staging:  # refuses an unwritable folder before any work
+    with (
+        disk_space(out_dir, "--out-dir"),
+        Staging(finals, "--out-dir") as staging,  # refuses an unwritable folder before any work
+    ):
         with step("load", timings):
             bag = load(model, repo)
         with step("export", timings):
@@ -143,5 +146,11 @@ def validate(model: str, repo: Path | None = None, out_dir: Path = Path("models"
     stamped = meta.read_metadata(onnx.load(onnx_path, load_external_data=False))
     if stamped.get(meta.MODEL_NAME) != model:
         raise UserError(f"{onnx_path} holds {stamped.get(meta.MODEL_NAME)!r}, not {model!r}")
-    with step("validate"):
-        validate_file(onnx_path, bag, reference_out=reference)
+    check_targets([reference])
+    # Staged: a failed gate (another --repo, a broken file) keeps the reference that was there.
+    with (
+        disk_space(out_dir, "--out-dir"),
+        step("validate"),
+        meta.atomic_path(reference) as staged,
+    ):
+        validate_file(onnx_path, bag, reference_out=staged)
