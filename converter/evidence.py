@@ -14,6 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from converter.errors import UserError
+from converter.shapes import shape_problem
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,11 @@ PLATFORMS = {
     "Darwin x86_64": "macos-15-intel",
     "Darwin arm64": "macos-14",
 }
+
+
+# What `require` reads of an ortcheck record (converter/ortcheck.py writes it).
+ROW_SHAPE = {"model": str, "sha256": str, "platform": str, "ort": str, "status": str}
+RECORD_SHAPE = {"rows": [ROW_SHAPE], "missing_kernels?": [str]}
 
 
 def contract_pins(path: Path = CONTRACT_PINS) -> dict[str, str]:
@@ -72,6 +78,12 @@ def read_rows(results_dir: Path) -> list[dict]:
         if not (isinstance(record, dict) and isinstance(record.get("rows"), list)):
             log.info("skipping %s: not an ortcheck record", path)
             continue
+        problem = shape_problem(record, RECORD_SHAPE)
+        if problem:
+            raise UserError(
+                f"load-test results {path} hold a broken ortcheck record ({problem}); pass the "
+                "contract-results folders `nox -s contract` wrote, unedited"
+            )
         for row in record["rows"]:
             if record.get("missing_kernels") and row.get("status") == "ok":
                 row = {**row, "status": f"no CPU kernel for {', '.join(record['missing_kernels'])}"}

@@ -16,6 +16,7 @@ by name: CoreML (1.23) and XNNPACK have no kernel for any of them and DirectML n
 
 from __future__ import annotations
 
+import errno
 import logging
 import tempfile
 from pathlib import Path
@@ -25,6 +26,8 @@ import onnxruntime as ort
 
 from .errors import UserError
 from .facts import COM_MICROSOFT, MAX_IR_VERSION, walk_model
+from .errors import UserError, short_of_space
+from .facts import MAX_IR_VERSION, walk_model
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +93,13 @@ def optimize(
         ort.InferenceSession(
             str(source), options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled
         )
+        log.info("onnxruntime %s: optimizing at %s on the CPU EP", ort.__version__, LEVEL)
+        try:
+            ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT reports a full disk as INVALID_PROTOBUF, not ENOSPC
+            if short_of_space(target.parent, source.stat().st_size):
+                raise OSError(errno.ENOSPC, f"onnxruntime could not write {target}") from exc
+            raise
         optimized = onnx.load(target)
 
     dropped = prune_opset_imports(optimized)

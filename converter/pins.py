@@ -244,28 +244,65 @@ def diff(checkout: Path, changes: dict[Path, tuple[str, str]]) -> str:
 
 
 def write_all(changes: dict[Path, tuple[str, str]]) -> None:
-    """Stage every new text beside its file, then rename them in; roll back on any failure."""
+    """Stage every new text beside its file, then rename them in; a failure, Ctrl-C or SIGTERM
+    anywhere on the way puts every file back as it was."""
     staged: dict[Path, Path] = {}
     done: list[Path] = []
     try:
         for path, (_, new) in changes.items():
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            staged[path] = Path(tmp)
-            with os.fdopen(fd, "wb") as file:
-                file.write(new.encode("utf-8"))
-            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))  # keep scripts/setup.sh executable
+            staged[path] = _stage(path, new)
         for path, tmp in staged.items():
+            done.append(path)  # before the rename: a signal between the two restores it too
             os.replace(tmp, path)
-            done.append(path)
-    except OSError as exc:
-        for path in done:
-            path.write_bytes(changes[path][0].encode("utf-8"))
-        raise UserError(
-            f"could not rewrite {exc.filename or exc}: {exc.strerror}; no file was changed"
-        ) from None
+    except BaseException as exc:
+        lost = _put_back(changes, done)
+        kept = (
+            "no file was changed"
+            if not lost
+            else f"could not put back {', '.join(lost)}: restore them with `git checkout`"
+        )
+        if isinstance(exc, KeyboardInterrupt):
+            exc.add_note(kept)
+            raise
+        if isinstance(exc, OSError):
+            raise UserError(
+                f"could not rewrite {exc.filename or exc}: {exc.strerror}; {kept}"
+            ) from None
+        raise
     finally:
         for tmp in staged.values():
             tmp.unlink(missing_ok=True)
+
+
+def _stage(path: Path, text: str) -> Path:
+    """`text` in a temp file beside `path`, with `path`'s mode (scripts/setup.sh stays
+    executable)."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(text.encode("utf-8"))
+        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _put_back(changes: dict[Path, tuple[str, str]], done: list[Path]) -> list[str]:
+    """Rename each old text back over the files in `done`; the ones that failed."""
+    lost = []
+    for path in done:
+        tmp = None
+        try:
+            tmp = _stage(path, changes[path][0])
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.error("could not put back %s: %s", path, exc)
+            lost.append(str(path))
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+    return lost
 
 
 def pin_openkara(
@@ -285,7 +322,7 @@ def pin_openkara(
     if not checkout.is_dir():
         raise UserError(f"--checkout {checkout} is not a directory: pass an OpenKara checkout")
     client = client or github.from_env()
-    server = server_url or os.environ.get("GITHUB_SERVER_URL") or release.DEFAULT_SERVER_URL
+    server = server_url or github.server_url()
     pin = fetch_pin(client, tag, server, allow_prerelease)
     changes = rewrite(checkout, pin)
     changed = {path: texts for path, texts in changes.items() if texts[0] != texts[1]}

@@ -20,6 +20,8 @@ from . import __version__, accelerate, partition, storage
 from . import metadata as meta
 from .errors import UserError
 from .export import OPSET, export_bag
+from .errors import UserError, disk_space
+from .export import INPUT, OPSET, export_bag
 from .exportable import fold_factors
 from .facts import INPUT_NAME, INTERFACES, MIX_INPUT, WAVEFORM, file_stem
 from .loading import LoadedBag, load
@@ -28,6 +30,8 @@ from .ortcheck import reference_path
 from .progress import peak_rss_mb, release_memory, step
 from .runtime_shapes import anchor_shapes, settle
 from .staging import Staging
+from .runtime_shapes import anchor_shapes
+from .staging import Staging, check_targets
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +177,10 @@ def convert(
         raise UserError(f"--target {target!r} is not one of {', '.join(accelerate.TARGETS)}")
     cpu = target == accelerate.CPU
     finals = list(file_paths(model, out_dir))
-    with Staging(finals, "--out-dir") as staging:  # refuses an unwritable folder before any work
+    with (
+        disk_space(out_dir, "--out-dir"),
+        Staging(finals, "--out-dir") as staging,  # refuses an unwritable folder before any work
+    ):
         with step("load", timings):
             bag = load(model, repo)
         with step("export", timings):
@@ -247,5 +254,11 @@ def validate(
     stamped = meta.read_metadata(onnx.load(onnx_path, load_external_data=False))
     if stamped.get(meta.MODEL_NAME) != model:
         raise UserError(f"{onnx_path} holds {stamped.get(meta.MODEL_NAME)!r}, not {model!r}")
-    with step("validate"):
-        validate_file(onnx_path, bag, reference_out=reference)
+    check_targets([reference])
+    # Staged: a failed gate (another --repo, a broken file) keeps the reference that was there.
+    with (
+        disk_space(out_dir, "--out-dir"),
+        step("validate"),
+        meta.atomic_path(reference) as staged,
+    ):
+        validate_file(onnx_path, bag, reference_out=staged)

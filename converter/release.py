@@ -55,7 +55,6 @@ _TAG = re.compile(
 _MODEL_BY_FLAVOUR = {None: "htdemucs", "ft": "htdemucs_ft", "6s": "htdemucs_6s"}
 
 UPLOAD_ATTEMPTS = 3
-DEFAULT_SERVER_URL = "https://github.com"
 
 # What a run does with one asset name; the dry run prints exactly these.
 KEEP = "keep (same SHA-256)"
@@ -560,7 +559,7 @@ def release(
             load_test(path, Path(results))
             proof = evidence.require(Path(results), wanted[0].name, wanted[0].sha256)
     metadata = _file_metadata(path)
-    server = server_url or os.environ.get("GITHUB_SERVER_URL") or DEFAULT_SERVER_URL
+    server = server_url or github.server_url()
     url = download_url(server, client.repository, parsed.name, wanted[0].name)
     body = model_card(parsed, metadata, wanted[0], url, proof)
     fields = {

@@ -25,7 +25,8 @@ from packaging.version import InvalidVersion, Version
 
 from converter import github
 from converter.errors import UserError
-from converter.github import redact
+from converter.github import redact, redact_text
+from converter.shapes import shape_problem
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ LABEL = "upstream-update"
 LABEL_COLOR = "fbca04"
 SIMPLE_JSON = "application/vnd.pypi.simple.v1+json"
 INDEX_TIMEOUT_S = (10.0, 60.0)
+# What `released_versions` reads of a PEP 691 project page.
+INDEX_SHAPE = {"files": [{"filename": str}]}
 
 
 def marker(version: Version) -> str:
@@ -75,26 +78,52 @@ def index_url(environ: dict[str, str] | None = None) -> str:
     return PyPI.simple_url
 
 
-def released_versions(index: str, session: requests.Session | None = None) -> list[Version]:
-    """Final releases of `demucs` on `index` that have at least one file not yanked."""
+def released_versions(
+    index: str, session: requests.Session | None = None, deadline_s: float | None = None
+) -> list[Version]:
+    """Final releases of `demucs` on `index` that have at least one file not yanked.
+
+    The answer must be the PEP 691 JSON API within `deadline_s` in all (default: the one
+    GitHub calls get); anything else, a proxy's login page included, is one UserError.
+    """
     url = f"{index.rstrip('/')}/{PACKAGE}/"
+    fix = (
+        "it must serve the PEP 691 JSON API; check PIP_INDEX_URL / `pip config list` and try again"
+    )
     try:
-        response = (session or requests.Session()).get(
-            url, headers={"Accept": SIMPLE_JSON}, timeout=INDEX_TIMEOUT_S
+        response = github.send(
+            session or requests.Session(),
+            "GET",
+            url,
+            headers={"Accept": SIMPLE_JSON},
+            timeout=INDEX_TIMEOUT_S,
+            left=github.deadline_s() if deadline_s is None else deadline_s,
         )
         response.raise_for_status()
-        project = response.json()
     except (requests.RequestException, ValueError) as exc:
         raise UserError(
             f"cannot read {PACKAGE} from the package index {redact(url)} "
-            f"({type(exc).__name__}: {redact(str(exc))}); it must serve the PEP 691 JSON API; "
-            "check PIP_INDEX_URL / `pip config list` and try again"
+            f"({type(exc).__name__}: {redact_text(' '.join(str(exc).split()))[:300]}); {fix}"
         ) from None
+    try:
+        project = response.json()
+    except ValueError:
+        kind = response.headers.get("Content-Type", "no Content-Type").split(";")[0]
+        raise UserError(
+            f"cannot read {PACKAGE} from the package index {redact(url)}: it answered {kind}, "
+            f"not JSON (a proxy's login page?); {fix}"
+        ) from None
+    problem = shape_problem(project, INDEX_SHAPE)
+    if problem:
+        raise UserError(
+            f"cannot read {PACKAGE} from the package index {redact(url)}: it answered JSON of "
+            f"another shape ({problem}); {fix}"
+        )
     installable: set[Version] = set()
-    for file in project.get("files", []):
+    for file in project["files"]:
         if file.get("yanked"):
             continue
-        version = _file_version(file.get("filename", ""))
+        version = _file_version(file["filename"])
         if version is not None and not (version.is_prerelease or version.is_devrelease):
             installable.add(version)
     return sorted(installable)

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import stat
 from pathlib import Path
 
 import pytest
 
-from converter import github, pins
+from converter import github, interrupts, pins
 from converter.errors import UserError
 from tests.fake_github import REPOSITORY, TOKEN, FakeGitHub, run_cli
 
@@ -255,6 +256,31 @@ def test_a_failed_write_rolls_back_the_files_already_renamed(pin, fake, checkout
     with pytest.raises(UserError, match="no file was changed"):
         pin("model-v2.0.2")
     assert snapshot(checkout) == before  # no temp files left either
+
+
+@pytest.mark.parametrize("call", [1, 3, 5])
+def test_a_signal_between_the_renames_rolls_back_every_file(call, pin, fake, checkout, monkeypatch):
+    """SIGTERM (raised as interrupts.Interrupted) right after rename `call` of the 5 files that
+    change (model.rs already names htdemucs.onnx): the first, one midway, the last."""
+    publish(fake, "model-v2.0.2")
+    before = snapshot(checkout)
+    real_replace, calls = os.replace, []
+
+    def stopped_replace(src, dst):
+        calls.append(dst)
+        if len(calls) == call:
+            real_replace(src, dst)  # the rename happened; the signal lands just after it
+            raise interrupts.Interrupted(signal.SIGTERM)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(pins.os, "replace", stopped_replace)
+    with pytest.raises(interrupts.Interrupted) as stopped:
+        pin("model-v2.0.2")
+    assert interrupts.summary(stopped.value) == (
+        "interrupted (SIGTERM): no file was changed",
+        128 + signal.SIGTERM,
+    )
+    assert snapshot(checkout) == before  # every file back, no temp file left
 
 
 def test_cli_dry_run_needs_no_model_code_and_changes_nothing(fake, checkout):

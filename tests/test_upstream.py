@@ -11,6 +11,7 @@ from packaging.version import Version
 
 from converter import github, upstream
 from converter.errors import UserError
+from tests import loopback
 from tests.fake_github import REPOSITORY, TOKEN, Fault
 
 
@@ -163,6 +164,32 @@ def test_index_down_is_a_clear_error_and_opens_no_issue(check, fake, down, monke
         upstream.check(client=client, index=index)
     assert "s3cret" not in str(failure.value)
     assert fake.writes() == [] and fake.issues == []
+
+
+@pytest.mark.parametrize(
+    "server, message",
+    [
+        (
+            lambda: loopback.Same(200, loopback.LOGIN_PAGE, {"Content-Type": "text/html"}),
+            "it answered text/html, not JSON (a proxy's login page?)",
+        ),
+        (lambda: loopback.Same(200, [1, 2]), "JSON of another shape (an array instead of an"),
+        (lambda: loopback.Same(200, {"files": [{"yanked": True}]}), "item 0: 'filename' missing"),
+        (lambda: loopback.Same(200, {"files": "all"}), "'files': a string instead of an array"),
+        (lambda: loopback.Same(redirect=True), "TooManyRedirects"),
+        (loopback.Silent, "ReadTimeout"),
+    ],
+)
+def test_an_index_answer_that_is_no_pep_691_page_is_one_error(server, message, check, fake):
+    running = server()
+    try:
+        with pytest.raises(UserError) as failure:
+            upstream.released_versions(running.url + "/simple", deadline_s=1.0)
+    finally:
+        running.close()
+    text = str(failure.value)
+    assert text.startswith("cannot read demucs from the package index") and message in text
+    assert "PEP 691 JSON API" in text and fake.seen == []
 
 
 def test_github_failure_is_an_error_without_the_token(check, fake):
