@@ -3,7 +3,8 @@
 These are demucs' `HTDemucs._spec` / `_ispec` (docs/spectral-core.md), restated with numpy only so
 that validation, `invoke separate` and the load test in a bare onnxruntime + numpy venv compute
 exactly what OpenKara computes natively. Layout: audio [..., C, L] <-> spectrum
-[..., C, 2 (re, im), F = n_fft / 2, T = ceil(L / hop)].
+[..., C, 2 (re, im), F = n_fft / 2, T = ceil(L / hop)]. Contract v1 is n_fft 4096; `n_fft`
+parameters exist only for the small test-size models (same framing, hop n_fft / 4).
 """
 
 from __future__ import annotations
@@ -22,14 +23,14 @@ OUTER_PAD = HOP // 2 * 3
 ENVELOPE_FLOOR = 1e-8
 
 
-def frames(length: int) -> int:
+def frames(length: int, n_fft: int = N_FFT) -> int:
     """T: the number of frames the contract keeps for `length` samples (336 for 343980)."""
-    return math.ceil(length / HOP)
+    return math.ceil(length / (n_fft // 4))
 
 
-def _window() -> np.ndarray:
-    """Periodic Hann of N_FFT points (torch.hann_window's default)."""
-    return 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(N_FFT) / N_FFT)
+def _window(n_fft: int = N_FFT) -> np.ndarray:
+    """Periodic Hann of n_fft points (torch.hann_window's default)."""
+    return 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)
 
 
 def _reflect_pad(x: np.ndarray, left: int, right: int) -> np.ndarray:
@@ -45,45 +46,47 @@ def _reflect_pad(x: np.ndarray, left: int, right: int) -> np.ndarray:
     return np.pad(x, widths + [(left, right)], mode="reflect")
 
 
-def spec(audio: np.ndarray) -> np.ndarray:
-    """[..., C, L] real -> [..., C, 2, N_FFT/2, T] float64, the contract's `spectral` input."""
+def spec(audio: np.ndarray, n_fft: int = N_FFT) -> np.ndarray:
+    """[..., C, L] real -> [..., C, 2, n_fft/2, T] float64, the contract's `spectral` input."""
     x = np.asarray(audio, dtype=np.float64)
     length = x.shape[-1]
-    count = frames(length)
-    padded = _reflect_pad(x, OUTER_PAD, OUTER_PAD + count * HOP - length)
-    centred = _reflect_pad(padded, N_FFT // 2, N_FFT // 2)
-    windows = np.lib.stride_tricks.sliding_window_view(centred, N_FFT, axis=-1)[..., ::HOP, :]
+    hop, count = n_fft // 4, frames(length, n_fft)
+    outer = hop // 2 * 3
+    padded = _reflect_pad(x, outer, outer + count * hop - length)
+    centred = _reflect_pad(padded, n_fft // 2, n_fft // 2)
+    windows = np.lib.stride_tricks.sliding_window_view(centred, n_fft, axis=-1)[..., ::hop, :]
     windows = windows[..., FIRST_FRAME : FIRST_FRAME + count, :]
-    z = np.fft.rfft(windows * _window(), axis=-1)[..., : N_FFT // 2] / math.sqrt(N_FFT)
+    z = np.fft.rfft(windows * _window(n_fft), axis=-1)[..., : n_fft // 2] / math.sqrt(n_fft)
     z = np.swapaxes(z, -1, -2)  # [..., F, T]
     return np.stack([z.real, z.imag], axis=-3)
 
 
-def ispec(spectrum: np.ndarray, length: int) -> np.ndarray:
-    """[..., C, 2, N_FFT/2, T] -> [..., C, length] float64, the inverse of `spec`."""
+def ispec(spectrum: np.ndarray, length: int, n_fft: int = N_FFT) -> np.ndarray:
+    """[..., C, 2, n_fft/2, T] -> [..., C, length] float64, the inverse of `spec`."""
     z = np.asarray(spectrum, dtype=np.float64)
     z = z[..., 0, :, :] + 1j * z[..., 1, :, :]  # [..., F, T]
     count = z.shape[-1]
-    if z.shape[-2] != N_FFT // 2 or count != frames(length):
+    hop = n_fft // 4
+    if z.shape[-2] != n_fft // 2 or count != frames(length, n_fft):
         raise ValueError(
             f"spectrum of {z.shape[-2]} bins x {count} frames does not match "
-            f"{N_FFT // 2} bins x {frames(length)} frames for {length} samples"
+            f"{n_fft // 2} bins x {frames(length, n_fft)} frames for {length} samples"
         )
     pad_width = [(0, 0)] * (z.ndim - 2)
     z = np.pad(z, pad_width + [(0, 1), (FIRST_FRAME, FIRST_FRAME)])  # Nyquist bin, edge frames
     total = count + 2 * FIRST_FRAME
-    window = _window()
-    chunks = np.fft.irfft(np.swapaxes(z, -1, -2), n=N_FFT, axis=-1) * math.sqrt(N_FFT) * window
+    window = _window(n_fft)
+    chunks = np.fft.irfft(np.swapaxes(z, -1, -2), n=n_fft, axis=-1) * math.sqrt(n_fft) * window
     # Overlap-add: frame t covers hops t .. t+3; sum the four quarter-frames into hop blocks.
-    parts = N_FFT // HOP
-    chunks = chunks.reshape(*chunks.shape[:-1], parts, HOP)
-    blocks = np.zeros((*chunks.shape[:-3], total + parts - 1, HOP))
-    envelope = np.zeros((total + parts - 1, HOP))
-    squared = (window**2).reshape(parts, HOP)
+    parts = n_fft // hop
+    chunks = chunks.reshape(*chunks.shape[:-1], parts, hop)
+    blocks = np.zeros((*chunks.shape[:-3], total + parts - 1, hop))
+    envelope = np.zeros((total + parts - 1, hop))
+    squared = (window**2).reshape(parts, hop)
     for k in range(parts):
         blocks[..., k : k + total, :] += chunks[..., :, k, :]
         envelope[k : k + total] += squared[k]
     signal = blocks.reshape(*blocks.shape[:-2], -1)
     signal = signal / np.maximum(envelope.reshape(-1), ENVELOPE_FLOOR)
-    start = N_FFT // 2 + OUTER_PAD
+    start = n_fft // 2 + hop // 2 * 3
     return signal[..., start : start + length]
