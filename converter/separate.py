@@ -197,13 +197,16 @@ def check_input(path: Path, what: str, directory: str, missing: str) -> None:
                 f"{what} {path} is a symbolic link loop (it never reaches a file); point it "
                 "at a file"
             ) from None
-        if path.is_symlink():
+        if os.path.islink(path):  # False, not an error, where a folder above is unreadable
             raise UserError(
                 f"{what} {path} is a broken symbolic link (to {os.readlink(path)}); {missing}"
             ) from None
         if exc.errno in (errno.ENOENT, errno.ENOTDIR):
             raise UserError(f"{what} {path} does not exist; {missing}") from None
-        raise UserError(f"{what} {path} cannot be looked at: {exc.strerror}") from None
+        raise UserError(
+            f"{what} {path} cannot be looked at: {exc.strerror} (a folder above it is not "
+            "searchable); make it readable or copy the file"
+        ) from None
     kinds = {
         stat.S_ISDIR: f"a directory; {directory}",
         stat.S_ISFIFO: "a FIFO (named pipe), not a file: it is read more than once (statistics, "
