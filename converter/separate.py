@@ -70,6 +70,8 @@ MAX_SHIFT_SECONDS = 0.5
 STAT_BLOCK_FRAMES = 1 << 20
 # Source frames decoded (and resampled) per step of a streamed read.
 STREAM_BLOCK_FRAMES = 1 << 16
+# Frames a streamed read keeps before the one asked for (at least half of any segment).
+HISTORY_FRAMES = 1 << 19
 # Frames per read when looking for the place a file is damaged (coarse, then fine).
 PROBE_FRAMES = (1 << 16, 1 << 10)
 METADATA_KEYS = (meta.STEMS, meta.SAMPLE_RATE, meta.SEGMENT_SAMPLES, meta.AUDIO_CHANNELS)
@@ -417,7 +419,7 @@ class Decoded:
 
     `read(start, stop)` serves frames from a buffer that holds the last request and the one
     before it; reads move forward (the chunks of a separation overlap by at most a segment), and
-    one that starts earlier restarts the decoding from the top. Resampling is soxr's
+    one that starts earlier than that restarts the decoding from the top. Resampling is soxr's
     `ResampleStream` at very high quality, which gives exactly `soxr.resample`'s output, so
     memory stays at a few blocks however long the song is.
     """
@@ -455,12 +457,13 @@ class Decoded:
     def read(self, start: int, stop: int) -> np.ndarray:
         if start < self.origin:
             self.restart()
+        # Forget what no later read needs before decoding more: a later window starts at most
+        # half a segment before this one (the centered padding of a short chunk).
+        drop = max(0, start - min(stop - start, HISTORY_FRAMES) - self.origin)
+        self.buffer, self.origin = self.buffer[:, drop:], self.origin + drop
         while self.origin + self.buffer.shape[1] < stop and not self.ended:
             self._pull()
-        frames = self.buffer[:, start - self.origin : stop - self.origin]
-        drop = max(0, start - (stop - start) - self.origin)
-        self.buffer, self.origin = self.buffer[:, drop:], self.origin + drop
-        return frames
+        return self.buffer[:, start - self.origin : stop - self.origin]
 
     def _pull(self) -> None:
         import soundfile as sf
