@@ -330,7 +330,7 @@ def test_stopping_separate_keeps_the_previous_stems(signum, status, name, small_
     line = one_line(done, "interrupted", status)
     assert line == (
         f"interrupted ({name}): nothing new was written; kept drums.wav, bass.wav, other.wav, "
-        f"vocals.wav in {out / 'song'} as they were"
+        f"vocals.wav, separation.json in {out / 'song'} as they were"
     )
     assert snapshot(out / "song") == before and not leftovers(out)
 

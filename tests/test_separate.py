@@ -202,7 +202,7 @@ def test_failed_run_leaves_previous_stems_and_no_partial_files(small_models, tmp
     with pytest.raises(KeyboardInterrupt):
         sep.separate(song, model, out, overwrite=True, shifts=1)
     assert sorted(p.name for p in (out / "song").iterdir()) == sorted(
-        p.name for p in paths.values()
+        [*(p.name for p in paths.values()), sep.MANIFEST]
     )
     assert {p: p.read_bytes() for p in paths.values()} == before
 
@@ -494,3 +494,23 @@ def test_waveform_and_spectral_files_of_one_checkpoint_give_the_same_wavs(
         run(m, f"k{i}", karaoke=True) for i, m in enumerate([small_models["htdemucs"], spectral])
     ]
     assert min(snr_db(karaoke[0], karaoke[1])) >= 100
+
+
+def test_other_rates_are_resampled_as_a_stream_in_bounded_memory(tmp_path):
+    """Five minutes at 48 kHz: the resampled song (106 MB as float32) is never held whole."""
+    rate, seconds = 48000, 300
+    song = tmp_path / "long.wav"
+    with sf.SoundFile(song, "w", rate, 2, "PCM_16") as file:
+        for start in range(0, seconds * rate, 60 * rate):
+            t = (start + np.arange(60 * rate)) / rate
+            file.write(0.3 * np.stack([np.sin(2 * np.pi * 220 * t)] * 2, axis=1))
+    whole = seconds * RATE * 2 * 4
+    tracemalloc.start()
+    with sep.open_track(song, RATE, 2) as track:
+        for start in range(0, track.length, 300000):
+            window = track.window(start, 343980)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert track.length == seconds * RATE
+    assert window.shape == (2, 343980)
+    assert peak < whole / 3, f"peaked at {peak / 1e6:.0f} MB of {whole / 1e6:.0f} MB"
