@@ -568,7 +568,8 @@ def _first_gap(path: Path, done: int) -> int | None:
     start, stop = 0, done
     for size in PROBE_FRAMES:
         with sf.SoundFile(path) as straight, sf.SoundFile(path) as seeking:
-            straight.seek(start)
+            for _ in range(start // size):  # decoded in a row up to `start`, never seeked
+                straight.read(size, dtype="float32")
             for at in range(start, stop, size):
                 block = straight.read(size, dtype="float32")
                 seeking.seek(at)

@@ -461,9 +461,7 @@ def test_an_ogg_that_loses_audio_in_the_middle_is_refused_where_it_does(tmp_path
     pages = [i for i in range(len(data)) if data[i : i + 4] == b"OggS"]
     middle = len(pages) // 2
     path.write_bytes(data[: pages[middle]] + data[pages[middle + 1] :])
-    with pytest.raises(
-        UserError, match=r"loses 0:0\d\.\d{3} of audio (near 0:0|in the middle)"
-    ) as caught:
+    with pytest.raises(UserError, match=r"loses 0:0\d\.\d{3} of audio near 0:0[1-5]") as caught:
         sep.separate(path, tiny(tmp_path), tmp_path / "out")
     assert "truncated" not in str(caught.value) and not (tmp_path / "out").exists()
 
