@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import stat
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -92,6 +93,8 @@ MAX_SHIFTS = 20
 # What a run leaves beside the stems: the song, the file and the options that produced them.
 MANIFEST = "separation.json"
 VOCALS, ACCOMPANIMENT = "vocals", "accompaniment"
+# Free space below which a bare write error is taken for a full disk.
+LOW_SPACE_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -786,10 +789,12 @@ def stream(
     )
     window = OverlapAdd(len(bases), stems, track.channels, segment, transition_weight(segment))
     mean = np.float32(track.mean) * np.asarray(sums or [1] * stems, np.float32)[:, None, None]
-    for chunk in tqdm(chunks, desc="separate", unit="segment"):
-        if chunk.start > window.origin:
-            yield window.emit(chunk.start) * track.std + mean
-        window.add(chunk, engine(track.window(chunk.start - chunk.pad, segment)))
+    # Closed on the way out of a failure too, so an error starts a line of its own.
+    with tqdm(chunks, desc="separate", unit="segment") as bar:
+        for chunk in bar:
+            if chunk.start > window.origin:
+                yield window.emit(chunk.start) * track.std + mean
+            window.add(chunk, engine(track.window(chunk.start - chunk.pad, segment)))
     yield window.emit(track.length) * track.std + mean
 
 
@@ -846,11 +851,21 @@ def manifest_text(song: Path, model: Path, names: list[str], **options) -> str:
     return json.dumps(record, indent=2) + "\n"
 
 
-def write_failure(exc: Exception) -> str:
-    """What a failed write says: the OS reason where there is one (ENOSPC, EDQUOT, EIO...)."""
+def write_failure(exc: Exception, folder: Path) -> str:
+    """What a failed write says: the OS reason where there is one (ENOSPC, EDQUOT, EIO...).
+
+    libsndfile reports a failed write(2) as a bare "System error", so a nearly full disk is
+    recognized by its free space.
+    """
     if isinstance(exc, OSError):
         return exc.strerror or str(exc)
-    return str(exc).replace("System error : ", "")
+    text = str(exc).replace("System error : ", "")
+    if "System error" in text:
+        with contextlib.suppress(OSError):
+            free = shutil.disk_usage(folder).free
+            if free < LOW_SPACE_BYTES:
+                return f"No space left on device: {free >> 10} KiB free"
+    return text
 
 
 def separate(
@@ -936,7 +951,8 @@ def separate(
                 staging.staged(record).write_text(text, encoding="utf-8")
             except (OSError, sf.LibsndfileError) as exc:
                 raise UserError(
-                    f"cannot write the stems into {folder} ({write_failure(exc)}); nothing "
+                    f"cannot write the stems into {folder} ({write_failure(exc, out_dir)}); "
+                    "nothing "
                     "was written and earlier stems are untouched: free some space or pass "
                     "another --out-dir"
                 ) from None
@@ -977,7 +993,7 @@ def write_stems(
         done = 0
         sums = [len(group) for group in engine.groups] if engine.groups else None
         blocks = stream(track, engine, info.segment, len(names), overlap, offsets, max_shift, sums)
-        for block in blocks:
+        for block in files.enter_context(contextlib.closing(blocks)):  # its progress bar too
             check_output(block, done, names, info.samplerate, model)
             for writer, stem in zip(writers, block, strict=True):
                 writer.write(stem.T)

@@ -549,3 +549,22 @@ def test_an_unreadable_song_names_the_permission(tmp_path):
     done = subprocess.run(list(map(str, args)), cwd=ROOT, capture_output=True, text=True, env=env)
     line = one_line(done)
     assert "ermission denied" in line and "not audio" not in line, line
+
+
+def test_a_real_full_disk_is_one_error(tmp_path):
+    """The same on a 1 MiB tmpfs, where a user namespace may mount one (else skipped)."""
+    model, path, out = tiny(tmp_path), tiny_song(tmp_path / "song.wav", 5.0), tmp_path / "small"
+    out.mkdir()
+    probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("no user namespaces here to mount a small tmpfs in")
+    command = (
+        f"mount -t tmpfs -o size=1m none {out} && {sys.executable} -m invoke separate {path} "
+        f"--model {model} --out-dir {out / 'out'} && ls -A {out}"
+    )
+    done = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", command], cwd=ROOT, capture_output=True, text=True
+    )
+    line = one_line(done)
+    assert "No space left on device" in line and "nothing was written" in line
+    assert not done.stdout.strip()  # the mount's view: nothing left behind
