@@ -298,7 +298,7 @@ class Engine:
             [(v.name, list(v.shape)) for v in self.session.get_outputs()],
         )
         # The contract's frequency bins give its n_fft (4096 but in test-size models).
-        bins = got[0][0][1][3] if len(got[0][0][1]) == 5 else 0
+        bins = got[0][0][1][3] if got[0] and len(got[0][0][1]) == 5 else 0
         self.n_fft = 2 * bins if isinstance(bins, int) and bins > 0 else 0
         want = expected_io(info, self.n_fft)
         if got != want:
