@@ -281,12 +281,16 @@ def contract(c, file=None, self_test=False):
 @task(
     help={
         "song": "Audio file to separate (WAV, FLAC, whatever libsndfile reads); mono is doubled.",
-        "model": "Converted ONNX file (default: models/htdemucs.onnx), stems named by metadata.",
-        "out_dir": "Stems go to OUT_DIR/SONG/STEM.wav, 32-bit float (default: separated/).",
+        "model": "Converted ONNX file, waveform or spectral-core (NAME.spectral.onnx) interface "
+        "(default: models/htdemucs.onnx), stems named by metadata.",
+        "out_dir": "Stems go to OUT_DIR/SONG/STEM.wav, 32-bit float, with separation.json "
+        "(default: separated/); one run at a time per folder.",
         "overlap": "Overlap of consecutive segments, a number in [0, 1) (default 0.25, as demucs).",
         "shifts": "How many random time shifts to average (demucs' shift trick; default 0: off).",
         "seed": "Integer >= 0 seeding the shift offsets, for reproducible runs (default: random).",
-        "overwrite": "Replace stem files that already exist.",
+        "overwrite": "Replace the stem set already in OUT_DIR/SONG (all of its files).",
+        "karaoke": "Write vocals.wav and accompaniment.wav (the sum of the other stems; one "
+        "ISTFT of their summed spectra for a spectral-core file, as OpenKara does).",
     }
 )
 @_cli
@@ -299,6 +303,7 @@ def separate(
     shifts="0",
     seed=None,
     overwrite=False,
+    karaoke=False,
 ):
     """Separate a song into stems with a converted file (numpy + onnxruntime only, no torch)."""
     from converter.separate import separate as run
@@ -311,6 +316,7 @@ def separate(
         shifts=_number("shifts", shifts, int),
         overwrite=overwrite,
         seed=_number("seed", seed, int) if seed is not None else None,
+        karaoke=karaoke,
     )
 
 

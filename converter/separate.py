@@ -9,27 +9,57 @@ one segment of the output, and once every chunk that starts before a frame is do
 is final, so it is written to the stem files at once and memory stays bounded by a few segments
 whatever the song length.
 
+Both tensor interfaces run here, chosen by the file's metadata and checked against its I/O: a
+waveform file takes the segment and returns stems; for a spectral-core file the contract's STFT
+and ISTFT run outside the graph in float64 numpy (`converter.spectral_contract`), as OpenKara
+does: stems[s] = ispec(spectral_out[s]) + time_out[s]. `--karaoke` writes vocals and their
+complement; for a spectral-core file the complement is one ISTFT of the summed spectra, as the
+app computes it (exact by linearity).
+
 Bad input never becomes bad stems: a NaN or Inf sample is refused with its time, a truncated
-file is separated as far as it goes with a warning that gives both lengths, and stems that are
-not finite are never written. Stems are staged and replace a previous set together or not at
-all (`converter.staging`), also on Ctrl-C or SIGTERM.
+file is separated as far as it goes with a warning that gives both lengths, a file that loses
+audio in the middle or fails to decode is refused at that place, and stems that are not finite
+are never written. Other sample rates are resampled as a stream (soxr's `ResampleStream`), so
+memory stays at a few segments at any rate. The output folder is locked while a run writes it;
+stems and a `separation.json` record are staged and replace the previous set as a whole
+(files of a larger previous set included), together or not at all (`converter.staging`), also
+on Ctrl-C, SIGTERM or a full disk.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
+import math
+import os
 import re
+import shutil
+import stat
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from . import __version__, spectral_contract
 from . import metadata as meta
 from .errors import UserError
-from .staging import Staging, check_targets, note_on_interrupt
+from .facts import (
+    INPUT_NAME,
+    INTERFACES,
+    MIX_INPUT,
+    OUTPUT_NAME,
+    SPECTRAL_CONTRACT,
+    SPECTRAL_CORE,
+    SPECTRAL_INPUT,
+    SPECTRAL_OUTPUT,
+    TIME_OUTPUT,
+    WAVEFORM,
+)
+from .progress import peak_rss_mb
+from .staging import PREFIX, Staging, check_targets, note_on_interrupt
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +69,32 @@ STD_EPSILON = 1e-8
 # demucs' shift trick pads by half a second and shifts by a random amount up to that.
 MAX_SHIFT_SECONDS = 0.5
 STAT_BLOCK_FRAMES = 1 << 20
+# Source frames decoded (and resampled) per step of a streamed read.
+STREAM_BLOCK_FRAMES = 1 << 16
+# Frames a streamed read keeps before the one asked for (at least half of any segment).
+HISTORY_FRAMES = 1 << 19
+# Frames per read when looking for the place a file is damaged (coarse, then fine).
+PROBE_FRAMES = (1 << 16, 1 << 10)
 METADATA_KEYS = (meta.STEMS, meta.SAMPLE_RATE, meta.SEGMENT_SAMPLES, meta.AUDIO_CHANNELS)
-# Stem names become file names: no separators, no hidden or relative names.
+# The provenance records what the runtime metadata said at conversion (`pipeline`).
+PROVENANCE_KEYS = {
+    meta.STEMS: "stems",
+    meta.SAMPLE_RATE: "sample_rate",
+    meta.SEGMENT_SAMPLES: "segment_samples",
+    meta.AUDIO_CHANNELS: "audio_channels",
+}
+# Stem names become file names: no separators, no hidden or relative names, short.
 STEM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_+-]*")
+MAX_STEM_NAME = 64
+# The highest rate audio is sold at, twice over; a larger one is an edited file, not a model.
+MAX_SAMPLE_RATE = 768_000
+# Each shift is one more whole pass, and one more segment-sized buffer per stem.
+MAX_SHIFTS = 20
+# What a run leaves beside the stems: the song, the file and the options that produced them.
+MANIFEST = "separation.json"
+VOCALS, ACCOMPANIMENT = "vocals", "accompaniment"
+# Free space below which a bare write error is taken for a full disk.
+LOW_SPACE_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -53,6 +106,7 @@ class ModelInfo:
     segment: int
     channels: int
     models: int  # members of the bag fused into the file
+    interface: str = WAVEFORM
 
 
 def model_info(metadata: dict[str, str], path: Path) -> ModelInfo:
@@ -61,6 +115,19 @@ def model_info(metadata: dict[str, str], path: Path) -> ModelInfo:
         raise UserError(
             f"{path} lacks the metadata {', '.join(missing)}: it is not a file written by "
             "`invoke convert`; pass one with --model"
+        )
+    # Files from before the key existed are waveform files.
+    interface = metadata.get(meta.TENSOR_INTERFACE, WAVEFORM)
+    if interface not in INTERFACES:
+        raise UserError(
+            f"{path} has {meta.TENSOR_INTERFACE}={interface!r}, not one of "
+            f"{', '.join(INTERFACES)}; convert the model again with `invoke convert`"
+        )
+    contract = metadata.get(meta.SPECTRAL_CONTRACT)
+    if interface == SPECTRAL_CORE and contract != SPECTRAL_CONTRACT:
+        raise UserError(
+            f"{path} is a spectral-core file of {meta.SPECTRAL_CONTRACT}={contract!r}; this "
+            f"separator computes {SPECTRAL_CONTRACT} only: convert the model again"
         )
     try:
         provenance = json.loads(metadata.get(meta.PROVENANCE, "{}"))
@@ -71,6 +138,7 @@ def model_info(metadata: dict[str, str], path: Path) -> ModelInfo:
             segment=int(metadata[meta.SEGMENT_SAMPLES]),
             channels=int(metadata[meta.AUDIO_CHANNELS]),
             models=len(signatures) if isinstance(signatures, list) and signatures else 1,
+            interface=interface,
         )
     except ValueError as exc:
         raise UserError(f"{path} has malformed openkara.* metadata ({exc})") from None
@@ -80,7 +148,12 @@ def model_info(metadata: dict[str, str], path: Path) -> ModelInfo:
         meta.AUDIO_CHANNELS: info.channels,
     }
     wrong = [f"{key}={value}" for key, value in sizes.items() if value <= 0]
-    if len(set(info.stems)) != len(info.stems) or not all(map(STEM_NAME.fullmatch, info.stems)):
+    if info.samplerate > MAX_SAMPLE_RATE:
+        wrong.append(f"{meta.SAMPLE_RATE}={info.samplerate} (at most {MAX_SAMPLE_RATE})")
+    longest = max(map(len, info.stems))
+    if longest > MAX_STEM_NAME:
+        wrong.append(f"{meta.STEMS} has a {longest}-character name (at most {MAX_STEM_NAME})")
+    elif len(set(info.stems)) != len(info.stems) or not all(map(STEM_NAME.fullmatch, info.stems)):
         names = metadata[meta.STEMS]
         wrong.append(f"{meta.STEMS}={names!r} (distinct names of letters, digits, _+-)")
     if wrong:
@@ -88,19 +161,116 @@ def model_info(metadata: dict[str, str], path: Path) -> ModelInfo:
             f"{path} has impossible openkara.* metadata: {', '.join(wrong)}; it was not written by "
             "`invoke convert` or was edited since: convert the model again"
         )
+    edited = [
+        f"{key}={metadata[key]!r} (converted as {recorded!r})"
+        for key, recorded in recorded_metadata(provenance).items()
+        if metadata[key] != recorded
+    ]
+    if edited:
+        raise UserError(
+            f"{path}: its metadata {', '.join(edited)} disagrees with the provenance stamped at "
+            "conversion, so stems would be mislabeled or resampled wrongly; the file was edited "
+            "since `invoke convert`: convert the model again"
+        )
     return info
 
 
+def recorded_metadata(provenance: object) -> dict[str, str]:
+    """The runtime metadata as the provenance recorded it at conversion, where it did."""
+    if not isinstance(provenance, dict):
+        return {}
+    recorded = {}
+    for key, name in PROVENANCE_KEYS.items():
+        value = provenance.get(name)
+        if isinstance(value, list):
+            recorded[key] = ",".join(map(str, value))
+        elif isinstance(value, int | str):
+            recorded[key] = str(value)
+    return recorded
+
+
+def check_input(path: Path, what: str, directory: str, missing: str) -> None:
+    """Refuse a path that is not a readable regular file, saying what it is instead.
+
+    `directory` and `missing` are the fixes to suggest for a folder and a missing file.
+    """
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UserError(
+                f"{what} {path} is a symbolic link loop (it never reaches a file); point it "
+                "at a file"
+            ) from None
+        if os.path.islink(path):  # False, not an error, where a folder above is unreadable
+            raise UserError(
+                f"{what} {path} is a broken symbolic link (to {os.readlink(path)}); {missing}"
+            ) from None
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise UserError(f"{what} {path} does not exist; {missing}") from None
+        raise UserError(
+            f"{what} {path} cannot be looked at: {exc.strerror} (a folder above it is not "
+            "searchable); make it readable or copy the file"
+        ) from None
+    kinds = {
+        stat.S_ISDIR: f"a directory; {directory}",
+        stat.S_ISFIFO: "a FIFO (named pipe), not a file: it is read more than once (statistics, "
+        "then separation); save it to a file first",
+        stat.S_ISCHR: "a character device, not a file (/dev/null reads as nothing); pass a file",
+        stat.S_ISBLK: "a block device, not a file; pass a file",
+        stat.S_ISSOCK: "a socket, not a file; pass a file",
+    }
+    for test, kind in kinds.items():
+        if test(mode):
+            raise UserError(f"{what} {path} is {kind}")
+    if not stat.S_ISREG(mode):
+        raise UserError(f"{what} {path} is not a regular file; pass a file")
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise UserError(
+            f"{what} {path} is not readable: permission denied (mode {stat.filemode(mode)}); "
+            "make it readable (chmod a+r) or copy it"
+        ) from None
+    except OSError as exc:
+        raise UserError(f"{what} {path} cannot be opened: {exc.strerror}") from None
+
+
+def expected_io(info: ModelInfo, n_fft: int) -> tuple[list, list]:
+    """([(name, shape)] of the inputs, of the outputs) a file of `info`'s interface has."""
+    stems, channels, segment = len(info.stems), info.channels, info.segment
+    if info.interface == WAVEFORM:
+        return [(INPUT_NAME, [1, channels, segment])], [
+            (OUTPUT_NAME, [1, stems, channels, segment])
+        ]
+    spectral = [channels, 2, n_fft // 2, spectral_contract.frames(segment, n_fft)]
+    return (
+        [(SPECTRAL_INPUT, [1, *spectral]), (MIX_INPUT, [1, channels, segment])],
+        [(SPECTRAL_OUTPUT, [1, stems, *spectral]), (TIME_OUTPUT, [1, stems, channels, segment])],
+    )
+
+
+def _io_text(io: tuple[list, list]) -> str:
+    def side(values: list) -> str:
+        return ", ".join(f"{name}{shape}" for name, shape in values)
+
+    return f"{side(io[0])} -> {side(io[1])}"
+
+
 class Engine:
-    """An onnxruntime session on a converted file: one segment in, every stem out."""
+    """An onnxruntime session on a converted file: one segment in, every stem (or every group
+    of stems summed, `groups`) out, whatever the file's tensor interface."""
 
     def __init__(self, path: Path):
         import onnxruntime as ort
 
-        if path.is_dir():
-            raise UserError(f"model file {path} is a directory; pass the .onnx file with --model")
-        if not path.is_file():
-            raise UserError(f"model file {path} does not exist; convert one with `invoke convert`")
+        check_input(
+            path,
+            "model file",
+            "pass the .onnx file with --model",
+            "convert one with `invoke convert`",
+        )
         options = ort.SessionOptions()
         # OpenKara skips ORT's optimizer for files optimized offline (all converted files are);
         # the metadata can only be read from a session, so that is the first one tried.
@@ -123,30 +293,60 @@ class Engine:
                 str(path), options, providers=["CPUExecutionProvider"]
             )
         info = self.info
-        (inp,), (out,) = self.session.get_inputs(), self.session.get_outputs()
-        want_in = [1, info.channels, info.segment]
-        want_out = [1, len(info.stems), info.channels, info.segment]
-        if (inp.name, list(inp.shape), out.name, list(out.shape)) != (
-            "audio",
-            want_in,
-            "stems",
-            want_out,
-        ):
+        got = (
+            [(v.name, list(v.shape)) for v in self.session.get_inputs()],
+            [(v.name, list(v.shape)) for v in self.session.get_outputs()],
+        )
+        # The contract's frequency bins give its n_fft (4096 but in test-size models).
+        bins = got[0][0][1][3] if got[0] and len(got[0][0][1]) == 5 else 0
+        self.n_fft = 2 * bins if isinstance(bins, int) and bins > 0 else 0
+        want = expected_io(info, self.n_fft)
+        if got != want:
             raise UserError(
-                f"{path}: interface {inp.name}{inp.shape} -> {out.name}{out.shape} does not match "
-                f"its metadata (audio{want_in} -> stems{want_out})"
+                f"{path}: interface {_io_text(got)} does not match its metadata "
+                f"({info.interface}: {_io_text(want)})"
             )
+        # None: every stem as it is; else one output per list, the sum of those stems.
+        self.groups: list[list[int]] | None = None
         log.info(
-            "model %s: stems %s, %d Hz, segment %d samples",
+            "model %s: %s interface, stems %s, %d Hz, segment %d samples",
             path.name,
+            info.interface,
             ",".join(info.stems),
             info.samplerate,
             info.segment,
         )
 
+    def _combine(self, outputs: np.ndarray, dtype: type) -> np.ndarray:
+        """[S, ...] -> [G, ...]: each group's stems summed, in `dtype`."""
+        if self.groups is None:
+            return outputs.astype(dtype, copy=False)
+        return np.stack([outputs[group].sum(0, dtype=dtype) for group in self.groups])
+
     def __call__(self, audio: np.ndarray) -> np.ndarray:
-        """[channels, segment] -> [stems, channels, segment]."""
-        return self.session.run(["stems"], {"audio": audio[None]})[0][0]
+        """[channels, segment] -> [stems or groups, channels, segment]."""
+        if self.info.interface == WAVEFORM:
+            stems = self.session.run([OUTPUT_NAME], {INPUT_NAME: audio[None]})[0][0]
+            return self._combine(stems, np.float32)
+        spectral = spectral_contract.spec(audio, self.n_fft).astype(np.float32)
+        spectral_out, time_out = self.session.run(
+            [SPECTRAL_OUTPUT, TIME_OUTPUT], {SPECTRAL_INPUT: spectral[None], MIX_INPUT: audio[None]}
+        )
+        # One ISTFT per output: a group's spectra are summed first, as OpenKara's karaoke does.
+        waves = spectral_contract.ispec(
+            self._combine(spectral_out[0], np.float64), audio.shape[-1], self.n_fft
+        )
+        return (waves + self._combine(time_out[0], np.float64)).astype(np.float32)
+
+
+def outputs(stems: list[str], karaoke: bool) -> tuple[list[str], list[list[int]] | None]:
+    """The names written and the stems summed into each (None: the stems themselves)."""
+    if not karaoke:
+        return stems, None
+    if VOCALS not in stems:
+        raise UserError(f"--karaoke needs a {VOCALS!r} stem; this file has {', '.join(stems)}")
+    vocals = stems.index(VOCALS)
+    return [VOCALS, ACCOMPANIMENT], [[vocals], [i for i in range(len(stems)) if i != vocals]]
 
 
 def convert_channels(frames: np.ndarray, channels: int) -> np.ndarray:
@@ -217,13 +417,172 @@ def normalize(track: Track) -> Track:
     return track
 
 
-def resample(frames: np.ndarray, source: int, target: int) -> np.ndarray:
-    """Band-limited resampling with soxr (very high quality), [channels, n] -> [channels, m]."""
-    import soxr
+class Decoded:
+    """The song at the model's rate and channel count, decoded (and resampled) as a stream.
 
-    return np.ascontiguousarray(
-        soxr.resample(frames.T, source, target, quality="VHQ").T, np.float32
+    `read(start, stop)` serves frames from a buffer that holds the last request and the one
+    before it; reads move forward (the chunks of a separation overlap by at most a segment), and
+    one that starts earlier than that restarts the decoding from the top. Resampling is soxr's
+    `ResampleStream` at very high quality, which gives exactly `soxr.resample`'s output, so
+    memory stays at a few blocks however long the song is.
+    """
+
+    def __init__(self, path: Path, samplerate: int, channels: int):
+        self.path, self.samplerate, self.channels = path, samplerate, channels
+        self.sound = None
+        self.restart()
+        self.present = self.declared  # source frames, until the decoding ends early
+
+    def restart(self) -> None:
+        import soundfile as sf
+        import soxr
+
+        if self.sound is not None:
+            self.sound.close()
+            log.info("decoding %s again from the start", self.path.name)
+        self.sound = sf.SoundFile(self.path)
+        self.rate, self.declared = self.sound.samplerate, self.sound.frames
+        self.stream = None
+        if self.rate != self.samplerate:
+            self.stream = soxr.ResampleStream(
+                self.rate, self.samplerate, self.channels, dtype="float32", quality="VHQ"
+            )
+        self.buffer = np.zeros((self.channels, 0), np.float32)
+        self.origin = 0  # output frame of buffer[:, 0]
+        self.decoded = 0  # source frames decoded
+        self.ended = False
+
+    @property
+    def length(self) -> int:
+        """Output frames the declared source frames give (soxr rounds; a short read corrects)."""
+        return math.ceil(self.declared * self.samplerate / self.rate) + 1
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        if start < self.origin:
+            self.restart()
+        # Forget what no later read needs before decoding more: a later window starts at most
+        # half a segment before this one (the centered padding of a short chunk).
+        drop = max(0, start - min(stop - start, HISTORY_FRAMES) - self.origin)
+        self.buffer, self.origin = self.buffer[:, drop:], self.origin + drop
+        while self.origin + self.buffer.shape[1] < stop and not self.ended:
+            self._pull()
+        return self.buffer[:, start - self.origin : stop - self.origin]
+
+    def _pull(self) -> None:
+        import soundfile as sf
+
+        try:
+            block = self.sound.read(STREAM_BLOCK_FRAMES, dtype="float32", always_2d=True)
+        except (sf.LibsndfileError, RuntimeError) as exc:
+            inspect_damage(self.path, self.declared)
+            raise UserError(_decode_error(self.path, self.decoded, self.rate, exc)) from None
+        check_finite(block, self.decoded, self.rate, self.path)
+        self.decoded += block.shape[0]
+        last = block.shape[0] < STREAM_BLOCK_FRAMES
+        frames = convert_channels(block.T, self.channels)
+        if self.stream is not None:
+            chunk = np.ascontiguousarray(frames.T)
+            frames = self.stream.resample_chunk(chunk, last=last).T
+        self.buffer = np.concatenate([self.buffer, frames], axis=1)
+        if last:
+            self.ended = True
+            if self.decoded < self.declared:
+                self.present = inspect_damage(self.path, self.declared)
+
+
+class Seeking:
+    """The song read from disk where asked (its rate is the model's and it can seek)."""
+
+    def __init__(self, sound, path: Path, channels: int):
+        self.sound, self.path, self.channels = sound, path, channels
+        self.rate, self.declared = sound.samplerate, sound.frames
+        self.length = self.present = sound.frames  # until a read ends early
+        self.inspected = False
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        import soundfile as sf
+
+        try:
+            self.sound.seek(start)
+            frames = self.sound.read(stop - start, dtype="float32", always_2d=True)
+        except (sf.LibsndfileError, RuntimeError) as exc:
+            inspect_damage(self.path, self.declared)
+            raise UserError(_decode_error(self.path, start, self.rate, exc)) from None
+        if frames.shape[0] < stop - start and not self.inspected:
+            self.inspected = True  # once: the track ends where the file does
+            self.present = inspect_damage(self.path, self.declared)
+        check_finite(frames, start, self.rate, self.path)
+        return convert_channels(frames.T, self.channels)
+
+
+def _decode_error(path: Path, frame: int, rate: int, exc: Exception) -> str:
+    return (
+        f"cannot decode {path} at {clock(frame / rate)} (frame {frame}; {exc}): the file is "
+        "damaged there; repair or re-encode it"
     )
+
+
+def inspect_damage(path: Path, declared: int) -> int:
+    """Find why `path` decodes short of the `declared` frames; return the frames it holds.
+
+    Decoded straight through in small blocks: a decoding error is reported at its place, and
+    so is a gap (audio that resumes after a missing stretch, as a damaged OGG page leaves: every
+    later stem would be early); a file that just ends early returns where it ends.
+    """
+    import soundfile as sf
+
+    fine = PROBE_FRAMES[-1]
+    with sf.SoundFile(path) as sound:
+        rate, done = sound.samplerate, 0
+        try:
+            while (count := sound.read(fine, dtype="float32").shape[0]) == fine:
+                done += count
+            done += count
+        except (sf.LibsndfileError, RuntimeError) as exc:
+            raise UserError(_decode_error(path, done, rate, exc)) from None
+        if done >= declared or not sound.seekable() or not _resumes(sound, done, declared):
+            return done
+    missing = declared - done
+    where = _first_gap(path, done)
+    place = f"near {clock(where / rate)}" if where is not None else "in the middle"
+    raise UserError(
+        f"{path} loses {clock(missing / rate)} of audio {place}: decoded it holds {done} frames "
+        f"but its timestamps run to {declared} ({clock(declared / rate)}), so every stem after "
+        "the gap would be early; repair or re-encode the file"
+    )
+
+
+def _resumes(sound, done: int, declared: int) -> bool:
+    """Whether audio can be read at a timestamp past the `done` frames decoded in a row."""
+    import soundfile as sf
+
+    probe = min(PROBE_FRAMES[-1], declared - done)
+    try:
+        sound.seek(declared - probe)
+        return sound.read(probe, dtype="float32").shape[0] > 0
+    except (sf.LibsndfileError, RuntimeError):
+        return False
+
+
+def _first_gap(path: Path, done: int) -> int | None:
+    """The first frame where decoding in a row and reading at that timestamp disagree."""
+    import soundfile as sf
+
+    start, stop = 0, done
+    for size in PROBE_FRAMES:
+        with sf.SoundFile(path) as straight, sf.SoundFile(path) as seeking:
+            for _ in range(start // size):  # decoded in a row up to `start`, never seeked
+                straight.read(size, dtype="float32")
+            for at in range(start, stop, size):
+                block = straight.read(size, dtype="float32")
+                seeking.seek(at)
+                other = seeking.read(size, dtype="float32")
+                if block.shape != other.shape or not np.allclose(block, other, atol=1e-3):
+                    start, stop = at, at + size
+                    break
+            else:
+                return None
+    return start
 
 
 def clock(seconds: float) -> str:
@@ -273,7 +632,7 @@ def check_finite(frames: np.ndarray, start: int, rate: int, path: Path) -> None:
 
 @contextlib.contextmanager
 def open_track(path: Path, samplerate: int, channels: int) -> Iterator[Track]:
-    """Open `path` as a normalized Track; at the model's rate it is read from disk as needed."""
+    """Open `path` as a normalized Track, read from disk or decoded as a stream as needed."""
     import soundfile as sf
 
     try:
@@ -291,47 +650,36 @@ def open_track(path: Path, samplerate: int, channels: int) -> Iterator[Track]:
             sound.channels,
             sound.frames / rate,
         )
-
-        def read_file(start: int, stop: int) -> np.ndarray:
-            try:
-                sound.seek(start)
-                frames = sound.read(stop - start, dtype="float32", always_2d=True)
-            except (sf.LibsndfileError, RuntimeError) as exc:
-                raise UserError(
-                    f"cannot decode {path} at {clock(start / rate)} ({exc}): the file is damaged "
-                    "or truncated; repair or re-encode it"
-                ) from None
-            check_finite(frames, start, rate, path)
-            return convert_channels(frames.T, channels)
-
         if sound.channels != channels:
             log.info("%d channel(s) -> %d, as demucs converts them", sound.channels, channels)
+        source: Seeking | Decoded
         if rate == samplerate and sound.seekable():
-            track = normalize(Track(read_file, sound.frames, channels))
-            present = track.length
+            source = Seeking(sound, path, channels)
         else:
-            # Resampling needs the whole signal; the resampled copy is the only one kept.
-            data = read_file(0, sound.frames)
-            present = data.shape[1]
             if rate != samplerate:
-                log.info("resampling %d Hz -> %d Hz with soxr (VHQ)", rate, samplerate)
-                data = resample(data, rate, samplerate)
-            track = normalize(Track(lambda lo, hi: data[:, lo:hi], data.shape[1], channels))
-        declared = max(sound.frames, wav_declared_frames(path) or 0)
-        if not present:
-            raise UserError(f"{path} holds no audio frames (its header declares {declared})")
-        if present < declared:
-            log.warning(
-                "%s is truncated: its header declares %d frames (%s), the file holds %d (%s); "
-                "separating the %s present",
-                path,
-                declared,
-                clock(declared / rate),
-                present,
-                clock(present / rate),
-                clock(present / rate),
-            )
-        yield track
+                log.info("resampling %d Hz -> %d Hz with soxr (VHQ), streamed", rate, samplerate)
+            source = Decoded(path, samplerate, channels)
+        try:
+            track = normalize(Track(source.read, source.length, channels))
+            present = source.present
+            declared = max(sound.frames, wav_declared_frames(path) or 0)
+            if not present or not track.length:
+                raise UserError(f"{path} holds no audio frames (its header declares {declared})")
+            if present < declared:
+                log.warning(
+                    "%s is truncated: its header declares %d frames (%s), the file holds %d "
+                    "(%s); separating the %s present",
+                    path,
+                    declared,
+                    clock(declared / rate),
+                    present,
+                    clock(present / rate),
+                    clock(present / rate),
+                )
+            yield track
+        finally:
+            if isinstance(source, Decoded) and source.sound is not None:
+                source.sound.close()
 
 
 @dataclass(frozen=True)
@@ -422,8 +770,12 @@ def stream(
     overlap: float,
     offsets: Sequence[int],
     max_shift: int,
+    sums: Sequence[int] | None = None,
 ) -> Iterator[np.ndarray]:
-    """Separated, de-normalized blocks [stems, channels, n] covering the track in order."""
+    """Separated, de-normalized blocks [stems, channels, n] covering the track in order.
+
+    `sums[i]`: how many stems output i adds up (the track's mean comes back once per stem).
+    """
     from tqdm import tqdm
 
     bases = [o - max_shift for o in offsets] if offsets else [0]
@@ -436,16 +788,84 @@ def stream(
         overlap,
     )
     window = OverlapAdd(len(bases), stems, track.channels, segment, transition_weight(segment))
-    for chunk in tqdm(chunks, desc="separate", unit="segment"):
-        if chunk.start > window.origin:
-            yield window.emit(chunk.start) * track.std + track.mean
-        window.add(chunk, engine(track.window(chunk.start - chunk.pad, segment)))
-    yield window.emit(track.length) * track.std + track.mean
+    mean = np.float32(track.mean) * np.asarray(sums or [1] * stems, np.float32)[:, None, None]
+    # Closed on the way out of a failure too, so an error starts a line of its own.
+    with tqdm(chunks, desc="separate", unit="segment") as bar:
+        for chunk in bar:
+            if chunk.start > window.origin:
+                yield window.emit(chunk.start) * track.std + mean
+            window.add(chunk, engine(track.window(chunk.start - chunk.pad, segment)))
+    yield window.emit(track.length) * track.std + mean
+
+
+def song_folder(song: Path, out_dir: Path) -> Path:
+    """OUT_DIR/SONG: the song's name without its extension, or with it where that would leave
+    a relative name (`...wav` would be `..`, the parent of OUT_DIR)."""
+    name = song.stem if song.stem not in ("", ".", "..") else song.name
+    if name.startswith(PREFIX):
+        raise UserError(
+            f"{song}: a stems folder named {name!r} would be taken for a run's staging folder; "
+            "rename the song"
+        )
+    return out_dir / name
 
 
 def stem_paths(song: Path, out_dir: Path, stems: list[str]) -> dict[str, Path]:
-    folder = out_dir / song.stem
+    folder = song_folder(song, out_dir)
     return {stem: folder / f"{stem}.wav" for stem in stems}
+
+
+def previous_set(folder: Path, targets: list[Path]) -> tuple[list[Path], str | None]:
+    """The files of the stem set already in `folder` and the song they are of, if recorded.
+
+    The set is what its `separation.json` lists (a six-stem run's guitar.wav included) plus
+    any of `targets` present (folders written before the record existed).
+    """
+    record = folder / MANIFEST
+    files = [t for t in targets if t.exists() or t.is_symlink()]
+    song = None
+    try:
+        entries = json.loads(record.read_text(encoding="utf-8"))
+        song = str(entries["song"])
+        names = [str(name) for name in entries["stems"]]
+    except FileNotFoundError:
+        names = []
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("%s is not a separation record (%s); ignoring it", record, exc)
+        names = []
+    for name in names:
+        path = folder / name
+        if Path(name).name == name and name.endswith(".wav") and path.is_file():
+            files.append(path)
+    return list(dict.fromkeys(files)), song
+
+
+def manifest_text(song: Path, model: Path, names: list[str], **options) -> str:
+    record = {
+        "song": str(song.resolve()),
+        "model": str(model.resolve()),
+        "stems": [f"{name}.wav" for name in names],
+        "converter": __version__,
+        **options,
+    }
+    return json.dumps(record, indent=2) + "\n"
+
+
+def write_failure(exc: Exception, folder: Path) -> str:
+    """What a failed write says: the OS reason where there is one (ENOSPC, EDQUOT, EIO...).
+
+    libsndfile reports a failed write(2) as a bare "System error", so a nearly full disk is
+    recognized by its free space.
+    """
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    text = str(exc).replace("System error : ", "")
+    if "System error" in text:
+        with contextlib.suppress(OSError):
+            free = shutil.disk_usage(folder).free
+            if free < LOW_SPACE_BYTES:
+                return f"No space left on device: {free >> 10} KiB free"
+    return text
 
 
 def separate(
@@ -456,23 +876,28 @@ def separate(
     shifts: int = 0,
     overwrite: bool = False,
     seed: int | None = None,
+    karaoke: bool = False,
 ) -> dict[str, Path]:
-    """Separate `song` with the converted file `model` into `out_dir/SONG/STEM.wav`.
+    """Separate `song` with the converted file `model` into `out_dir/SONG/STEM.wav` (with
+    `karaoke`, vocals.wav and accompaniment.wav) beside a `separation.json` record.
 
     Stems are 32-bit float WAV: no clipping decision is needed for a stream whose peak is not
     known until the end, and the files hold exactly what the model produced. All stems appear
-    together, after the last frame is written, or none does.
+    together, after the last frame is written, or none does; `overwrite` replaces the whole
+    previous set in the folder.
     """
     if not 0 <= overlap < 1:
         raise UserError(f"--overlap {overlap} is outside [0, 1)")
     if shifts < 0:
         raise UserError(f"--shifts {shifts} is negative")
+    if shifts > MAX_SHIFTS:
+        raise UserError(
+            f"--shifts {shifts} is more than {MAX_SHIFTS}: each shift is one more whole pass "
+            "over the song (demucs suggests up to 10)"
+        )
     if seed is not None and seed < 0:
         raise UserError(f"--seed {seed} is negative; pass 0 or more")
-    if song.is_dir():
-        raise UserError(f"audio file {song} is a directory; pass the song's file")
-    if not song.is_file():
-        raise UserError(f"audio file {song} does not exist")
+    check_input(song, "audio file", "pass the song's file", "pass an existing audio file")
     with note_on_interrupt("stopped before separating; nothing was written"):
         engine = Engine(model)
     info = engine.info
@@ -480,11 +905,12 @@ def separate(
         raise UserError(
             f"--overlap {overlap} leaves no stride within a {info.segment}-sample segment"
         )
-    finals = stem_paths(song, out_dir, info.stems)
-    check_targets(list(finals.values()))
-    existing = [str(p) for p in finals.values() if p.exists()]
-    if existing and not overwrite:
-        raise UserError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace")
+    names, engine.groups = outputs(info.stems, karaoke)
+    finals = stem_paths(song, out_dir, names)
+    folder = song_folder(song, out_dir)
+    record = folder / MANIFEST
+    targets = [*finals.values(), record]
+    check_targets(targets)
     max_shift = int(MAX_SHIFT_SECONDS * info.samplerate)
     offsets = shift_offsets(shifts, max_shift, seed)
     if offsets:
@@ -492,42 +918,95 @@ def separate(
         if info.models > 1:
             # demucs draws offsets per bag member; the file runs the whole bag on one input.
             log.info("the %d models of the bag share each pass's offset", info.models)
+    if karaoke:
+        log.info("karaoke: vocals and accompaniment (the sum of %s)", ", ".join(info.stems))
+
     import soundfile as sf
 
-    staging = Staging(list(finals.values()), "--out-dir", out_dir)
-    with staging, open_track(song, info.samplerate, info.channels) as track:
-        with contextlib.ExitStack() as files:
-            writers = [
-                files.enter_context(
-                    sf.SoundFile(
-                        staging.staged(p),
-                        "w",
-                        samplerate=info.samplerate,
-                        channels=info.channels,
-                        subtype="FLOAT",
-                        format="WAV",
-                    )
+    staging = Staging(targets, "--out-dir", out_dir, exclusive=True)
+    with staging:
+        existing, source = previous_set(folder, targets)
+        if existing and not overwrite:
+            if source is not None and source != str(song.resolve()):
+                raise UserError(
+                    f"{folder} holds the stems of {source}, not of {song}; pass another "
+                    "--out-dir (or --overwrite to replace them)"
                 )
-                for p in finals.values()
-            ]
-            done = 0
-            stems = len(info.stems)
-            for block in stream(track, engine, info.segment, stems, overlap, offsets, max_shift):
-                check_output(block, done, info, model)
-                for writer, stem in zip(writers, block, strict=True):
-                    writer.write(stem.T)
-                done += block.shape[-1]
+            shown = ", ".join(str(p) for p in existing)
+            raise UserError(f"{shown} already exist(s); pass --overwrite to replace")
+        staging.replace_also(existing)
+        with open_track(song, info.samplerate, info.channels) as track:
+            try:
+                write_stems(staging, finals, track, engine, overlap, offsets, max_shift, model)
+                text = manifest_text(
+                    song,
+                    model,
+                    names,
+                    interface=info.interface,
+                    overlap=overlap,
+                    shifts=shifts,
+                    shift_offsets=offsets,
+                    karaoke=karaoke,
+                )
+                staging.staged(record).write_text(text, encoding="utf-8")
+            except (OSError, sf.LibsndfileError) as exc:
+                raise UserError(
+                    f"cannot write the stems into {folder} ({write_failure(exc, out_dir)}); "
+                    "nothing "
+                    "was written and earlier stems are untouched: free some space or pass "
+                    "another --out-dir"
+                ) from None
         staging.commit()
+    log.info("separated %s: peak RSS %.0f MB", song.name, peak_rss_mb())
     return finals
 
 
-def check_output(block: np.ndarray, start: int, info: ModelInfo, model: Path) -> None:
+def write_stems(
+    staging: Staging,
+    finals: dict[str, Path],
+    track: Track,
+    engine: Engine,
+    overlap: float,
+    offsets: list[int],
+    max_shift: int,
+    model: Path,
+) -> None:
+    """Stream the separation into the staged WAVs, one per output of `engine`."""
+    import soundfile as sf
+
+    info = engine.info
+    names = list(finals)
+    with contextlib.ExitStack() as files:
+        writers = [
+            files.enter_context(
+                sf.SoundFile(
+                    staging.staged(p),
+                    "w",
+                    samplerate=info.samplerate,
+                    channels=info.channels,
+                    subtype="FLOAT",
+                    format="WAV",
+                )
+            )
+            for p in finals.values()
+        ]
+        done = 0
+        sums = [len(group) for group in engine.groups] if engine.groups else None
+        blocks = stream(track, engine, info.segment, len(names), overlap, offsets, max_shift, sums)
+        for block in files.enter_context(contextlib.closing(blocks)):  # its progress bar too
+            check_output(block, done, names, info.samplerate, model)
+            for writer, stem in zip(writers, block, strict=True):
+                writer.write(stem.T)
+            done += block.shape[-1]
+
+
+def check_output(block: np.ndarray, start: int, names: list[str], rate: int, model: Path) -> None:
     """Never write a non-finite stem: stop at the first NaN/Inf the model produced."""
     bad = ~np.isfinite(block)
     if bad.any():
         stem, channel, frame = (int(i) for i in np.argwhere(bad)[0])
         raise UserError(
-            f"{model} produced a non-finite value for stem {info.stems[stem]!r} at "
-            f"{clock((start + frame) / info.samplerate)} (channel {channel + 1}); no stems were "
+            f"{model} produced a non-finite value for stem {names[stem]!r} at "
+            f"{clock((start + frame) / rate)} (channel {channel + 1}); no stems were "
             "written. The file is broken, or this audio overflows float32 in it"
         )

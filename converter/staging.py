@@ -5,6 +5,11 @@ passed, moves the files over the targets together: each existing target is set a
 and any failure (or Ctrl-C / SIGTERM) puts the previous set back. A later run removes staging
 folders whose process is gone (a SIGKILL leaves one behind; the PID in the name is looked up on
 this machine, so two machines must not share an output folder); nothing else reads them.
+
+A run can also hold its folder exclusively (`exclusive=True`, `invoke separate`): a second run
+into the same folder is refused at once instead of racing the first one's commit, and
+`replace_also` names files of the previous set that the new set does not have, so the whole set
+is replaced, not only the files that share a name.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from .errors import UserError
 log = logging.getLogger(__name__)
 
 PREFIX = ".staging-"
+# The lock file of an exclusive Staging; `remove_stale` never takes it for a staging folder.
+LOCK = f"{PREFIX}lock"
 
 
 def check_targets(targets: Sequence[Path]) -> None:
@@ -71,6 +78,60 @@ def describe(targets: Sequence[Path]) -> str:
     return f"nothing new was written; kept {', '.join(kept)} in {folder} as they were"
 
 
+class FolderLock:
+    """An exclusive, non-blocking lock on `folder` for one process: the OS drops it when the
+    process dies (flock / msvcrt), so a killed run never blocks the next one.
+
+    The lock file is removed on release; a run that locked a file just unlinked by another
+    finds it is no longer the folder's lock file and takes the new one instead.
+    """
+
+    def __init__(self, folder: Path):
+        self.path = folder / LOCK
+        self.fd: int | None = None
+
+    def acquire(self) -> int | None:
+        """Take the lock; return None, or the PID recorded by the process holding it."""
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                _lock(fd)
+            except OSError:
+                held = ""
+                with contextlib.suppress(OSError):  # Windows: locked bytes cannot be read
+                    held = os.read(fd, 32).decode("ascii", "replace").strip()
+                os.close(fd)
+                return int(held) if held.isdigit() else 0
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.write(fd, str(os.getpid()).encode("ascii"))
+                self.fd = fd
+                return None
+            os.close(fd)  # unlinked by its previous holder between open and lock: retry
+
+    def release(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            os.close(self.fd)
+            self.fd = None
+
+
+def _lock(fd: int) -> None:
+    if os.name == "nt":
+        import msvcrt
+
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+    else:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 @contextlib.contextmanager
 def note_on_interrupt(text: str) -> Iterator[None]:
     """Tell a Ctrl-C/SIGTERM on its way out what was kept, unless code inside already did."""
@@ -88,16 +149,24 @@ class Staging:
     Entering creates `folder` (and its parents) and the staging folder, or raises a UserError
     naming `option` and `root`, the user's folder that holds `folder`; leaving removes the
     staging folder and, after a failure, the folders this run created. A stop signal on the way
-    out gets a note saying what was kept.
+    out gets a note saying what was kept. `exclusive` also locks `folder` for the run.
     """
 
-    def __init__(self, targets: Sequence[Path], option: str, root: Path | None = None):
+    def __init__(
+        self,
+        targets: Sequence[Path],
+        option: str,
+        root: Path | None = None,
+        exclusive: bool = False,
+    ):
         self.targets = list(targets)
         self.folder = self.targets[0].parent
         self.option = f"{option} {root or self.folder}"
         self.created: list[Path] = []
         self.path = Path()
         self.committed = False
+        self.lock = FolderLock(self.folder) if exclusive else None
+        self.obsolete: list[Path] = []
 
     def __enter__(self) -> Staging:
         check_targets(self.targets)
@@ -106,6 +175,14 @@ class Staging:
         self.path = self.folder / f"{PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
+            holder = self.lock.acquire() if self.lock else None
+            if holder is not None:
+                self.lock = None  # not ours: leave it alone on the way out
+                who = f"process {holder}" if holder else "another process"
+                raise UserError(
+                    f"{self.folder} is being written by another run ({who}); wait for it to "
+                    f"finish or pass another {self.option.split()[0]}"
+                )
             remove_stale(self.folder)
             self.path.mkdir(mode=0o700)
         except BaseException as exc:
@@ -123,8 +200,15 @@ class Staging:
     def staged(self, target: Path) -> Path:
         return self.path / target.name
 
+    def replace_also(self, paths: Sequence[Path]) -> None:
+        """Files of the previous set in `folder` that are not targets: `commit` removes them
+        with the rest of the old set (and puts them back if it fails)."""
+        self.obsolete = [p for p in paths if p not in self.targets and p.parent == self.folder]
+
     def __exit__(self, kind, exc, tb) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+        if self.lock:
+            self.lock.release()
         if exc is None:
             return
         for folder in self.created:  # innermost first; only if this run left them empty
@@ -145,17 +229,21 @@ class Staging:
         missing = [str(s) for s, _ in pairs if not s.is_file()]
         if missing:
             raise RuntimeError(f"nothing staged at {', '.join(missing)}")
-        aside = {t: self.path / f"{t.name}.previous" for t in self.targets}
+        old = [*self.targets, *self.obsolete]
+        aside = {t: self.path / f"{t.name}.previous" for t in old}
         try:
             # Set the old files aside, last target first: a `.sha256` sidecar goes before the
             # file it describes, so it never vouches for a file that is not there.
-            for target in reversed(self.targets):
+            for target in reversed(old):
                 if target.exists() or target.is_symlink():
                     os.replace(target, aside[target])
             for staged, target in pairs:
                 os.replace(staged, target)
         except BaseException as exc:
             self._roll_back(pairs, aside)
+            for path in self.obsolete:
+                if aside[path].exists() or aside[path].is_symlink():
+                    os.replace(aside[path], path)
             if isinstance(exc, OSError):
                 raise UserError(
                     f"could not move the new files into {self.folder} ({exc}); the previous "
@@ -164,6 +252,8 @@ class Staging:
             raise
         self.committed = True
         log.info("wrote %s", ", ".join(str(t) for t in self.targets))
+        if self.obsolete:
+            log.info("removed %s of the previous set", ", ".join(p.name for p in self.obsolete))
 
     @staticmethod
     def _roll_back(pairs: list[tuple[Path, Path]], aside: dict[Path, Path]) -> None:

@@ -8,6 +8,7 @@ a staging folder or temp file.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -120,7 +121,8 @@ def test_a_damaged_flac_is_one_error(small_models, tmp_path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     line = one_line(separate(path, small_models["htdemucs"], tmp_path / "out"))
-    assert "cannot decode" in line and "damaged or truncated" in line
+    assert "cannot decode" in line and "damaged there" in line
+    assert "at 0:00.000" not in line  # where it breaks, not where the read began
     assert not (tmp_path / "out").exists()
 
 
@@ -329,7 +331,7 @@ def test_stopping_separate_keeps_the_previous_stems(signum, status, name, small_
     line = one_line(done, "interrupted", status)
     assert line == (
         f"interrupted ({name}): nothing new was written; kept drums.wav, bass.wav, other.wav, "
-        f"vocals.wav in {out / 'song'} as they were"
+        f"vocals.wav, separation.json in {out / 'song'} as they were"
     )
     assert snapshot(out / "song") == before and not leftovers(out)
 
@@ -453,3 +455,208 @@ def test_stopping_fake_repo_says_what_it_kept(tmp_path):
         f"interrupted (SIGTERM): kept {len(kept)} complete checkpoint(s) written so far in {out}; "
         "rerun the same command to write the rest (no partial file is left)"
     )
+# Issue 28, `invoke separate`: in-process on a tiny spectral-core stand-in (milliseconds a run).
+def tiny_song(path: Path, seconds: float = 0.6, rate: int = RATE, **kw) -> Path:
+    from tests.test_separate import music
+
+    sf.write(path, music(seconds, rate=rate).T, rate, **{"subtype": "FLOAT", **kw})
+    return path
+
+
+def tiny(tmp_path: Path, **metadata: str) -> Path:
+    from tests.test_separate import tiny_spectral_model
+
+    return tiny_spectral_model(tmp_path / "tiny.spectral.onnx", **metadata)
+
+
+def test_a_second_run_into_a_folder_being_written_is_refused(tmp_path):
+    from converter import separate as sep
+
+    model, out = tiny(tmp_path), tmp_path / "out"
+    (out / "song").mkdir(parents=True)
+    other = staging.FolderLock(out / "song")  # another run holding the folder
+    assert other.acquire() is None
+    try:
+        with pytest.raises(UserError, match=f"process {os.getpid()}.*another --out-dir"):
+            sep.separate(tiny_song(tmp_path / "song.flac", subtype="PCM_16"), model, out)
+    finally:
+        other.release()
+    assert sorted(p.name for p in (out / "song").iterdir()) == []
+
+
+def test_another_song_of_the_same_name_does_not_take_its_stems(tmp_path):
+    from converter import separate as sep
+
+    model, out = tiny(tmp_path), tmp_path / "out"
+    sep.separate(tiny_song(tmp_path / "song.wav"), model, out)
+    before = snapshot(out / "song")
+    with pytest.raises(UserError, match="holds the stems of .*song.wav, not of .*song.flac"):
+        sep.separate(tiny_song(tmp_path / "song.flac", subtype="PCM_16"), model, out)
+    assert snapshot(out / "song") == before and not leftovers(out)
+
+
+def test_overwrite_replaces_the_whole_stem_set(tmp_path):
+    from converter import separate as sep
+
+    model, out, path = tiny(tmp_path), tmp_path / "out", tiny_song(tmp_path / "song.wav")
+    sep.separate(path, model, out, karaoke=True)
+    assert (out / "song" / "accompaniment.wav").is_file()
+    sep.separate(path, model, out, overwrite=True)
+    names = sorted(p.name for p in (out / "song").iterdir())
+    assert names == sorted([*(f"{s}.wav" for s in STEMS), "separation.json"])
+
+
+def test_a_song_named_dots_stays_inside_out_dir(tmp_path):
+    from converter import separate as sep
+
+    out = tmp_path / "a" / "out"
+    paths = sep.separate(tiny_song(tmp_path / "...wav", format="WAV"), tiny(tmp_path), out)
+    assert all(p.parent == out / "...wav" for p in paths.values())
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            {"stems": ["bass", "drums", "other", "vocals"]},
+            "openkara.stems='drums,bass,other,vocals'",
+        ),
+        ({"sample_rate": 48000}, "openkara.sample_rate='44100' (converted as '48000')"),
+    ],
+)
+def test_metadata_edited_against_its_provenance_is_refused(edit, message, tmp_path):
+    import json
+
+    from converter import separate as sep
+
+    recorded = {"stems": list(STEMS), "sample_rate": RATE, "audio_channels": 2, **edit}
+    model = tiny(tmp_path, **{"openkara.provenance": json.dumps(recorded)})
+    with pytest.raises(UserError, match="disagrees with the provenance") as caught:
+        sep.separate(tiny_song(tmp_path / "song.wav"), model, tmp_path / "out")
+    assert message in str(caught.value) and not (tmp_path / "out").exists()
+
+
+def test_stem_count_against_the_graph_is_refused(tmp_path):
+    from converter import separate as sep
+
+    model = tiny(tmp_path, **{"openkara.stems": "drums,bass,vocals"})
+    with pytest.raises(UserError, match="does not match its metadata"):
+        sep.separate(tiny_song(tmp_path / "song.wav"), model, tmp_path / "out")
+
+
+def test_an_ogg_that_loses_audio_in_the_middle_is_refused_where_it_does(tmp_path):
+    from converter import separate as sep
+
+    path = tiny_song(tmp_path / "song.ogg", 6.0, format="OGG", subtype="VORBIS")
+    data = path.read_bytes()
+    pages = [i for i in range(len(data)) if data[i : i + 4] == b"OggS"]
+    middle = len(pages) // 2
+    path.write_bytes(data[: pages[middle]] + data[pages[middle + 1] :])
+    with pytest.raises(UserError, match=r"loses 0:0\d\.\d{3} of audio near 0:0[1-5]") as caught:
+        sep.separate(path, tiny(tmp_path), tmp_path / "out")
+    assert "truncated" not in str(caught.value) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("suffix, subtype", [(".flac", "PCM_16"), (".mp3", "MPEG_LAYER_III")])
+def test_a_broken_compressed_file_is_reported_where_it_breaks(suffix, subtype, tmp_path):
+    from converter import separate as sep
+
+    path = tiny_song(tmp_path / f"song{suffix}", 6.0, subtype=subtype)
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 3000] = bytes(3000)
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"cannot decode .* at 0:0[1-5]\.\d{3}"):
+        sep.separate(path, tiny(tmp_path), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_is_one_error_and_nothing_half_written(tmp_path, monkeypatch):
+    import errno
+
+    import soundfile as sf
+
+    from converter import separate as sep
+
+    model, out, path = tiny(tmp_path), tmp_path / "out", tiny_song(tmp_path / "song.wav", 2.0)
+    sep.separate(path, model, out)
+    before = snapshot(out / "song")
+    real, calls = sf.SoundFile.write, []
+
+    def full(self, data):
+        calls.append(1)
+        if len(calls) == 6:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, data)
+
+    monkeypatch.setattr(sf.SoundFile, "write", full)
+    with pytest.raises(UserError, match="No space left on device.*earlier stems are untouched"):
+        sep.separate(path, model, out, overwrite=True)
+    assert snapshot(out / "song") == before and not leftovers(out)
+
+
+@pytest.mark.parametrize(
+    "args, metadata, message",
+    [
+        ({"shifts": 10**6}, {}, "--shifts 1000000 is more than 20"),
+        ({}, {"openkara.sample_rate": str(10**12)}, "openkara.sample_rate=1000000000000 (at most"),
+        ({}, {"openkara.stems": f"drums,bass,other,{'v' * 300}"}, "a 300-character name"),
+    ],
+)
+def test_huge_numbers_and_names_are_one_line(args, metadata, message, tmp_path):
+    from converter import separate as sep
+
+    with pytest.raises(UserError, match=re.escape(message)):
+        sep.separate(tiny_song(tmp_path / "s.wav"), tiny(tmp_path, **metadata), tmp_path, **args)
+
+
+def test_what_is_not_a_song_file_is_named(tmp_path):
+    model = tiny(tmp_path)
+    fifo, loop = tmp_path / "pipe.wav", tmp_path / "loop.wav"
+    os.mkfifo(fifo)
+    loop.symlink_to(loop)
+    cases = {
+        fifo: "is a FIFO (named pipe)",
+        loop: "is a symbolic link loop",
+        Path("/dev/null"): "is a character device",
+    }
+    for path, message in cases.items():
+        line = one_line(separate(path, model, tmp_path / "out"))
+        assert message in line and "does not exist" not in line
+
+
+@pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("setpriv"), reason="root reads all")
+def test_an_unreadable_song_names_the_permission(tmp_path):
+    path = tiny_song(tmp_path / "song.wav")
+    path.chmod(0o000)
+    model = tiny(tmp_path)
+    for folder in (tmp_path, model):
+        folder.chmod(0o755)
+    args = [sys.executable, "-m", "invoke", "separate", path, "--model", model]
+    args += ["--out-dir", tmp_path / "out"]
+    if os.geteuid() == 0:  # root reads everything: run as nobody
+        args = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *args]
+    env = {**os.environ, "HOME": "/nonexistent"}  # nobody cannot read root's invoke config
+    done = subprocess.run(list(map(str, args)), cwd=ROOT, capture_output=True, text=True, env=env)
+    line = one_line(done)
+    assert "ermission denied" in line and "not audio" not in line, line
+
+
+def test_a_real_full_disk_is_one_error(tmp_path):
+    """The same on a 1 MiB tmpfs, where a user namespace may mount one (else skipped)."""
+    model, path, out = tiny(tmp_path), tiny_song(tmp_path / "song.wav", 5.0), tmp_path / "small"
+    out.mkdir()
+    probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("no user namespaces here to mount a small tmpfs in")
+    command = (
+        f"mount -t tmpfs -o size=1m none {out} && {sys.executable} -m invoke separate {path} "
+        f"--model {model} --out-dir {out / 'out'} && ls -A {out}"
+    )
+    done = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", command], cwd=ROOT, capture_output=True, text=True
+    )
+    line = one_line(done)
+    assert "No space left on device" in line and "nothing was written" in line
+    assert not done.stdout.strip()  # the mount's view: nothing left behind
