@@ -16,8 +16,9 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from converter import contract_selftest, evidence, github, release
+from converter import contract_selftest, evidence, github, oplist, release, tags
 from converter.errors import UserError
+from converter.facts import SPECTRAL_CORE, WAVEFORM
 from converter.metadata import (
     CACHE_KEY,
     MODEL_NAME,
@@ -29,6 +30,7 @@ from converter.metadata import (
     stamp,
 )
 from tests.fake_github import REPOSITORY, TOKEN, FakeGitHub, Fault, run_cli
+from tests.spectral_files import app_like_check, write_release_file
 
 TAG = "model-v1.2.3"
 TOOLCHAIN = {name: importlib.metadata.version(name) for name in ("onnx", "requests")}
@@ -66,11 +68,13 @@ class Builder:
         self.calls: list[str] = []
         self.seed, self.error = seed, error
 
-    def __call__(self, model: str, repo: Path | None, out_dir: Path) -> Path:
-        self.calls.append(model)
+    def __call__(self, tag: release.Tag, repo: Path | None, out_dir: Path) -> Path:
+        self.calls.append(tag.model)
         if self.error is not None:
             raise self.error
-        return write_model(out_dir, model, seed=self.seed)
+        if tag.interface == SPECTRAL_CORE:
+            return write_release_file(out_dir, tag.model, seed=self.seed, toolchain=TOOLCHAIN)
+        return write_model(out_dir, tag.model, seed=self.seed)
 
 
 def write_evidence(
@@ -137,12 +141,14 @@ def run(client, tmp_path):
 def assert_published_once(
     fake: FakeGitHub, tmp_path: Path, tag: str = TAG, model: str = "htdemucs"
 ) -> dict:
-    """The converged state: one published release holding exactly the two right assets."""
+    """The converged state: one published release holding exactly the three right assets."""
     (only,) = fake.releases_for(tag)
     assert not only["draft"]
-    path = tmp_path / "models" / f"{model}.onnx"
+    path = tmp_path / "models" / release.parse_tag(tag).file_name
     assets = {a["name"]: a for a in fake.assets_of(only)}
-    assert set(assets) == {path.name, sidecar_path(path).name}
+    ops = oplist.config_path(path)
+    assert set(assets) == {path.name, sidecar_path(path).name, ops.name}
+    assert fake.blobs[assets[ops.name]["id"]] == ops.read_bytes()
     assert all(a["state"] == "uploaded" for a in assets.values())
     assert assets[path.name]["digest"] == f"sha256:{sha256_file(path)}"
     assert fake.blobs[assets[path.name]["id"]] == path.read_bytes()
@@ -151,16 +157,40 @@ def assert_published_once(
 
 
 @pytest.mark.parametrize(
-    ("tag", "model", "prerelease"),
+    ("tag", "model", "prerelease", "interface", "file"),
     [
-        ("model-v1.0.0", "htdemucs", False),
-        ("model-ft-v2.10.3", "htdemucs_ft", False),
-        ("model-6s-v0.1.0-rc.2", "htdemucs_6s", True),
-        ("model-v1.0.0-rc.0", "htdemucs", True),
+        ("model-v1.0.0", "htdemucs", False, WAVEFORM, "htdemucs.onnx"),
+        ("model-ft-v2.10.3", "htdemucs_ft", False, WAVEFORM, "htdemucs_ft.onnx"),
+        ("model-6s-v0.1.0-rc.2", "htdemucs_6s", True, WAVEFORM, "htdemucs_6s.onnx"),
+        ("model-v1.0.0-rc.0", "htdemucs", True, WAVEFORM, "htdemucs.onnx"),
+        ("model-spectral-v1.0.0", "htdemucs", False, SPECTRAL_CORE, "htdemucs.spectral.onnx"),
+        (
+            "model-ft-spectral-v1.2.3-rc.4",
+            "htdemucs_ft",
+            True,
+            SPECTRAL_CORE,
+            "htdemucs_ft.spectral.onnx",
+        ),
+        (
+            "model-6s-spectral-v0.0.1",
+            "htdemucs_6s",
+            False,
+            SPECTRAL_CORE,
+            "htdemucs_6s.spectral.onnx",
+        ),
     ],
 )
-def test_tag_grammar(tag, model, prerelease):
-    assert release.parse_tag(tag) == release.Tag(tag, model, prerelease)
+def test_tag_grammar(tag, model, prerelease, interface, file):
+    parsed = release.parse_tag(tag)
+    assert parsed == release.Tag(tag, model, prerelease, interface)
+    assert parsed.file_name == file
+    # the workflow's view of the same tag, from the one grammar
+    assert tags.outputs(tag).splitlines() == [
+        f"model={model}",
+        f"interface={interface}",
+        f"file={file}",
+        f"prerelease={str(prerelease).lower()}",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -174,11 +204,15 @@ def test_tag_grammar(tag, model, prerelease):
         "model-v1.0.0-rc.1 ",
         "refs/tags/model-v1.0.0",
         "model-ft-6s-v1.0.0",
+        "model-spectral-ft-v1.0.0",
+        "model-spectral-spectral-v1.0.0",
+        "model-spectral-1.0.0",
+        "model-waveform-v1.0.0",
     ],
 )
 def test_bad_tags_are_refused_before_any_work(run, fake, tag):
     builder = Builder()
-    with pytest.raises(UserError, match=r"model-vX\.Y\.Z .*model-ft-vX\.Y\.Z.*model-6s-vX\.Y\.Z"):
+    with pytest.raises(UserError, match=r"model-vX\.Y\.Z .*model-ft-vX\.Y\.Z.*model-spectral-vX"):
         run(tag, builder)
     assert fake.seen == [] and builder.calls == []
 
@@ -225,7 +259,7 @@ def test_happy_path_publishes_a_verified_release_with_a_model_card(
     assert published["prerelease"] is False
     # uploads followed upload_url, every API call carried the headers
     uploads = [s for s in fake.seen if s.method == "POST" and "/uploads/" in s.path]
-    assert len(uploads) == 2 and all(s.path.startswith("/api/uploads/") for s in uploads)
+    assert len(uploads) == 3 and all(s.path.startswith("/api/uploads/") for s in uploads)
     # the publish came last, after every upload
     assert fake.writes()[-1].method == "PATCH"
 
@@ -317,6 +351,7 @@ def test_prerelease_tag_makes_a_prerelease(run, fake, tmp_path):
     assert {a["name"] for a in fake.assets_of(only)} == {
         "htdemucs_6s.onnx",
         "htdemucs_6s.onnx.sha256",
+        "htdemucs_6s.required_operators.config",
     }
 
 
@@ -398,7 +433,7 @@ def test_rerun_on_a_draft_keeps_matching_assets_and_replaces_wrong_ones(run, fak
     run()
     assert_published_once(fake, tmp_path)
     uploaded = [s.query["name"][0] for s in fake.seen if "/uploads/" in s.path]
-    assert uploaded == ["htdemucs.onnx.sha256"]
+    assert uploaded == ["htdemucs.onnx.sha256", "htdemucs.required_operators.config"]
 
 
 def test_assets_without_digest_are_verified_by_download(client, tmp_path):
@@ -525,7 +560,7 @@ def test_real_build_converts_once_then_reuses_the_file(small_repo, client, fake,
     assert (out / "htdemucs.onnx").stat().st_mtime_ns == built
     for tag in ("model-v1.0.0", "model-v1.0.1"):
         (only,) = fake.releases_for(tag)
-        assert not only["draft"] and len(fake.assets_of(only)) == 2
+        assert not only["draft"] and len(fake.assets_of(only)) == 3
 
 
 ROOT = Path(__file__).resolve().parent.parent
