@@ -159,8 +159,9 @@ def build_model(tag: Tag, repo: Path | None, out_dir: Path) -> Path:
     return path
 
 
-def operator_list(path: Path) -> Path:
-    """The file's operator list (`oplist.config_path`), checked against the graph or written.
+def operator_list(path: Path, write: bool = True) -> tuple[Path, bytes]:
+    """The file's operator list (`oplist.config_path`) and its bytes: checked against the
+    graph, or made from it (and written unless `write` is false: a dry run).
 
     convert writes it; whatever wrote it, it must hold exactly the graph's (domain, opset, op)
     triples, since the app's reduced runtime is rebuilt from it.
@@ -179,17 +180,19 @@ def operator_list(path: Path) -> Path:
                 "regenerate it from the file"
             )
         log.info("%s lists exactly the operators of %s", target.name, path.name)
-        return target
+        return target, target.read_bytes()
     header = [
         f"Operators of {path.name} (sha256 {sha256_file(path)}), in ONNX Runtime's reduced-build",
         "format (tools/ci_build/reduce_op_kernels.py --config FILE).",
     ]
-    write_text_atomic(target, oplist.config_text(ops, header))
-    log.info("wrote %s from the graph (%d domain/opset lines)", target.name, len(ops))
-    return target
+    text = oplist.config_text(ops, header)
+    if write:
+        write_text_atomic(target, text)
+        log.info("wrote %s from the graph (%d domain/opset lines)", target.name, len(ops))
+    return target, text.encode("utf-8")
 
 
-def local_assets(path: Path) -> list[LocalAsset]:
+def local_assets(path: Path, write: bool = True) -> list[LocalAsset]:
     """The files to publish (model, sidecar, operator list), after checking that the sidecar
     matches the model file and the operator list the graph."""
     digest = sha256_file(path)
@@ -200,11 +203,11 @@ def local_assets(path: Path) -> list[LocalAsset]:
     side = sidecar_path(path)
     if side_digest != digest or side_name != path.name:
         raise UserError(f"{side} does not match {path}; run `invoke convert` again")
-    ops = operator_list(path)
+    ops, data = operator_list(path, write)
     return [
         LocalAsset(path.name, path, path.stat().st_size, digest, "application/octet-stream"),
         LocalAsset(side.name, side, side.stat().st_size, sha256_file(side), "text/plain"),
-        LocalAsset(ops.name, ops, ops.stat().st_size, sha256_file(ops), "text/plain"),
+        LocalAsset(ops.name, ops, len(data), hashlib.sha256(data).hexdigest(), "text/plain"),
     ]
 
 
@@ -570,8 +573,10 @@ def _dry_run(
     existing = list_assets(client, release) if release else []
     steps = []
     if ready:
-        local = local_assets(path)
+        local = local_assets(path, write=False)
         lines.append(f"- publish {path}: {why}")
+        if not local[-1].path.is_file():
+            lines.append(f"- write {local[-1].path.name} from the graph")
         if contract_results is None:
             lines.append("- validate it again; contract gate")
         steps = plan_assets(existing, local)

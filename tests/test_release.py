@@ -23,6 +23,7 @@ from converter.metadata import (
     CACHE_KEY,
     MODEL_NAME,
     PROVENANCE,
+    TENSOR_INTERFACE,
     WEIGHT_STORAGE,
     read_metadata,
     sha256_file,
@@ -651,3 +652,159 @@ def test_a_missing_allow_listed_kernel_fails_its_rows(tmp_path):
     record_path.write_text(json.dumps(record))
     with pytest.raises(UserError, match="failed on Darwin arm64 ORT 1.17.3: no CPU kernel for Fu"):
         evidence.require(tmp_path / "matrix", path.name, sha256_file(path))
+
+
+# -- spectral-core releases ----------------------------------------------------------------
+
+SPECTRAL_TAG = "model-ft-spectral-v1.0.0"
+
+
+def test_spectral_release_publishes_file_sidecar_and_operator_list(client, fake, tmp_path):
+    """The publish job's path (--contract-results) for a spectral-core file: exactly these
+    bytes, their sidecar and the operator list convert wrote; the card hands it to the catalog."""
+    out = tmp_path / "models"
+    path = write_release_file(out, "htdemucs_ft", toolchain=TOOLCHAIN)
+    assert path.name == "htdemucs_ft.spectral.onnx"
+    listed = oplist.config_path(path).read_bytes()
+    write_evidence(tmp_path / "matrix", path)
+    gated = []
+    outcome = release.release(
+        SPECTRAL_TAG,
+        out_dir=out,
+        client=client,
+        contract_results=tmp_path / "matrix",
+        gate=lambda p: (gated.append(p), app_like_check(p)),
+        server_url="https://gh.example",
+    )
+    assert gated == [path]
+    assert outcome.startswith(f"published {SPECTRAL_TAG}: htdemucs_ft.spectral.onnx (")
+    published = assert_published_once(fake, tmp_path, SPECTRAL_TAG, "htdemucs_ft")
+    assets = {a["name"]: a for a in fake.assets_of(published)}
+    # the operator list convert wrote is shipped as it is, not rewritten
+    assert fake.blobs[assets["htdemucs_ft.spectral.required_operators.config"]["id"]] == listed
+    body = published["body"]
+    assert "| tensor interface (`openkara.tensor_interface`) | spectral-core |" in body
+    assert "`htdemucs_ft.spectral.required_operators.config`" in body
+    url = f"https://gh.example/{REPOSITORY}/releases/download/{SPECTRAL_TAG}/{path.name}"
+    assert f"## OpenKara catalog ({SPECTRAL_TAG})" in body and url in body
+    assert f"invoke catalog --tag {SPECTRAL_TAG}" in body
+    assert "OpenKara pin" not in body and "assert_eq!" not in body
+    # a re-run verifies all three assets and writes nothing
+    before = len(fake.writes())
+    again = release.release(
+        SPECTRAL_TAG, out_dir=out, client=client, contract_results=tmp_path / "matrix"
+    )
+    assert again.endswith("already published and verified; nothing to do")
+    assert len(fake.writes()) == before
+
+
+def test_spectral_release_built_here_generates_a_missing_operator_list(run, fake, tmp_path):
+    out = tmp_path / "models"
+
+    def build_without_list(tag, repo, out_dir):
+        return write_release_file(out_dir, tag.model, toolchain=TOOLCHAIN, operators=False)
+
+    run("model-spectral-v2.0.0-rc.1", build_without_list)
+    published = assert_published_once(fake, tmp_path, "model-spectral-v2.0.0-rc.1")
+    assert published["prerelease"]
+    path = out / "htdemucs.spectral.onnx"
+    text = oplist.config_path(path).read_text()
+    assert text.splitlines()[-1] == "ai.onnx;17;Mul,Unsqueeze"
+    assert f"sha256 {sha256_file(path)}" in text
+
+
+def test_a_stale_operator_list_is_refused_before_anything_is_created(client, fake, tmp_path):
+    out = tmp_path / "models"
+    path = write_release_file(out, "htdemucs_ft", toolchain=TOOLCHAIN)
+    oplist.config_path(path).write_text("ai.onnx;17;Mul\n")
+    write_evidence(tmp_path / "matrix", path)
+    with pytest.raises(UserError, match="does not list exactly the operators of htdemucs_ft"):
+        release.release(
+            SPECTRAL_TAG,
+            out_dir=out,
+            client=client,
+            contract_results=tmp_path / "matrix",
+            gate=app_like_check,
+        )
+    assert fake.writes() == [] and fake.releases == {}
+
+
+@pytest.mark.parametrize(
+    ("tag", "stamped", "message"),
+    [
+        (SPECTRAL_TAG, WAVEFORM, "is a waveform file .* but tag model-ft-spectral-v1.0.0"),
+        ("model-ft-v1.0.0", SPECTRAL_CORE, "is a spectral-core file .* but tag model-ft-v1.0.0"),
+    ],
+)
+def test_a_file_of_the_other_interface_is_refused(client, fake, tmp_path, tag, stamped, message):
+    """The file's stamp must match the tag's interface, both ways in."""
+    out = tmp_path / "models"
+    interface = release.parse_tag(tag).interface
+    # the right name for the tag, the wrong interface in its metadata
+    path = write_release_file(
+        out, "htdemucs_ft", interface, toolchain=TOOLCHAIN, **{TENSOR_INTERFACE: stamped}
+    )
+    write_evidence(tmp_path / "matrix", path)
+    with pytest.raises(UserError, match=message):
+        release.release(
+            tag, out_dir=out, client=client, contract_results=tmp_path / "matrix", gate=print
+        )
+    with pytest.raises(UserError, match=message):
+        release.release(
+            tag,
+            out_dir=out,
+            client=client,
+            prepare=lambda *args: path,
+            load_test=passing_load_test,
+        )
+    assert fake.writes() == [] and fake.releases == {}
+
+
+def test_waveform_evidence_does_not_prove_the_spectral_file(tmp_path):
+    waveform = write_release_file(tmp_path, "htdemucs", WAVEFORM)
+    spectral = write_release_file(tmp_path, "htdemucs")
+    write_evidence(tmp_path / "matrix", waveform)
+    with pytest.raises(UserError, match="not publishing htdemucs.spectral.onnx: no load-test"):
+        evidence.require(tmp_path / "matrix", spectral.name, sha256_file(spectral))
+
+
+def test_a_published_spectral_release_with_a_wrong_operator_list_is_reported(run, fake, tmp_path):
+    path = write_release_file(tmp_path, "htdemucs")
+    ops = oplist.config_path(path)
+    fake.add_release(
+        "model-spectral-v1.0.0",
+        draft=False,
+        files={
+            path.name: path.read_bytes(),
+            sidecar_path(path).name: sidecar_path(path).read_bytes(),
+            ops.name: ops.read_bytes(),
+        },
+    )
+    (asset,) = [a for a in fake.assets.values() if a["name"] == ops.name]
+    asset["digest"] = "sha256:" + "0" * 64
+    with pytest.raises(UserError, match=f"is wrong: {ops.name} has SHA-256 0000"):
+        run("model-spectral-v1.0.0")
+
+
+def test_spectral_dry_run_on_the_command_line_names_three_assets(fake, tmp_path):
+    out = tmp_path / "models"
+    write_release_file(out, "htdemucs_6s", toolchain=TOOLCHAIN, operators=False)
+    done = run_cli(
+        fake,
+        "release",
+        "--tag",
+        "model-6s-spectral-v1.0.0",
+        "--dry-run",
+        "--out-dir",
+        str(out),
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    for name in (
+        "htdemucs_6s.spectral.onnx",
+        "htdemucs_6s.spectral.onnx.sha256",
+        "htdemucs_6s.spectral.required_operators.config",
+    ):
+        assert f"- {name}: {release.UPLOAD} (" in done.stdout
+    assert "- write htdemucs_6s.spectral.required_operators.config from the graph" in done.stdout
+    assert fake.writes() == [] and not list(out.glob("*.config"))
