@@ -19,6 +19,7 @@ from invoke import Collection, Exit, task
 from converter import interrupts
 from converter.errors import UserError
 from converter.facts import PRODUCTS
+from converter.tags import GRAMMAR
 
 MODELS = f"{', '.join(PRODUCTS[:-1])} or {PRODUCTS[-1]}"
 ALL_MODELS = ",".join(PRODUCTS)
@@ -124,13 +125,13 @@ def fake_repo(c, out, size="full", models=ALL_MODELS, statistics="init"):
 
 @task(
     help={
-        "tag": "Release tag: model-vX.Y.Z (htdemucs), model-ft-vX.Y.Z (htdemucs_ft) or "
-        "model-6s-vX.Y.Z (htdemucs_6s), optionally with -rc.N (prerelease).",
+        "tag": f"Release tag: {GRAMMAR}.",
         "repo": "Local demucs model repo, as for convert (air-gapped runs, tests); default: hub.",
         "dry_run": "Print the plan (release, assets, sizes, digests) and write nothing.",
         "contract_results": "Folder of the load-test matrix's contract-results/*.json: publish "
         "the file already in --out-dir with that evidence (default: build and load-test here).",
-        "out_dir": "Folder holding NAME.onnx and its sidecar (default: models/).",
+        "out_dir": "Folder holding the tag's file, its sidecar and operator list (default: "
+        "models/).",
     }
 )
 @_cli
