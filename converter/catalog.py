@@ -233,6 +233,22 @@ def _download(client: github.Client, asset: dict, target: Path, limit: int) -> D
     return Download(name, target, size, digest)
 
 
+def tag_commit(client: github.Client, tag: Tag) -> str:
+    """The commit the tag points at (through an annotated tag object), for `upstream`."""
+    ref = client.request("GET", f"{client.repo_path}/git/ref/tags/{tag.name}").json()
+    target = ref.get("object") if isinstance(ref, dict) else None
+    for _ in range(3):  # a tag of a tag of a commit is legal; a longer chain is not ours
+        if not isinstance(target, dict):
+            break
+        if target.get("type") == "commit" and re.fullmatch(r"[0-9a-f]{40}", target.get("sha", "")):
+            return target["sha"]
+        if target.get("type") != "tag":
+            break
+        tag_object = client.request("GET", f"{client.repo_path}/git/tags/{target['sha']}").json()
+        target = tag_object.get("object") if isinstance(tag_object, dict) else None
+    raise UserError(f"tag {tag.name} does not resolve to a commit through the API")
+
+
 def published_release(client: github.Client, tag: Tag, allow_prerelease: bool) -> dict:
     found = find_release(client, tag.name)
     if found is None:
@@ -358,7 +374,12 @@ def artifact_id(tag: Tag) -> str:
 
 
 def model_entry(
-    verified: Verified, facts: dict, runtime_ids: list[str], repository: str, server_url: str
+    verified: Verified,
+    facts: dict,
+    runtime_ids: list[str],
+    repository: str,
+    server_url: str,
+    commit: str,
 ) -> dict:
     tag, model, operators = verified.tag, verified.model, verified.operators
     return {
@@ -387,7 +408,7 @@ def model_entry(
         "os": None,
         "profile": PROFILES[tag.model],
         "target_triple": None,
-        "upstream": {"project": repository, "tag": tag.name},
+        "upstream": {"commit_sha": commit, "project": repository, "tag": tag.name},
         "variant": tag.model,
     }
 
@@ -587,6 +608,7 @@ def catalog(
                     [r["artifact_id"] for r in chosen],
                     client.repository,
                     server,
+                    tag_commit(client, tag),
                 )
             )
             log.info("%s: %s verified, entry %s", tag.name, verified.model.name, artifact_id(tag))

@@ -67,6 +67,8 @@ class FakeGitHub:
         self.index_files: list[dict] | None = []
         # (owner/name, path, ref) -> bytes, for GET /repos/{owner}/{name}/contents/{path}?ref=
         self.contents: dict[tuple[str, str, str], bytes] = {}
+        # tag -> (sha of an annotated tag object or None for a lightweight tag, commit sha)
+        self.tags: dict[str, tuple[str | None, str]] = {}
         self.faults: list[Fault] = []
         self.seen: list[Seen] = []
         self._next_id = 100
@@ -104,6 +106,9 @@ class FakeGitHub:
         )
         for name, data in files.items():
             self._new_asset(release, name, data, "uploaded", "application/octet-stream")
+        if not draft:  # publishing a release creates its tag (here: annotated)
+            digest = hashlib.sha1(tag.encode()).hexdigest()
+            self.tags.setdefault(tag, (digest[::-1], digest))
         return release
 
     def add_issue(self, body: str, *, state: str = "open", pull_request: bool = False) -> dict:
@@ -178,6 +183,17 @@ class FakeGitHub:
             if not path.startswith(api):
                 return 404, {"message": "Not Found"}, {}
             rest = path[len(api) :]
+            if m := re.fullmatch(r"/git/ref/tags/(.+)", rest):
+                if m[1] not in self.tags:
+                    return 404, {"message": "Not Found"}, {}
+                annotated, commit = self.tags[m[1]]
+                kind, sha = ("tag", annotated) if annotated else ("commit", commit)
+                return 200, {"ref": f"refs/tags/{m[1]}", "object": {"type": kind, "sha": sha}}, {}
+            if m := re.fullmatch(r"/git/tags/([0-9a-f]{40})", rest):
+                found = [c for a, c in self.tags.values() if a == m[1]]
+                if not found:
+                    return 404, {"message": "Not Found"}, {}
+                return 200, {"sha": m[1], "object": {"type": "commit", "sha": found[0]}}, {}
             if rest == "/releases" and method == "GET":
                 return self._page(
                     query, sorted(self.releases.values(), key=lambda r: -r["id"]), path

@@ -180,6 +180,7 @@ def test_manifest_validates_and_holds_our_exact_bytes(client, fake, base, tmp_pa
         HT: publish(fake, tmp_path, HT, "htdemucs"),
         FT: publish(fake, tmp_path, FT, "htdemucs_ft", seed=1),
     }
+    fake.tags[FT] = (None, "e" * 40)  # a lightweight tag points at the commit itself
     before = len(fake.writes())
     path = run(client, base, tmp_path / "out", tags=(HT, FT))
 
@@ -206,7 +207,8 @@ def test_manifest_validates_and_holds_our_exact_bytes(client, fake, base, tmp_pa
             file.name: {"sha256": digest, "size": file.stat().st_size}
         }
         assert ours["profile"] == {"htdemucs": "balanced", "htdemucs_ft": "quality"}[model]
-        assert ours["upstream"] == {"project": REPOSITORY, "tag": tag}
+        annotated, commit = fake.tags[tag]
+        assert ours["upstream"] == {"commit_sha": commit, "project": REPOSITORY, "tag": tag}
         assert ours["deprecation"]["deprecated"] is False
         assert (ours["target_triple"], ours["arch"], ours["os"]) == (None, None, None)
         assert ours["model"] == {
