@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import copy
 import datetime
 import hashlib
@@ -25,7 +26,7 @@ import os
 import re
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -335,6 +336,9 @@ def file_facts(verified: Verified) -> dict:
     for key in (CACHE_KEY, SAMPLE_RATE, SEGMENT_SAMPLES, INPUT_SEMANTICS, OUTPUT_SEMANTICS):
         if not meta.get(key):
             problems.append(f"no {key}")
+    for key in (SAMPLE_RATE, SEGMENT_SAMPLES):
+        if meta.get(key) and not (meta[key].isdigit() and int(meta[key]) > 0):
+            problems.append(f"{key}={meta[key]!r}")
     if problems:
         raise UserError(
             f"{tag.name}: {path.name} is not a spectral-core file as the catalog needs it: "
@@ -548,6 +552,19 @@ def producer_fields(repository: str, commit: str | None, environ=os.environ) -> 
     }
 
 
+@contextlib.contextmanager
+def _base_fields(base: Path) -> Iterator[None]:
+    """A `--base` that passed a schema laxer than v1 (`--schema FILE`) may still lack a field
+    this module reads: one line, not a traceback."""
+    try:
+        yield
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise UserError(
+            f"--base {base} lacks a field of catalog schema v1 ({type(exc).__name__}: {exc}); "
+            "validate it against openkara-models' schema-release-v1.json"
+        ) from None
+
+
 def catalog(
     tags: Iterable[str],
     base: Path,
@@ -586,11 +603,12 @@ def catalog(
         load_json(schema, "--schema") if schema else fetch_schema(client, schema_repo, schema_ref)
     )
     validate(previous, document, f"--base {base}")
-    if release_id <= previous["release_id"]:
-        raise UserError(
-            f"--release-id {release_id} does not come after --base's {previous['release_id']}"
-        )
-    chosen = spectral_runtimes(previous, list(runtimes))
+    with _base_fields(base):
+        if release_id <= previous["release_id"]:
+            raise UserError(
+                f"--release-id {release_id} does not come after --base's {previous['release_id']}"
+            )
+        chosen = spectral_runtimes(previous, list(runtimes))
     server = server_url or os.environ.get("GITHUB_SERVER_URL") or DEFAULT_SERVER_URL
     entries = []
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -614,15 +632,16 @@ def catalog(
             log.info("%s: %s verified, entry %s", tag.name, verified.model.name, artifact_id(tag))
             verified.model.path.unlink()  # hundreds of MB; the next tag may need the room
     stamp = created_at or now().strftime("%Y-%m-%dT%H:%M:%SZ")
-    manifest = build_manifest(
-        previous,
-        entries,
-        chosen,
-        release_id=release_id,
-        created_at=stamp,
-        producer=producer,
-        supersede=supersede,
-    )
+    with _base_fields(base):
+        manifest = build_manifest(
+            previous,
+            entries,
+            chosen,
+            release_id=release_id,
+            created_at=stamp,
+            producer=producer,
+            supersede=supersede,
+        )
     validate(manifest, document, f"the manifest for {release_id}")
     write_text_atomic(target, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     log.info("wrote %s (%d model entries added)", target, len(entries))

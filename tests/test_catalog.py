@@ -429,6 +429,16 @@ def test_a_bad_base_is_one_line_before_any_download(client, fake, tmp_path, text
     assert not [s for s in fake.seen[seen:] if "/assets" in s.path or "/download/" in s.path]
 
 
+def test_a_base_lacking_fields_under_a_lax_schema_is_one_line(client, fake, tmp_path):
+    publish(fake, tmp_path, HT, "htdemucs")
+    lax = tmp_path / "lax.json"
+    lax.write_text(json.dumps({"$schema": SCHEMA["$schema"], "type": "object"}))
+    base = tmp_path / "base.json"
+    base.write_text(json.dumps({"schema_version": "openkara.catalog/release-v1"}))
+    with pytest.raises(UserError, match=r"^--base .* lacks a field of catalog schema v1 \(KeyErr"):
+        run(client, base, tmp_path / "out", schema=lax)
+
+
 def test_an_existing_manifest_is_never_overwritten(client, fake, base, tmp_path):
     publish(fake, tmp_path, HT, "htdemucs")
     path = run(client, base, tmp_path / "out")
