@@ -214,6 +214,7 @@ def test_the_tag_is_read_by_the_package_before_any_install(release_yml, tmp_path
     command = shlex.split(step["run"].split("|")[0])
     assert command == ["python3", "-m", "converter.tags", "$GITHUB_REF_NAME"]
     assert "tee -a" in step["run"] and "$GITHUB_OUTPUT" in step["run"]
+    assert step["shell"] == "bash"  # GitHub runs an explicit bash with -o pipefail
     for tag, code in [("model-ft-spectral-v1.0.0", 0), ("model-latest", 1)]:
         done = subprocess.run(
             [sys.executable, "-S", "-m", "converter.tags", tag],
