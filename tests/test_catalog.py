@@ -469,3 +469,31 @@ def test_cli_writes_the_manifest_without_model_code(fake, base, tmp_path):
         "only (tags model-spectral-v*, model-ft-spectral-v*)"
     ]
     assert "Traceback" not in done.stderr and not (tmp_path / "out2").exists()
+
+
+CLI_REFUSALS = ["draft release", "missing asset", "digest mismatch"]
+CLI_REFUSALS += ["waveform file under a spectral tag", "bad base"]
+
+
+@pytest.mark.parametrize("case", CLI_REFUSALS)
+def test_cli_refusals_are_one_line_without_traceback(fake, base, tmp_path, case):
+    if case == "bad base":
+        publish(fake, tmp_path, HT, "htdemucs")
+        base.write_text("[1, 2")
+        line = f"error: --base {base} is not readable JSON"
+    else:
+        prepare, _, line = REFUSALS[case]
+        prepare(fake, tmp_path)
+        line = f"error: {line}"
+    out = tmp_path / "out"
+    done = run_cli(
+        fake,
+        *("catalog", "--tag", HT, "--base", str(base), "--release-id", "2026-12-03-001"),
+        *("--out", str(out), "--commit", COMMIT),
+        cwd=ROOT,
+    )
+    assert done.returncode == 1 and done.stdout == ""
+    errors = [text for text in done.stderr.splitlines() if text.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(line), done.stderr
+    assert "Traceback" not in done.stderr
+    assert not out.exists() or list(out.iterdir()) == []
