@@ -236,17 +236,22 @@ def _download(client: github.Client, asset: dict, target: Path, limit: int) -> D
 
 def tag_commit(client: github.Client, tag: Tag) -> str:
     """The commit the tag points at (through an annotated tag object), for `upstream`."""
-    ref = client.request("GET", f"{client.repo_path}/git/ref/tags/{tag.name}").json()
-    target = ref.get("object") if isinstance(ref, dict) else None
+    url = f"{client.repo_path}/git/ref/tags/{tag.name}"
     for _ in range(3):  # a tag of a tag of a commit is legal; a longer chain is not ours
-        if not isinstance(target, dict):
+        try:
+            answer = client.request("GET", url).json()
+        except ValueError:
             break
-        if target.get("type") == "commit" and re.fullmatch(r"[0-9a-f]{40}", target.get("sha", "")):
+        target = answer.get("object") if isinstance(answer, dict) else None
+        if not isinstance(target, dict) or not re.fullmatch(
+            r"[0-9a-f]{40}", str(target.get("sha"))
+        ):
+            break
+        if target.get("type") == "commit":
             return target["sha"]
         if target.get("type") != "tag":
             break
-        tag_object = client.request("GET", f"{client.repo_path}/git/tags/{target['sha']}").json()
-        target = tag_object.get("object") if isinstance(tag_object, dict) else None
+        url = f"{client.repo_path}/git/tags/{target['sha']}"
     raise UserError(f"tag {tag.name} does not resolve to a commit through the API")
 
 

@@ -351,6 +351,14 @@ REFUSALS = {
         f"{HT}: htdemucs.spectral.onnx is not a spectral-core file as the catalog needs it: "
         "openkara.spectral_contract='v0'",
     ),
+    "tag that names no commit": (
+        lambda fake, tmp: (
+            publish(fake, tmp, HT, "htdemucs"),
+            fake.tags.__setitem__(HT, (None, "not-a-sha")),
+        ),
+        {},
+        f"tag {HT} does not resolve to a commit through the API",
+    ),
     "waveform tag": (
         lambda fake, tmp: None,
         {"tags": ("model-v1.0.0",)},
