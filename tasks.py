@@ -19,6 +19,8 @@ from invoke import Collection, Exit, task
 from converter import interrupts
 from converter.errors import UserError
 from converter.facts import INTERFACES, PRODUCTS, WAVEFORM
+from converter.facts import PRODUCTS
+from converter.tags import GRAMMAR
 
 MODELS = f"{', '.join(PRODUCTS[:-1])} or {PRODUCTS[-1]}"
 ALL_MODELS = ",".join(PRODUCTS)
@@ -172,11 +174,13 @@ def sweep(c, out, seeds="20", full="3", python=None):
     help={
         "tag": "Release tag: model-vX.Y.Z (htdemucs), model-ft-vX.Y.Z (htdemucs_ft) or "
         "model-6s-vX.Y.Z (htdemucs_6s), optionally with -rc.N (prerelease).",
+        "tag": f"Release tag: {GRAMMAR}.",
         "repo": "Local demucs model repo, as for convert (air-gapped runs, tests); default: hub.",
         "dry_run": "Print the plan (release, assets, sizes, digests) and write nothing.",
         "contract_results": "Folder of the load-test matrix's contract-results/*.json: publish "
         "the file already in --out-dir with that evidence (default: build and load-test here).",
-        "out_dir": "Folder holding NAME.onnx and its sidecar (default: models/).",
+        "out_dir": "Folder holding the tag's file, its sidecar and operator list (default: "
+        "models/).",
     }
 )
 @_cli
@@ -212,6 +216,73 @@ def pin_openkara(c, tag, checkout, dry_run=False, allow_prerelease=False):
     from converter.pins import pin_openkara as run
 
     print(run(tag, Path(checkout), dry_run=dry_run, allow_prerelease=allow_prerelease))
+
+
+@task(
+    iterable=["tag", "runtime"],
+    help={
+        "tag": "Published spectral-core release to add (model-spectral-vX.Y.Z or "
+        "model-ft-spectral-vX.Y.Z); repeat for more.",
+        "base": "The catalog's previous release manifest (catalog/releases/PREV.json of "
+        "openkara-models): runtimes, compatibility and supply chain are carried over from it.",
+        "release_id": "The new manifest's release id, YYYY-MM-DD-NNN, after --base's.",
+        "out": "Folder to write RELEASE_ID.json into (default: catalog/).",
+        "schema": "Validate against this local copy of schema-release-v1.json instead of "
+        "reading it from --schema-repo.",
+        "schema_repo": "Repository publishing the catalog schema (default: "
+        "thedavidweng/openkara-models).",
+        "schema_ref": "Branch, tag or commit of --schema-repo to read the schema at (default: "
+        "main).",
+        "runtime": "Runtime artifact id of --base our entries declare; repeat for more "
+        "(default: every runtime of --base that loads a spectral-core model).",
+        "allow_prerelease": "Also take -rc.N prereleases (a candidate catalog, never stable).",
+        "supersede": "Deprecate --base's spectral-core entries of the same models in favour "
+        "of ours.",
+        "created_at": "The manifest's created_at, UTC RFC 3339 (default: now).",
+        "commit": "This repository's commit the releases came from (default: GITHUB_SHA, else "
+        "the checkout's HEAD).",
+    },
+)
+@_cli
+def catalog(
+    c,
+    tag=None,
+    base=None,
+    release_id=None,
+    out="catalog",
+    schema=None,
+    schema_repo="thedavidweng/openkara-models",
+    schema_ref="main",
+    runtime=None,
+    allow_prerelease=False,
+    supersede=False,
+    created_at=None,
+    commit=None,
+):
+    """Write an OpenKara catalog release manifest holding our published spectral-core files.
+
+    Needs GITHUB_TOKEN and GITHUB_REPOSITORY (GITHUB_API_URL optional); reads the releases and
+    the schema through the API, downloads and checks every asset; onnx only, no torch.
+    """
+    from converter import catalog as cat
+
+    if not base or not release_id:
+        raise UserError("--base and --release-id are required (see `invoke --help catalog`)")
+    path = cat.catalog(
+        tag or [],
+        Path(base),
+        release_id,
+        Path(out),
+        schema=_path(schema),
+        schema_repo=schema_repo,
+        schema_ref=schema_ref,
+        runtimes=runtime or [],
+        allow_prerelease=allow_prerelease,
+        supersede=supersede,
+        created_at=created_at,
+        commit=commit,
+    )
+    print(cat.summary(path))
 
 
 @task
@@ -418,6 +489,7 @@ ns = Collection(
     sweep,
     release,
     pin_openkara,
+    catalog,
     check_upstream,
     contract,
     operators,

@@ -4,6 +4,8 @@ An earlier file loaded on x86 and failed on Apple Silicon, so `invoke release` d
 row for exactly the file's SHA-256 from every (platform, ONNX Runtime version) pair the runtime
 contract names. Standard library only: the publishing job, which installs no conversion
 toolchain, runs it. The rows are the `contract-results/<ort>.json` records `ortcheck` writes.
+Rows are matched by file name and SHA-256, so the rows of a waveform file (NAME.onnx) never
+prove its spectral-core sibling (NAME.spectral.onnx), nor the reverse.
 """
 
 from __future__ import annotations

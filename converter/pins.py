@@ -20,6 +20,7 @@ from pathlib import Path
 
 from converter import github
 from converter.errors import UserError
+from converter.facts import WAVEFORM
 
 log = logging.getLogger(__name__)
 
@@ -317,8 +318,13 @@ def pin_openkara(
     """Rewrite every pin of `tag`'s model in `checkout` (or, dry run, return the diff)."""
     from converter import release
 
-    model = release.parse_tag(tag).model
-    places(model)
+    parsed = release.parse_tag(tag)
+    if parsed.interface != WAVEFORM:
+        raise UserError(
+            f"{tag} is a {parsed.interface} release: OpenKara takes those from its catalog, not "
+            "from pins; hand it over with `invoke catalog --tag TAG` (docs/releasing.md)"
+        )
+    places(parsed.model)
     if not checkout.is_dir():
         raise UserError(f"--checkout {checkout} is not a directory: pass an OpenKara checkout")
     client = client or github.from_env()

@@ -1,11 +1,13 @@
 """`invoke release`: publish one load-tested model as a GitHub release, safely re-runnable.
 
-Releases may be immutable once published (no asset can be added, replaced or deleted), so the
-order is fixed: build (or take the build the load-test matrix ran on) and gate locally, require
-passing load tests for exactly these bytes on every platform (converter/evidence.py), then a
-DRAFT release, upload, verify every asset's SHA-256, and only then publish. Each step first
-looks at what is already there, so a run that died anywhere is finished by running the same
-command again, without duplicates.
+A tag names a model and a tensor interface (converter/tags.py); every release ships the file,
+its `.sha256` sidecar and its operator list (converter/oplist.py). Releases may be immutable
+once published (no asset can be added, replaced or deleted), so the order is fixed: build (or
+take the build the load-test matrix ran on) and gate locally, require passing load tests for
+exactly these bytes on every platform (converter/evidence.py), then a DRAFT release, upload,
+verify every asset's SHA-256, and only then publish. Each step first looks at what is already
+there, so a run that died anywhere is finished by running the same command again, without
+duplicates.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import importlib.util
 import json
 import logging
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -25,8 +26,9 @@ from pathlib import Path
 
 import onnx
 
-from converter import evidence, github, pins, storage
+from converter import evidence, github, oplist, pins, storage
 from converter.errors import UserError
+from converter.facts import SPECTRAL_CORE, WAVEFORM
 from converter.metadata import (
     CACHE_KEY,
     MODEL_NAME,
@@ -34,25 +36,19 @@ from converter.metadata import (
     SAMPLE_RATE,
     SEGMENT_SAMPLES,
     STEMS,
+    TENSOR_INTERFACE,
     WEIGHT_STORAGE,
     public_version,
     read_metadata,
     read_sidecar,
     sha256_file,
     sidecar_path,
+    write_text_atomic,
 )
+from converter.tags import GRAMMAR as TAG_GRAMMAR  # noqa: F401 - re-exported
+from converter.tags import Tag, parse_tag
 
 log = logging.getLogger(__name__)
-
-TAG_GRAMMAR = (
-    "model-vX.Y.Z (htdemucs), model-ft-vX.Y.Z (htdemucs_ft) or model-6s-vX.Y.Z (htdemucs_6s), "
-    "each optionally followed by -rc.N for a prerelease"
-)
-_NUMBER = r"(?:0|[1-9][0-9]*)"
-_TAG = re.compile(
-    rf"model-(?:(?P<flavour>ft|6s)-)?v{_NUMBER}\.{_NUMBER}\.{_NUMBER}(?P<rc>-rc\.{_NUMBER})?"
-)
-_MODEL_BY_FLAVOUR = {None: "htdemucs", "ft": "htdemucs_ft", "6s": "htdemucs_6s"}
 
 UPLOAD_ATTEMPTS = 3
 
@@ -63,13 +59,6 @@ REPLACE = "replace (different SHA-256)"
 CLEAN_UP = "delete the unfinished upload, then upload"
 CHECK = "download and compare (no digest from GitHub)"
 REMOVE = "delete (not part of this release)"
-
-
-@dataclass(frozen=True)
-class Tag:
-    name: str
-    model: str
-    prerelease: bool
 
 
 @dataclass(frozen=True)
@@ -91,14 +80,6 @@ class Step:
     remote: dict | None
 
 
-def parse_tag(tag: str) -> Tag:
-    """Map a release tag to its model; anything off-grammar is refused before any work."""
-    match = _TAG.fullmatch(tag)
-    if not match:
-        raise UserError(f"tag {tag!r} is not a model release tag: use {TAG_GRAMMAR}")
-    return Tag(tag, _MODEL_BY_FLAVOUR[match["flavour"]], prerelease=bool(match["rc"]))
-
-
 def _file_metadata(path: Path) -> dict[str, str]:
     try:
         return read_metadata(onnx.load(str(path), load_external_data=False))
@@ -109,8 +90,14 @@ def _file_metadata(path: Path) -> dict[str, str]:
         ) from None
 
 
-def reuse_check(path: Path, model: str) -> tuple[bool, str]:
-    """Whether `path` was built for `model` by the toolchain installed now, and why (not).
+def stamped_interface(metadata: dict[str, str]) -> str:
+    """The file's tensor interface; files from before the key existed are waveform files."""
+    return metadata.get(TENSOR_INTERFACE, WAVEFORM)
+
+
+def reuse_check(path: Path, model: str, interface: str = WAVEFORM) -> tuple[bool, str]:
+    """Whether `path` was built for `model` and `interface` by the toolchain installed now, and
+    why (not).
 
     A conversion takes long (hours for htdemucs_ft on CI); a file stamped with the same
     toolchain versions and carrying a matching sidecar is the same build and need not be redone.
@@ -123,6 +110,8 @@ def reuse_check(path: Path, model: str) -> tuple[bool, str]:
         return False, f"{path} is not a readable ONNX file"
     if metadata.get(MODEL_NAME) != model:
         return False, f"{path} is stamped as model {metadata.get(MODEL_NAME)!r}, not {model!r}"
+    if stamped_interface(metadata) != interface:
+        return False, f"{path} is a {stamped_interface(metadata)} file, not {interface}"
     stored = metadata.get(WEIGHT_STORAGE, storage.FLOAT32)
     if stored != storage.DEFAULT:
         return False, f"{path} stores its weights as {stored}; releases ship {storage.DEFAULT}"
@@ -146,8 +135,8 @@ def reuse_check(path: Path, model: str) -> tuple[bool, str]:
     return True, f"{path} was built with the installed toolchain ({versions})"
 
 
-def build_model(model: str, repo: Path | None, out_dir: Path) -> Path:
-    """Convert (or reuse and re-validate) `model`, then apply the runtime contract gate.
+def build_model(tag: Tag, repo: Path | None, out_dir: Path) -> Path:
+    """Convert (or reuse and re-validate) the tag's file, then apply the runtime contract gate.
 
     A reused file is validated again against demucs from `repo`: its stamp says which toolchain
     built it, not from which weights, and a file from a random-weight test repo must not ship.
@@ -155,20 +144,56 @@ def build_model(model: str, repo: Path | None, out_dir: Path) -> Path:
     from converter import pipeline
     from converter.contract import gate
 
-    path = out_dir / f"{model}.onnx"
-    reuse, why = reuse_check(path, model)
+    # Waveform calls keep the seed's signature; only spectral builds name their interface.
+    extra = {} if tag.interface == WAVEFORM else {"interface": tag.interface}
+    path = out_dir / tag.file_name
+    reuse, why = reuse_check(path, tag.model, tag.interface)
     if reuse:
         log.info("reusing %s: %s; validating it again", path, why)
-        pipeline.validate(model, repo, out_dir)
+        pipeline.validate(tag.model, repo, out_dir, **extra)
     else:
-        log.info("converting %s: %s", model, why)
-        path = pipeline.convert(model, repo, out_dir)
+        log.info("converting %s (%s): %s", tag.model, tag.interface, why)
+        path = pipeline.convert(tag.model, repo, out_dir, **extra)
     gate(path)
     return path
 
 
-def local_assets(path: Path) -> list[LocalAsset]:
-    """The two files to publish, after checking that the sidecar matches the model file."""
+def operator_list(path: Path, write: bool = True) -> tuple[Path, bytes]:
+    """The file's operator list (`oplist.config_path`) and its bytes: checked against the
+    graph, or made from it (and written unless `write` is false: a dry run).
+
+    convert writes it; whatever wrote it, it must hold exactly the graph's (domain, opset, op)
+    triples, since the app's reduced runtime is rebuilt from it.
+    """
+    model = onnx.load(str(path), load_external_data=False)
+    ops = oplist.required_operators(model)
+    target = oplist.config_path(path)
+    if target.is_file():
+        try:
+            listed = oplist.parse_config(target.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise UserError(f"{target} is unusable ({exc}); delete it to regenerate it") from None
+        if listed != ops:
+            raise UserError(
+                f"{target} does not list exactly the operators of {path.name}; delete it to "
+                "regenerate it from the file"
+            )
+        log.info("%s lists exactly the operators of %s", target.name, path.name)
+        return target, target.read_bytes()
+    header = [
+        f"Operators of {path.name} (sha256 {sha256_file(path)}), in ONNX Runtime's reduced-build",
+        "format (tools/ci_build/reduce_op_kernels.py --config FILE).",
+    ]
+    text = oplist.config_text(ops, header)
+    if write:
+        write_text_atomic(target, text)
+        log.info("wrote %s from the graph (%d domain/opset lines)", target.name, len(ops))
+    return target, text.encode("utf-8")
+
+
+def local_assets(path: Path, write: bool = True) -> list[LocalAsset]:
+    """The files to publish (model, sidecar, operator list), after checking that the sidecar
+    matches the model file and the operator list the graph."""
     digest = sha256_file(path)
     try:
         side_digest, side_name = read_sidecar(path)
@@ -177,30 +202,51 @@ def local_assets(path: Path) -> list[LocalAsset]:
     side = sidecar_path(path)
     if side_digest != digest or side_name != path.name:
         raise UserError(f"{side} does not match {path}; run `invoke convert` again")
+    ops, data = operator_list(path, write)
     return [
         LocalAsset(path.name, path, path.stat().st_size, digest, "application/octet-stream"),
         LocalAsset(side.name, side, side.stat().st_size, sha256_file(side), "text/plain"),
+        LocalAsset(ops.name, ops, len(data), hashlib.sha256(data).hexdigest(), "text/plain"),
     ]
 
 
-def prebuilt(model: str, out_dir: Path) -> Path:
+def contract_gate(path: Path) -> None:
+    from converter.contract import gate
+
+    gate(path)
+
+
+def check_interface(path: Path, tag: Tag, metadata: dict[str, str]) -> None:
+    """A tag releases one interface: a waveform file under a spectral tag (or the reverse)
+    would reach an app that refuses it."""
+    stamped = stamped_interface(metadata)
+    if stamped != tag.interface:
+        raise UserError(
+            f"{path} is a {stamped} file ({TENSOR_INTERFACE}={stamped!r}) but tag {tag.name} "
+            f"releases {tag.interface} files; build it with `invoke convert --model {tag.model} "
+            f"--interface {tag.interface}` or use the matching tag ({TAG_GRAMMAR})"
+        )
+
+
+def prebuilt(tag: Tag, out_dir: Path, gate: Callable[[Path], None] = contract_gate) -> Path:
     """The file the load-test matrix ran on (`--contract-results`), statically gated again.
 
     Nothing is converted or validated here: the publishing job installs no torch or demucs and
     unpickles nothing; the build job validated these bytes and the evidence names their SHA-256.
     """
-    from converter.contract import gate
-
-    path = out_dir / f"{model}.onnx"
+    path = out_dir / tag.file_name
     if not path.is_file():
         raise UserError(
             f"{path} does not exist: --contract-results publishes the file the load tests ran "
-            "on; put the build's NAME.onnx and NAME.onnx.sha256 in --out-dir (or run without "
+            f"on; put the build's {tag.file_name} and its .sha256 in --out-dir (or run without "
             "--contract-results to build and load-test here)"
         )
-    stamped = _file_metadata(path).get(MODEL_NAME)
-    if stamped != model:
-        raise UserError(f"{path} is stamped as model {stamped!r}, not {model!r}")
+    metadata = _file_metadata(path)
+    if metadata.get(MODEL_NAME) != tag.model:
+        raise UserError(
+            f"{path} is stamped as model {metadata.get(MODEL_NAME)!r}, not {tag.model!r}"
+        )
+    check_interface(path, tag, metadata)
     gate(path)
     return path
 
@@ -253,14 +299,43 @@ def pin_section(pin: pins.Pin, cache_key: str) -> str:
     )
 
 
+def catalog_section(tag: Tag, url: str, sha256: str, cache_key: str) -> str:
+    """Markdown: how a spectral-core release reaches OpenKara (its catalog, not pins)."""
+    return "\n".join(
+        [
+            f"## OpenKara catalog ({tag.name})",
+            "",
+            f"- URL: {url}",
+            f"- SHA-256: `{sha256}`",
+            f"- `{CACHE_KEY}`: `{cache_key}`",
+            "",
+            "OpenKara takes spectral-core files from openkara-models' catalog. Write the catalog "
+            "release manifest with `invoke catalog --tag "
+            f"{tag.name} --base catalog/releases/PREV.json --release-id ID --out DIR` "
+            "(docs/releasing.md).",
+        ]
+    )
+
+
+def handoff_section(tag: Tag, assets: list[LocalAsset], url: str, cache_key: str) -> str:
+    """The card's and job summary's last section: the pin (waveform) or the catalog hand-off."""
+    if tag.interface == SPECTRAL_CORE:
+        return catalog_section(tag, url, assets[0].sha256, cache_key)
+    return pin_section(
+        pins.Pin(tag.model, tag.name, assets[0].name, url, assets[0].sha256), cache_key
+    )
+
+
 def model_card(
     tag: Tag,
     metadata: dict[str, str],
-    model_file: LocalAsset,
+    assets: list[LocalAsset],
     url: str,
     proof: list[dict],
 ) -> str:
-    """The release body: what the file is, where it came from, how it was checked, how to pin it."""
+    """The release body: what the file is, where it came from, how it was checked, how to
+    pin it or hand it to the catalog."""
+    model_file, operators = assets[0], assets[-1]
     provenance = json.loads(metadata.get(PROVENANCE, "{}"))
     toolchain = provenance.pop("toolchain", {}) or {}
     lines = [
@@ -273,10 +348,12 @@ def model_card(
         "| | |",
         "| --- | --- |",
         f"| file | `{model_file.name}` |",
+        f"| tensor interface (`{TENSOR_INTERFACE}`) | {tag.interface} |",
         f"| size | {model_file.size:,} bytes ({model_file.size / 1e6:.1f} MB) |",
         f"| weight storage (`{WEIGHT_STORAGE}`) | {metadata.get(WEIGHT_STORAGE, 'float32')} |",
         f"| SHA-256 | `{model_file.sha256}` |",
         f"| `{CACHE_KEY}` | `{metadata.get(CACHE_KEY, '?')}` |",
+        f"| operator list (ONNX Runtime reduced build) | `{operators.name}` |",
         "",
         "## Source",
         "",
@@ -308,8 +385,7 @@ def model_card(
         + " |"
         for row in proof
     ]
-    pin = pins.Pin(tag.model, tag.name, model_file.name, url, model_file.sha256)
-    lines += ["", pin_section(pin, metadata.get(CACHE_KEY, "?"))]
+    lines += ["", handoff_section(tag, assets, url, metadata.get(CACHE_KEY, "?"))]
     return "\n".join(lines)
 
 
@@ -441,9 +517,14 @@ def verify(client: github.Client, release: dict, expected: dict[str, str]) -> li
 
 
 def _verify_published(client: github.Client, release: dict, tag: Tag) -> str:
-    """Check a published release against its own `.sha256` asset (nothing is rebuilt)."""
-    name = f"{tag.model}.onnx"
-    side = next((a for a in list_assets(client, release) if a["name"] == f"{name}.sha256"), None)
+    """Check a published release against its own `.sha256` asset (nothing is rebuilt).
+
+    Releases from before operator lists were shipped have none; one that is there must match
+    its digest like every other asset.
+    """
+    name = tag.file_name
+    remote = {asset["name"]: asset for asset in list_assets(client, release)}
+    side = remote.get(f"{name}.sha256")
     problems = [f"{name}.sha256 is missing"]
     if side is not None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -453,6 +534,11 @@ def _verify_published(client: github.Client, release: dict, tag: Tag) -> str:
             try:
                 digest, _ = read_sidecar(local)
                 expected = {name: digest, side["name"]: sha256_file(sidecar_path(local))}
+                ops = remote.get(oplist.config_path(local).name)
+                if ops is not None:
+                    hasher = hashlib.sha256()
+                    client.download_asset(ops, hasher.update)
+                    expected[ops["name"]] = hasher.hexdigest()
                 problems = verify(client, release, expected)
             except ValueError as exc:
                 problems = [str(exc)]
@@ -471,13 +557,13 @@ def _dry_run(
     out_dir: Path,
     contract_results: Path | None,
 ) -> str:
-    path = out_dir / f"{tag.model}.onnx"
+    path = out_dir / tag.file_name
     if contract_results is not None:
         ready, why = path.is_file(), f"{path} does not exist"
         if ready:
             why = "the build the load tests ran on; static contract gate"
     else:
-        ready, why = reuse_check(path, tag.model)
+        ready, why = reuse_check(path, tag.model, tag.interface)
     lines = [f"dry run for {tag.name} in {client.repository} (nothing is written):"]
     if release is None:
         lines.append(f"- create draft release {tag.name} (prerelease: {tag.prerelease})")
@@ -486,14 +572,19 @@ def _dry_run(
     existing = list_assets(client, release) if release else []
     steps = []
     if ready:
-        local = local_assets(path)
+        local = local_assets(path, write=False)
         lines.append(f"- publish {path}: {why}")
+        if not local[-1].path.is_file():
+            lines.append(f"- write {local[-1].path.name} from the graph")
         if contract_results is None:
             lines.append("- validate it again; contract gate")
         steps = plan_assets(existing, local)
     else:
-        lines.append(f"- convert {tag.model} ({why}); validate; contract gate")
-        lines.append(f"- upload {tag.model}.onnx and {tag.model}.onnx.sha256 (sizes after build)")
+        ops = oplist.config_path(path).name
+        lines.append(f"- convert {tag.model} ({tag.interface}; {why}); validate; contract gate")
+        lines.append(
+            f"- upload {tag.file_name}, {tag.file_name}.sha256 and {ops} (sizes after build)"
+        )
         lines += [
             f"- {a['name']}: on the draft now ({a.get('state')}, "
             f"{a.get('digest') or 'no digest'}); kept only if it matches the build"
@@ -528,8 +619,9 @@ def release(
     contract_results: Path | None = None,
     out_dir: Path = Path("models"),
     client: github.Client | None = None,
-    prepare: Callable[[str, Path | None, Path], Path] = build_model,
+    prepare: Callable[[Tag, Path | None, Path], Path] = build_model,
     load_test: Callable[[Path, Path], None] = run_contract_sessions,
+    gate: Callable[[Path], None] = contract_gate,
     server_url: str | None = None,
 ) -> str:
     """Run the whole release for `tag`; return the one-line outcome (or the dry-run plan).
@@ -537,8 +629,8 @@ def release(
     With `contract_results` (the load-test matrix's records) the file already in `out_dir` is
     published; without, it is built here and load-tested on this platform. Either way nothing
     is created on GitHub unless every platform passed with exactly these bytes. `client`,
-    `prepare` and `load_test` are parameters so tests can point the real logic at a local API
-    double and a tiny model.
+    `prepare`, `load_test` and `gate` (the static gate of a prebuilt file) are parameters so
+    tests can point the real logic at a local API double and a tiny model.
     """
     parsed = parse_tag(tag)
     client = client or github.from_env()
@@ -549,11 +641,12 @@ def release(
         return _dry_run(client, parsed, found, out_dir, contract_results)
 
     if contract_results is not None:
-        path = prebuilt(parsed.model, out_dir)
+        path = prebuilt(parsed, out_dir, gate)
         wanted = local_assets(path)
         proof = evidence.require(contract_results, wanted[0].name, wanted[0].sha256)
     else:
-        path = prepare(parsed.model, repo, out_dir)
+        path = prepare(parsed, repo, out_dir)
+        check_interface(path, parsed, _file_metadata(path))
         wanted = local_assets(path)
         with tempfile.TemporaryDirectory(prefix=".load-test-", dir=out_dir) as results:
             load_test(path, Path(results))
@@ -561,7 +654,7 @@ def release(
     metadata = _file_metadata(path)
     server = server_url or github.server_url()
     url = download_url(server, client.repository, parsed.name, wanted[0].name)
-    body = model_card(parsed, metadata, wanted[0], url, proof)
+    body = model_card(parsed, metadata, wanted, url, proof)
     fields = {
         "name": f"{parsed.model} {parsed.name}",
         "body": body,
@@ -593,8 +686,7 @@ def release(
     published = client.request(
         "PATCH", f"{client.repo_path}/releases/{draft['id']}", json={"draft": False}
     ).json()
-    pin = pins.Pin(parsed.model, parsed.name, wanted[0].name, url, wanted[0].sha256)
-    write_step_summary(pin_section(pin, metadata.get(CACHE_KEY, "?")))
+    write_step_summary(handoff_section(parsed, wanted, url, metadata.get(CACHE_KEY, "?")))
     return (
         f"published {parsed.name}: {wanted[0].name} ({wanted[0].size:,} bytes, sha256 "
         f"{wanted[0].sha256}) at {published.get('html_url', '')}"

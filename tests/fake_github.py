@@ -4,12 +4,14 @@ It keeps the behaviours the release logic must cope with: drafts are invisible t
 `releases/tags/{tag}`, `upload_url` lives on another path than the API (as on GitHub Enterprise),
 a duplicate asset name gets 422 `already_exists`, a body without Content-Length gets 400, assets
 carry `digest`, published releases are immutable, issue listings include pull requests, and
-listings are paginated with Link headers. Faults are injected per request to test recovery; the
-same server also answers as a PEP 691 package index under /simple/.
+listings are paginated with Link headers, files of any repository are served by the contents
+API (base64, as GitHub does, wrapped at 60 characters). Faults are injected per request to test
+recovery; the same server also answers as a PEP 691 package index under /simple/.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -63,6 +65,10 @@ class FakeGitHub:
         self.labels: set[str] = set()
         self.issues: list[dict] = []
         self.index_files: list[dict] | None = []
+        # (owner/name, path, ref) -> bytes, for GET /repos/{owner}/{name}/contents/{path}?ref=
+        self.contents: dict[tuple[str, str, str], bytes] = {}
+        # tag -> (sha of an annotated tag object or None for a lightweight tag, commit sha)
+        self.tags: dict[str, tuple[str | None, str]] = {}
         self.faults: list[Fault] = []
         self.seen: list[Seen] = []
         self._next_id = 100
@@ -100,6 +106,9 @@ class FakeGitHub:
         )
         for name, data in files.items():
             self._new_asset(release, name, data, "uploaded", "application/octet-stream")
+        if not draft:  # publishing a release creates its tag (here: annotated)
+            digest = hashlib.sha1(tag.encode()).hexdigest()
+            self.tags.setdefault(tag, (digest[::-1], digest))
         return release
 
     def add_issue(self, body: str, *, state: str = "open", pull_request: bool = False) -> dict:
@@ -169,9 +178,22 @@ class FakeGitHub:
             data = json.loads(body) if body and not path.startswith(uploads) else {}
             if path.startswith(uploads) and method == "POST":
                 return self._upload(int(path[len(uploads) :].split("/")[0]), query, body, headers)
+            if m := re.fullmatch(r"/api/v3/repos/([^/]+/[^/]+)/contents/(.+)", path):
+                return self._content(m[1], m[2], query.get("ref", ["main"])[0])
             if not path.startswith(api):
                 return 404, {"message": "Not Found"}, {}
             rest = path[len(api) :]
+            if m := re.fullmatch(r"/git/ref/tags/(.+)", rest):
+                if m[1] not in self.tags:
+                    return 404, {"message": "Not Found"}, {}
+                annotated, commit = self.tags[m[1]]
+                kind, sha = ("tag", annotated) if annotated else ("commit", commit)
+                return 200, {"ref": f"refs/tags/{m[1]}", "object": {"type": kind, "sha": sha}}, {}
+            if m := re.fullmatch(r"/git/tags/([0-9a-f]{40})", rest):
+                found = [c for a, c in self.tags.values() if a == m[1]]
+                if not found:
+                    return 404, {"message": "Not Found"}, {}
+                return 200, {"sha": m[1], "object": {"type": "commit", "sha": found[0]}}, {}
             if rest == "/releases" and method == "GET":
                 return self._page(
                     query, sorted(self.releases.values(), key=lambda r: -r["id"]), path
@@ -246,6 +268,25 @@ class FakeGitHub:
                 issue.update(title=data["title"], labels=data.get("labels", []))
                 return 201, issue, {}
             return 404, {"message": "Not Found"}, {}
+
+    def _content(self, repo: str, path: str, ref: str):
+        data = self.contents.get((repo, path, ref))
+        if data is None:
+            return 404, {"message": "Not Found"}, {}
+        encoded = base64.b64encode(data).decode()
+        wrapped = "\n".join(encoded[i : i + 60] for i in range(0, len(encoded), 60))
+        return (
+            200,
+            {
+                "type": "file",
+                "encoding": "base64",
+                "name": path.rsplit("/", 1)[-1],
+                "path": path,
+                "size": len(data),
+                "content": wrapped + "\n",
+            },
+            {},
+        )
 
     def _page(self, query, items, path):
         per_page = min(int(query.get("per_page", ["30"])[0]), PAGE_SIZE_CAP)

@@ -241,6 +241,13 @@ def test_htdemucs_6s_has_no_place(pin, fake, checkout):
     assert snapshot(checkout) == before and fake.seen == []
 
 
+def test_spectral_releases_go_to_the_catalog_not_to_pins(pin, fake, checkout):
+    before = snapshot(checkout)
+    with pytest.raises(UserError, match="spectral-core release: OpenKara takes those from its ca"):
+        pin("model-spectral-v1.0.0")
+    assert snapshot(checkout) == before and fake.seen == []
+
+
 def test_a_failed_write_rolls_back_the_files_already_renamed(pin, fake, checkout, monkeypatch):
     publish(fake, "model-v2.0.2")
     before = snapshot(checkout)

@@ -16,12 +16,14 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from converter import contract_selftest, evidence, github, release
+from converter import contract_selftest, evidence, github, oplist, release, tags
 from converter.errors import UserError
+from converter.facts import SPECTRAL_CORE, WAVEFORM
 from converter.metadata import (
     CACHE_KEY,
     MODEL_NAME,
     PROVENANCE,
+    TENSOR_INTERFACE,
     WEIGHT_STORAGE,
     read_metadata,
     sha256_file,
@@ -29,6 +31,7 @@ from converter.metadata import (
     stamp,
 )
 from tests.fake_github import REPOSITORY, TOKEN, FakeGitHub, Fault, run_cli
+from tests.spectral_files import app_like_check, write_release_file
 
 TAG = "model-v1.2.3"
 TOOLCHAIN = {name: importlib.metadata.version(name) for name in ("onnx", "requests")}
@@ -66,11 +69,13 @@ class Builder:
         self.calls: list[str] = []
         self.seed, self.error = seed, error
 
-    def __call__(self, model: str, repo: Path | None, out_dir: Path) -> Path:
-        self.calls.append(model)
+    def __call__(self, tag: release.Tag, repo: Path | None, out_dir: Path) -> Path:
+        self.calls.append(tag.model)
         if self.error is not None:
             raise self.error
-        return write_model(out_dir, model, seed=self.seed)
+        if tag.interface == SPECTRAL_CORE:
+            return write_release_file(out_dir, tag.model, seed=self.seed, toolchain=TOOLCHAIN)
+        return write_model(out_dir, tag.model, seed=self.seed)
 
 
 def write_evidence(
@@ -137,12 +142,14 @@ def run(client, tmp_path):
 def assert_published_once(
     fake: FakeGitHub, tmp_path: Path, tag: str = TAG, model: str = "htdemucs"
 ) -> dict:
-    """The converged state: one published release holding exactly the two right assets."""
+    """The converged state: one published release holding exactly the three right assets."""
     (only,) = fake.releases_for(tag)
     assert not only["draft"]
-    path = tmp_path / "models" / f"{model}.onnx"
+    path = tmp_path / "models" / release.parse_tag(tag).file_name
     assets = {a["name"]: a for a in fake.assets_of(only)}
-    assert set(assets) == {path.name, sidecar_path(path).name}
+    ops = oplist.config_path(path)
+    assert set(assets) == {path.name, sidecar_path(path).name, ops.name}
+    assert fake.blobs[assets[ops.name]["id"]] == ops.read_bytes()
     assert all(a["state"] == "uploaded" for a in assets.values())
     assert assets[path.name]["digest"] == f"sha256:{sha256_file(path)}"
     assert fake.blobs[assets[path.name]["id"]] == path.read_bytes()
@@ -151,16 +158,40 @@ def assert_published_once(
 
 
 @pytest.mark.parametrize(
-    ("tag", "model", "prerelease"),
+    ("tag", "model", "prerelease", "interface", "file"),
     [
-        ("model-v1.0.0", "htdemucs", False),
-        ("model-ft-v2.10.3", "htdemucs_ft", False),
-        ("model-6s-v0.1.0-rc.2", "htdemucs_6s", True),
-        ("model-v1.0.0-rc.0", "htdemucs", True),
+        ("model-v1.0.0", "htdemucs", False, WAVEFORM, "htdemucs.onnx"),
+        ("model-ft-v2.10.3", "htdemucs_ft", False, WAVEFORM, "htdemucs_ft.onnx"),
+        ("model-6s-v0.1.0-rc.2", "htdemucs_6s", True, WAVEFORM, "htdemucs_6s.onnx"),
+        ("model-v1.0.0-rc.0", "htdemucs", True, WAVEFORM, "htdemucs.onnx"),
+        ("model-spectral-v1.0.0", "htdemucs", False, SPECTRAL_CORE, "htdemucs.spectral.onnx"),
+        (
+            "model-ft-spectral-v1.2.3-rc.4",
+            "htdemucs_ft",
+            True,
+            SPECTRAL_CORE,
+            "htdemucs_ft.spectral.onnx",
+        ),
+        (
+            "model-6s-spectral-v0.0.1",
+            "htdemucs_6s",
+            False,
+            SPECTRAL_CORE,
+            "htdemucs_6s.spectral.onnx",
+        ),
     ],
 )
-def test_tag_grammar(tag, model, prerelease):
-    assert release.parse_tag(tag) == release.Tag(tag, model, prerelease)
+def test_tag_grammar(tag, model, prerelease, interface, file):
+    parsed = release.parse_tag(tag)
+    assert parsed == release.Tag(tag, model, prerelease, interface)
+    assert parsed.file_name == file
+    # the workflow's view of the same tag, from the one grammar
+    assert tags.outputs(tag).splitlines() == [
+        f"model={model}",
+        f"interface={interface}",
+        f"file={file}",
+        f"prerelease={str(prerelease).lower()}",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -174,11 +205,15 @@ def test_tag_grammar(tag, model, prerelease):
         "model-v1.0.0-rc.1 ",
         "refs/tags/model-v1.0.0",
         "model-ft-6s-v1.0.0",
+        "model-spectral-ft-v1.0.0",
+        "model-spectral-spectral-v1.0.0",
+        "model-spectral-1.0.0",
+        "model-waveform-v1.0.0",
     ],
 )
 def test_bad_tags_are_refused_before_any_work(run, fake, tag):
     builder = Builder()
-    with pytest.raises(UserError, match=r"model-vX\.Y\.Z .*model-ft-vX\.Y\.Z.*model-6s-vX\.Y\.Z"):
+    with pytest.raises(UserError, match=r"model-vX\.Y\.Z .*model-ft-vX\.Y\.Z.*model-spectral-vX"):
         run(tag, builder)
     assert fake.seen == [] and builder.calls == []
 
@@ -225,7 +260,7 @@ def test_happy_path_publishes_a_verified_release_with_a_model_card(
     assert published["prerelease"] is False
     # uploads followed upload_url, every API call carried the headers
     uploads = [s for s in fake.seen if s.method == "POST" and "/uploads/" in s.path]
-    assert len(uploads) == 2 and all(s.path.startswith("/api/uploads/") for s in uploads)
+    assert len(uploads) == 3 and all(s.path.startswith("/api/uploads/") for s in uploads)
     # the publish came last, after every upload
     assert fake.writes()[-1].method == "PATCH"
 
@@ -317,6 +352,7 @@ def test_prerelease_tag_makes_a_prerelease(run, fake, tmp_path):
     assert {a["name"] for a in fake.assets_of(only)} == {
         "htdemucs_6s.onnx",
         "htdemucs_6s.onnx.sha256",
+        "htdemucs_6s.required_operators.config",
     }
 
 
@@ -398,7 +434,7 @@ def test_rerun_on_a_draft_keeps_matching_assets_and_replaces_wrong_ones(run, fak
     run()
     assert_published_once(fake, tmp_path)
     uploaded = [s.query["name"][0] for s in fake.seen if "/uploads/" in s.path]
-    assert uploaded == ["htdemucs.onnx.sha256"]
+    assert uploaded == ["htdemucs.onnx.sha256", "htdemucs.required_operators.config"]
 
 
 def test_assets_without_digest_are_verified_by_download(client, tmp_path):
@@ -525,7 +561,7 @@ def test_real_build_converts_once_then_reuses_the_file(small_repo, client, fake,
     assert (out / "htdemucs.onnx").stat().st_mtime_ns == built
     for tag in ("model-v1.0.0", "model-v1.0.1"):
         (only,) = fake.releases_for(tag)
-        assert not only["draft"] and len(fake.assets_of(only)) == 2
+        assert not only["draft"] and len(fake.assets_of(only)) == 3
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -616,3 +652,159 @@ def test_a_missing_allow_listed_kernel_fails_its_rows(tmp_path):
     record_path.write_text(json.dumps(record))
     with pytest.raises(UserError, match="failed on Darwin arm64 ORT 1.17.3: no CPU kernel for Fu"):
         evidence.require(tmp_path / "matrix", path.name, sha256_file(path))
+
+
+# -- spectral-core releases ----------------------------------------------------------------
+
+SPECTRAL_TAG = "model-ft-spectral-v1.0.0"
+
+
+def test_spectral_release_publishes_file_sidecar_and_operator_list(client, fake, tmp_path):
+    """The publish job's path (--contract-results) for a spectral-core file: exactly these
+    bytes, their sidecar and the operator list convert wrote; the card hands it to the catalog."""
+    out = tmp_path / "models"
+    path = write_release_file(out, "htdemucs_ft", toolchain=TOOLCHAIN)
+    assert path.name == "htdemucs_ft.spectral.onnx"
+    listed = oplist.config_path(path).read_bytes()
+    write_evidence(tmp_path / "matrix", path)
+    gated = []
+    outcome = release.release(
+        SPECTRAL_TAG,
+        out_dir=out,
+        client=client,
+        contract_results=tmp_path / "matrix",
+        gate=lambda p: (gated.append(p), app_like_check(p)),
+        server_url="https://gh.example",
+    )
+    assert gated == [path]
+    assert outcome.startswith(f"published {SPECTRAL_TAG}: htdemucs_ft.spectral.onnx (")
+    published = assert_published_once(fake, tmp_path, SPECTRAL_TAG, "htdemucs_ft")
+    assets = {a["name"]: a for a in fake.assets_of(published)}
+    # the operator list convert wrote is shipped as it is, not rewritten
+    assert fake.blobs[assets["htdemucs_ft.spectral.required_operators.config"]["id"]] == listed
+    body = published["body"]
+    assert "| tensor interface (`openkara.tensor_interface`) | spectral-core |" in body
+    assert "`htdemucs_ft.spectral.required_operators.config`" in body
+    url = f"https://gh.example/{REPOSITORY}/releases/download/{SPECTRAL_TAG}/{path.name}"
+    assert f"## OpenKara catalog ({SPECTRAL_TAG})" in body and url in body
+    assert f"invoke catalog --tag {SPECTRAL_TAG}" in body
+    assert "OpenKara pin" not in body and "assert_eq!" not in body
+    # a re-run verifies all three assets and writes nothing
+    before = len(fake.writes())
+    again = release.release(
+        SPECTRAL_TAG, out_dir=out, client=client, contract_results=tmp_path / "matrix"
+    )
+    assert again.endswith("already published and verified; nothing to do")
+    assert len(fake.writes()) == before
+
+
+def test_spectral_release_built_here_generates_a_missing_operator_list(run, fake, tmp_path):
+    out = tmp_path / "models"
+
+    def build_without_list(tag, repo, out_dir):
+        return write_release_file(out_dir, tag.model, toolchain=TOOLCHAIN, operators=False)
+
+    run("model-spectral-v2.0.0-rc.1", build_without_list)
+    published = assert_published_once(fake, tmp_path, "model-spectral-v2.0.0-rc.1")
+    assert published["prerelease"]
+    path = out / "htdemucs.spectral.onnx"
+    text = oplist.config_path(path).read_text()
+    assert text.splitlines()[-1] == "ai.onnx;17;Mul,Unsqueeze"
+    assert f"sha256 {sha256_file(path)}" in text
+
+
+def test_a_stale_operator_list_is_refused_before_anything_is_created(client, fake, tmp_path):
+    out = tmp_path / "models"
+    path = write_release_file(out, "htdemucs_ft", toolchain=TOOLCHAIN)
+    oplist.config_path(path).write_text("ai.onnx;17;Mul\n")
+    write_evidence(tmp_path / "matrix", path)
+    with pytest.raises(UserError, match="does not list exactly the operators of htdemucs_ft"):
+        release.release(
+            SPECTRAL_TAG,
+            out_dir=out,
+            client=client,
+            contract_results=tmp_path / "matrix",
+            gate=app_like_check,
+        )
+    assert fake.writes() == [] and fake.releases == {}
+
+
+@pytest.mark.parametrize(
+    ("tag", "stamped", "message"),
+    [
+        (SPECTRAL_TAG, WAVEFORM, "is a waveform file .* but tag model-ft-spectral-v1.0.0"),
+        ("model-ft-v1.0.0", SPECTRAL_CORE, "is a spectral-core file .* but tag model-ft-v1.0.0"),
+    ],
+)
+def test_a_file_of_the_other_interface_is_refused(client, fake, tmp_path, tag, stamped, message):
+    """The file's stamp must match the tag's interface, both ways in."""
+    out = tmp_path / "models"
+    interface = release.parse_tag(tag).interface
+    # the right name for the tag, the wrong interface in its metadata
+    path = write_release_file(
+        out, "htdemucs_ft", interface, toolchain=TOOLCHAIN, **{TENSOR_INTERFACE: stamped}
+    )
+    write_evidence(tmp_path / "matrix", path)
+    with pytest.raises(UserError, match=message):
+        release.release(
+            tag, out_dir=out, client=client, contract_results=tmp_path / "matrix", gate=print
+        )
+    with pytest.raises(UserError, match=message):
+        release.release(
+            tag,
+            out_dir=out,
+            client=client,
+            prepare=lambda *args: path,
+            load_test=passing_load_test,
+        )
+    assert fake.writes() == [] and fake.releases == {}
+
+
+def test_waveform_evidence_does_not_prove_the_spectral_file(tmp_path):
+    waveform = write_release_file(tmp_path, "htdemucs", WAVEFORM)
+    spectral = write_release_file(tmp_path, "htdemucs")
+    write_evidence(tmp_path / "matrix", waveform)
+    with pytest.raises(UserError, match="not publishing htdemucs.spectral.onnx: no load-test"):
+        evidence.require(tmp_path / "matrix", spectral.name, sha256_file(spectral))
+
+
+def test_a_published_spectral_release_with_a_wrong_operator_list_is_reported(run, fake, tmp_path):
+    path = write_release_file(tmp_path, "htdemucs")
+    ops = oplist.config_path(path)
+    fake.add_release(
+        "model-spectral-v1.0.0",
+        draft=False,
+        files={
+            path.name: path.read_bytes(),
+            sidecar_path(path).name: sidecar_path(path).read_bytes(),
+            ops.name: ops.read_bytes(),
+        },
+    )
+    (asset,) = [a for a in fake.assets.values() if a["name"] == ops.name]
+    asset["digest"] = "sha256:" + "0" * 64
+    with pytest.raises(UserError, match=f"is wrong: {ops.name} has SHA-256 0000"):
+        run("model-spectral-v1.0.0")
+
+
+def test_spectral_dry_run_on_the_command_line_names_three_assets(fake, tmp_path):
+    out = tmp_path / "models"
+    write_release_file(out, "htdemucs_6s", toolchain=TOOLCHAIN, operators=False)
+    done = run_cli(
+        fake,
+        "release",
+        "--tag",
+        "model-6s-spectral-v1.0.0",
+        "--dry-run",
+        "--out-dir",
+        str(out),
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    for name in (
+        "htdemucs_6s.spectral.onnx",
+        "htdemucs_6s.spectral.onnx.sha256",
+        "htdemucs_6s.spectral.required_operators.config",
+    ):
+        assert f"- {name}: {release.UPLOAD} (" in done.stdout
+    assert "- write htdemucs_6s.spectral.required_operators.config from the graph" in done.stdout
+    assert fake.writes() == [] and not list(out.glob("*.config"))

@@ -3,6 +3,7 @@ privilege, what each job installs), instead of comparisons with their text."""
 
 from __future__ import annotations
 
+import fnmatch
 import importlib.metadata
 import os
 import re
@@ -16,7 +17,7 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-from converter import evidence
+from converter import evidence, tags
 
 ROOT = Path(__file__).resolve().parent.parent
 GITHUB = ROOT / ".github"
@@ -183,13 +184,66 @@ def release_yml() -> dict:
     return load(GITHUB / "workflows" / "release.yml")
 
 
+# One tag of every shape the grammar accepts (converter/tags.py), and some it refuses.
+GRAMMAR_TAGS = [
+    f"model-{flavour}{spectral}v1.2.3{rc}"
+    for flavour in ("", "ft-", "6s-")
+    for spectral in ("", "spectral-")
+    for rc in ("", "-rc.1")
+]
+
+
 def test_release_runs_on_model_tags_one_run_per_tag_without_caches(release_yml):
-    assert triggers(release_yml) == {"push": {"tags": ["model-v*", "model-ft-v*", "model-6s-v*"]}}
+    assert triggers(release_yml) == {"push": {"tags": [tags.WORKFLOW_FILTER]}}
+    for tag in GRAMMAR_TAGS:  # the filter lets every release tag through ...
+        assert fnmatch.fnmatchcase(tag, tags.WORKFLOW_FILTER) and tags.parse_tag(tag)
     assert release_yml["concurrency"] == {
         "group": "release-${{ github.ref_name }}",
         "cancel-in-progress": False,
     }
     assert not [s for s in steps(release_yml) if "cache" in s.get("uses", "")]
+
+
+def test_the_tag_is_read_by_the_package_before_any_install(release_yml, tmp_path):
+    """... and the build job's first step asks converter.tags (the grammar's one home), which
+    refuses the rest in one line before anything is installed."""
+    build = release_yml["jobs"]["build"]["steps"]
+    assert build[0]["uses"].startswith("actions/checkout@")
+    step = build[1]
+    assert step["id"] == "tag" and "uses" not in step
+    command = shlex.split(step["run"].split("|")[0])
+    assert command == ["python3", "-m", "converter.tags", "$GITHUB_REF_NAME"]
+    assert "tee -a" in step["run"] and "$GITHUB_OUTPUT" in step["run"]
+    assert step["shell"] == "bash"  # GitHub runs an explicit bash with -o pipefail
+    for tag, code in [("model-ft-spectral-v1.0.0", 0), ("model-latest", 1)]:
+        done = subprocess.run(
+            [sys.executable, "-S", "-m", "converter.tags", tag],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == code, done.stderr
+    assert done.stderr.startswith("error: tag 'model-latest' is not a model release tag")
+    assert "Traceback" not in done.stderr
+    # no workflow restates the grammar
+    for path in WORKFLOWS:
+        text = "".join(s.get("run", "") for s in steps(load(path)))
+        assert not re.search(r"model-(ft|6s|spectral)|parse_tag", text), path.name
+    (convert,) = [s for s in build if "invoke convert" in s.get("run", "")]
+    assert convert["env"] == {
+        "MODEL": "${{ steps.tag.outputs.model }}",
+        "INTERFACE": "${{ steps.tag.outputs.interface }}",
+        "FILE": "${{ steps.tag.outputs.file }}",
+    }
+    assert shlex.split(convert["run"].splitlines()[0]) == [
+        "invoke",
+        "convert",
+        "--model",
+        "$MODEL",
+        "--interface",
+        "$INTERFACE",
+    ]
 
 
 def test_release_job_graph_build_then_four_load_tests_then_publish(release_yml):
@@ -228,7 +282,12 @@ def test_the_bytes_flow_from_build_through_load_tests_to_publish(release_yml):
     build, load_test, publish = jobs["build"], jobs["load-test"], jobs["publish"]
     (upload,) = [s for s in build["steps"] if s.get("uses", "").startswith("actions/upload-")]
     name = upload["with"]["name"]
-    assert set(build["outputs"]) == {"model", "sha256"}
+    assert build["outputs"] == {
+        "file": "${{ steps.tag.outputs.file }}",
+        "sha256": "${{ steps.build.outputs.sha256 }}",
+    }
+    # the operator list travels with the file to publish
+    assert "models/*.required_operators.config" in upload["with"]["path"].split()
     downloads = [
         s["with"]
         for s in load_test["steps"] + publish["steps"]
@@ -240,7 +299,8 @@ def test_the_bytes_flow_from_build_through_load_tests_to_publish(release_yml):
     assert results["with"]["name"] == "contract-results-${{ matrix.os }}"
     assert {"pattern": "contract-results-*", "path": "contract-results"} in downloads
     (nox,) = [s for s in load_test["steps"] if "nox -s contract" in s.get("run", "")]
-    assert nox["env"]["MODEL"] == "${{ needs.build.outputs.model }}"
+    assert nox["env"]["FILE"] == "${{ needs.build.outputs.file }}"
+    assert shlex.split(nox["run"])[-1] == "models/$FILE"
     # publish: the artifact's SHA-256 against build's output, then the release with the results
     names = [s.get("name", s.get("uses", "")) for s in publish["steps"]]
     check = next(s for s in publish["steps"] if "sha256sum --check" in s.get("run", ""))
