@@ -441,6 +441,17 @@ def verify(client: github.Client, release: dict, expected: dict[str, str]) -> li
     return problems
 
 
+def _published_report(client: github.Client, release: dict, name: str) -> dict[str, str]:
+    """The comparison report published beside `name` (`invoke compare`), as verify expects it."""
+    from converter.compare import report_name
+
+    return {
+        a["name"]: remote_sha256(client, a)
+        for a in list_assets(client, release)
+        if a["name"] == report_name(name)
+    }
+
+
 def _verify_published(client: github.Client, release: dict, tag: Tag) -> str:
     """Check a published release against its own `.sha256` asset (nothing is rebuilt)."""
     name = f"{tag.model}.onnx"
@@ -454,6 +465,7 @@ def _verify_published(client: github.Client, release: dict, tag: Tag) -> str:
             try:
                 digest, _ = read_sidecar(local)
                 expected = {name: digest, side["name"]: sha256_file(sidecar_path(local))}
+                expected.update(_published_report(client, release, name))
                 problems = verify(client, release, expected)
             except ValueError as exc:
                 problems = [str(exc)]
@@ -532,6 +544,8 @@ def release(
     prepare: Callable[[str, Path | None, Path], Path] = build_model,
     load_test: Callable[[Path, Path], None] = run_contract_sessions,
     server_url: str | None = None,
+    compare_report: Path | None = None,
+    accepted: dict[str, str] | None = None,
 ) -> str:
     """Run the whole release for `tag`; return the one-line outcome (or the dry-run plan).
 
@@ -563,6 +577,12 @@ def release(
     server = server_url or os.environ.get("GITHUB_SERVER_URL") or DEFAULT_SERVER_URL
     url = download_url(server, client.repository, parsed.name, wanted[0].name)
     body = model_card(parsed, metadata, wanted[0], url, proof)
+    if compare_report is not None:  # the budgets against the release before it (issue 25)
+        from converter import compare
+
+        section, report = compare.release_gate(compare_report, parsed.name, wanted[0], accepted)
+        body += "\n\n" + section
+        wanted.append(report)
     fields = {
         "name": f"{parsed.model} {parsed.name}",
         "body": body,
