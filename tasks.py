@@ -384,7 +384,11 @@ def compare(
         runs=_number("runs", runs, int),
         out=_path(out),
     )
-    print(run.table(report))
+    from converter.release import write_step_summary
+
+    text = run.table(report)
+    print(text)
+    write_step_summary(text)
     run.check(report)
 
 

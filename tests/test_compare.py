@@ -368,3 +368,26 @@ def test_cli_compares_against_the_release_before_it_without_torch(published, fil
     compare.validate_report(json.loads(out.read_text()))
     done = run_cli(published, *args, "--accept-regression", "file_bytes", cwd=root)
     assert done.returncode == 1 and "needs --reason" in done.stderr.strip().splitlines()[-1]
+
+
+def test_workflows_compare_releases_without_torch_and_pull_requests_in_their_own_job():
+    from tests.test_workflows import HEAVY, ROOT, closure, load, pip_install_args, requirements_in
+
+    jobs = load(ROOT / ".github/workflows/release.yml")["jobs"]
+    (install,) = [s for s in jobs["compare"]["steps"] if "pip install" in s.get("run", "")]
+    args = pip_install_args(install["run"])
+    assert args[:4] == ["-c", "requirements/constraints.txt", "-r", "requirements/publish.in"]
+    assert args[4:] == ["onnxruntime"]
+    assert not closure(requirements_in(ROOT / "requirements/publish.in")) & HEAVY
+    ci = load(ROOT / ".github/workflows/ci.yml")["jobs"]
+    job = ci["budgets"]
+    assert job["if"] == "github.event_name == 'pull_request'" and "needs" not in job
+    runs = " ".join(s.get("run", "") for s in job["steps"])
+    assert "--budgets pull-request" in runs and "--baseline" in runs
+
+
+def test_docs_show_every_budget_as_the_module_states_it():
+    text = (Path(__file__).resolve().parent.parent / "docs/releasing.md").read_text()
+    for b in budgets.BUDGETS:
+        pr, rel = b.describe(budgets.PULL_REQUEST), b.describe(budgets.RELEASE)
+        assert f"| `{b.metric}` | {b.label} | {b.better} is better | {pr} | {rel} |" in text
