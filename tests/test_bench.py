@@ -248,7 +248,7 @@ def test_pair_latency_flips_the_order_every_turn(monkeypatch):
             self.name = name
 
         def get_inputs(self):
-            return [type("Input", (), {"shape": [1, 2, 8]})()]
+            return [type("Input", (), {"name": "audio", "shape": [1, 2, 8]})()]
 
         def run(self, outputs, feeds):
             calls.append(self.name)
