@@ -322,7 +322,7 @@ def bench(
         results = b.bench_song(
             model,
             song=_path(song),
-            seconds=_number("song-seconds", song_seconds or "60", float),
+            seconds=_number("song-seconds", "60" if song_seconds is None else song_seconds, float),
             repo=_path(repo),
             runs=_number("runs", runs or "2", int),
             out_dir=Path(out_dir),

@@ -139,7 +139,12 @@ def steady(monkeypatch):
     wide = {"latency_app_s": 3.0, "latency_default_s": 3.0, "session_load_s": 10.0}
     wide["peak_rss_mb"] = 1.5
     loosened = tuple(
-        dataclasses.replace(b, release=wide.get(b.metric, b.release)) for b in budgets.BUDGETS
+        dataclasses.replace(
+            b,
+            release=wide.get(b.metric, b.release),
+            pull_request=wide.get(b.metric, b.pull_request),
+        )
+        for b in budgets.BUDGETS
     )
     monkeypatch.setattr(budgets, "BUDGETS", loosened)
     monkeypatch.setattr(budgets, "BY_METRIC", {b.metric: b for b in loosened})
@@ -391,3 +396,43 @@ def test_docs_show_every_budget_as_the_module_states_it():
     for b in budgets.BUDGETS:
         pr, rel = b.describe(budgets.PULL_REQUEST), b.describe(budgets.RELEASE)
         assert f"| `{b.metric}` | {b.label} | {b.better} is better | {pr} | {rel} |" in text
+
+
+def test_spectral_core_files_are_compared_as_the_app_runs_them(tmp_path, steady):
+    """Local baseline (a pull request's mode): two spectral-core stand-ins, composed with the
+    numpy STFT/ISTFT; a changed gain costs the gate margin."""
+    import onnxruntime as ort
+
+    from tests.test_bench import write_spectral_standin
+
+    paths = {}
+    for name, gain in (("previous", 1.0), ("same", 1.0), ("louder", 1.01)):
+        (tmp_path / name).mkdir()
+        paths[name] = write_spectral_standin(tmp_path / name / "htdemucs.spectral.onnx", 22050)
+        if gain != 1.0:
+            paths[name] = write_spectral_standin(paths[name], 22050, gain=gain)
+    session = ort.InferenceSession(str(paths["previous"]), providers=["CPUExecutionProvider"])
+    audio = bench.segment_input(session)
+    truth = bench.run_segment(session, audio)
+    for name in ("same", "louder"):
+        with open(reference_path(paths[name]), "wb") as file:
+            np.savez(
+                file,
+                inputs=np.array(["noise"]),
+                audio=audio[None],
+                stems=truth[None],
+                max_mse=np.full((1, 4), 1e-12),
+            )
+    for name, verdict in (("same", "pass"), ("louder", "fail")):
+        report = compare.compare(
+            paths[name],
+            baseline=paths["previous"],
+            runs=3,
+            threads=1,
+            run_child=in_process,
+            kind=budgets.PULL_REQUEST,
+        )
+        assert report["interface"] == "spectral-core" and report["verdict"] == verdict
+        assert report["candidate"]["file"] == "htdemucs.spectral.onnx"
+        margin = next(r for r in report["metrics"] if r["metric"] == "gate_margin_db")
+        assert margin["status"] == ("ok" if verdict == "pass" else "breach")
