@@ -442,7 +442,7 @@ def gemm_floor(profile: dict, gmac: float, torch_s: float) -> dict:
     left_s = TARGET_RATIO * torch_s - (profile["run_s"] - gemm_s)
     return {
         "gemm_vs_torch": gemm_s / torch_s,
-        "gemm_gflops": 2 * gmac / gemm_s,
+        "gemm_gflops": 2 * gmac / gemm_s if gemm_s else None,  # None: no matrix product
         "gemm_gflops_for_target": 2 * gmac / left_s if left_s > 0 else None,
     }
 
@@ -933,8 +933,8 @@ def table(results: dict) -> str:
             f"ORT profile ({p['config']}, last of {WARMUPS + 1} runs): run {p['run_s']:.2f} s, "
             f"kernels {p['kernel_s']:.2f} s ({parts}). Matrix-product kernels alone "
             f"(MatMul, Conv, their fused forms): {p['gemm_s']:.2f} s, "
-            f"{p['gemm_vs_torch']:.2f}x PyTorch's segment, {p['gemm_gflops']:.0f} GFLOP/s on "
-            f"average; {reach}.",
+            f"{p['gemm_vs_torch']:.2f}x PyTorch's segment, {p['gemm_gflops'] or 0:.0f} GFLOP/s "
+            f"on average; {reach}.",
             "",
             "| op type | s | share of kernel time | nodes |",
             "| --- | ---: | ---: | ---: |",

@@ -63,15 +63,17 @@ class Budget:
         return f"{sign} previous {op} {bound:g} {self.unit}"
 
 
+# Latency bounds leave room for run-to-run noise: two identical full-size htdemucs files, run
+# alternately on a loaded 2-core machine, came out up to 1.09x apart (docs/releasing.md).
 BUDGETS: tuple[Budget, ...] = (
     # The validation gate's margin (worst stem and input, OpenKara's setting) against the float64
     # reference recorded at conversion: a corrupted weight costs tens of dB.
     Budget("gate_margin_db", "gate margin, worst stem", "dB", HIGHER, DELTA, 1.0, 0.5),
     Budget(
-        "latency_app_s", "s / segment, OpenKara (optimization off)", "s", LOWER, FACTOR, 1.10, 1.05
+        "latency_app_s", "s / segment, OpenKara (optimization off)", "s", LOWER, FACTOR, 1.20, 1.10
     ),
-    Budget("latency_default_s", "s / segment, default options", "s", LOWER, FACTOR, 1.10, 1.05),
-    Budget("session_load_s", "session load, optimization off", "s", LOWER, FACTOR, 1.25, 1.10),
+    Budget("latency_default_s", "s / segment, default options", "s", LOWER, FACTOR, 1.20, 1.10),
+    Budget("session_load_s", "session load, optimization off", "s", LOWER, FACTOR, 1.30, 1.15),
     Budget(
         "peak_rss_mb",
         "peak RSS, load + 2 segments, optimization off",
