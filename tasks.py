@@ -62,6 +62,24 @@ def _path(value: str | None) -> Path | None:
     return Path(value) if value else None
 
 
+def _accepted(metrics: list[str] | None, reason: str | None) -> dict[str, str]:
+    """--accept-regression METRIC (repeatable) with its one --reason, as metric -> reason."""
+    if not metrics:
+        if reason:
+            raise UserError("--reason without --accept-regression METRIC: name the metric")
+        return {}
+    if not (reason or "").strip():
+        raise UserError("--accept-regression needs --reason TEXT: say why the regression ships")
+    return dict.fromkeys(metrics, reason.strip())
+
+
+ACCEPT_HELP = {
+    "accept_regression": "Ship despite this metric's budget breach (repeatable; metrics in "
+    "converter/budgets.py); recorded with --reason in the report and the model card.",
+    "reason": "Why the accepted regression ships (required with --accept-regression).",
+}
+
+
 @task(
     help={
         "model": f"Pretrained model to convert: {MODELS}.",
@@ -182,9 +200,25 @@ def sweep(c, out, seeds="20", full="3", python=None):
         "out_dir": "Folder holding the tag's file, its sidecar and operator list (default: "
         "models/).",
     }
+        "out_dir": "Folder holding NAME.onnx and its sidecar (default: models/).",
+        "compare_report": "NAME.compare.json from `invoke compare --tag TAG` on these bytes: "
+        "refuse on a budget breach, publish it and its table in the model card.",
+        **ACCEPT_HELP,
+    },
+    iterable=["accept_regression"],
 )
 @_cli
-def release(c, tag, repo=None, dry_run=False, contract_results=None, out_dir="models"):
+def release(
+    c,
+    tag,
+    repo=None,
+    dry_run=False,
+    contract_results=None,
+    out_dir="models",
+    compare_report=None,
+    accept_regression=None,
+    reason=None,
+):
     """Publish one model as a GitHub release once every platform load-tested it (safe to re-run).
 
     Needs GITHUB_TOKEN and GITHUB_REPOSITORY (GITHUB_API_URL optional), as GitHub Actions sets.
@@ -198,6 +232,8 @@ def release(c, tag, repo=None, dry_run=False, contract_results=None, out_dir="mo
             dry_run=dry_run,
             contract_results=_path(contract_results),
             out_dir=Path(out_dir),
+            compare_report=_path(compare_report),
+            accepted=_accepted(accept_regression, reason),
         )
     )
 
@@ -424,19 +460,18 @@ def bench(
     rounds="2",
     profile="10",
     song=None,
-    song_seconds="0",
+    song_seconds=None,
     out_dir="bench-results",
 ):
     """PyTorch vs onnxruntime per segment (speed, RSS, load, accuracy), or whole songs vs demucs."""
     from converter import bench as b
 
     rounds_n, profile_n = _number("rounds", rounds, int), _number("profile", profile, int)
-    seconds = _number("song-seconds", song_seconds, float)
-    if song or seconds:
+    if song or song_seconds is not None:
         results = b.bench_song(
             model,
             song=_path(song),
-            seconds=seconds,
+            seconds=_number("song-seconds", "60" if song_seconds is None else song_seconds, float),
             repo=_path(repo),
             runs=_number("runs", runs or "2", int),
             out_dir=Path(out_dir),
@@ -479,6 +514,50 @@ def ep_report(c, file, json=None, static=False):
 
         write_text_atomic(Path(json), json_lib.dumps(result, indent=1) + "\n")
     print("\n".join(report.lines(result)))
+    iterable=["accept_regression"],
+    help={
+        "file": "The candidate: a converted file with its NAME.reference.npz beside it.",
+        "tag": "The candidate's release tag: measure it against the newest published, "
+        "non-prerelease release of the same model and interface before it (GitHub API).",
+        "baseline": "Instead of --tag: measure against this local file (main's conversion in a "
+        "pull request's job).",
+        "budgets": "Which budgets judge it: release (default) or pull-request.",
+        "runs": "Timed segments per file and setting, after 2 warm-ups (default 5).",
+        "out": "Report path (default: NAME.compare.json beside --file).",
+        **ACCEPT_HELP,
+    },
+)
+@_cli
+def compare(
+    c,
+    file,
+    tag=None,
+    baseline=None,
+    budgets="release",
+    runs="5",
+    out=None,
+    accept_regression=None,
+    reason=None,
+):
+    """Measure a candidate beside the release before it (or --baseline) and judge it by the
+    budgets; print one table, write a JSON report; exit 1 on a breach not accepted."""
+    from converter import compare as run
+
+    report = run.compare(
+        Path(file),
+        tag=tag,
+        baseline=_path(baseline),
+        kind=budgets,
+        accepted=_accepted(accept_regression, reason),
+        runs=_number("runs", runs, int),
+        out=_path(out),
+    )
+    from converter.release import write_step_summary
+
+    text = run.table(report)
+    print(text)
+    write_step_summary(text)
+    run.check(report)
 
 
 ns = Collection(
@@ -496,4 +575,5 @@ ns = Collection(
     separate,
     bench,
     ep_report,
+    compare,
 )

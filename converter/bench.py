@@ -12,6 +12,12 @@ the memory arena off, whose peak RSS differs by large factors. The arithmetic is
 the graph (GMAC, spectral vs network) and divided by this machine's measured SGEMM throughput:
 the time no implementation of this graph can beat here.
 
+A spectral-core file (`openkara.tensor_interface=spectral-core`) is run as OpenKara runs it: the
+contract's STFT in float64 numpy (`converter.spectral_contract`), the graph, then the ISTFT and
+the sum with `time_out`. Each segment's time is taken whole (graph + numpy transforms, what an
+app pays) and for the graph alone; the waveform file of the same model, found beside it or
+given with `--baseline`, is timed against it in the same run.
+
 `bench_song` times whole processes on a whole song: `invoke separate` against demucs' own CLI
 with the same segment, overlap and shifts, alternating, and reports seconds of audio separated
 per second.
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import statistics
@@ -38,6 +45,17 @@ import numpy as np
 
 from . import pair_bench
 from .errors import UserError
+from .facts import (
+    INPUT_NAME,
+    MIX_INPUT,
+    OUTPUT_NAME,
+    SPECTRAL_CORE,
+    SPECTRAL_INPUT,
+    SPECTRAL_OUTPUT,
+    TIME_OUTPUT,
+    WAVEFORM,
+    file_stem,
+)
 
 log = logging.getLogger(__name__)
 
@@ -172,13 +190,56 @@ def _ort_session(
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
+def interface_of(session) -> str:
+    """The file's tensor interface, read off its inputs: that is how it must be fed."""
+    names = {i.name for i in session.get_inputs()}
+    return SPECTRAL_CORE if {SPECTRAL_INPUT, MIX_INPUT} <= names else WAVEFORM
+
+
+def segment_input(session) -> np.ndarray:
+    """The deterministic test segment [1, C, L] that `session`'s file takes."""
+    shapes = {i.name: i.shape for i in session.get_inputs()}
+    shape = shapes[MIX_INPUT if interface_of(session) == SPECTRAL_CORE else INPUT_NAME]
+    return _input(shape[1], shape[2])
+
+
+def graph_feeds(session, audio: np.ndarray) -> dict[str, np.ndarray]:
+    """The graph's inputs for `audio`: itself, or the contract's STFT of it beside the mix."""
+    if interface_of(session) == WAVEFORM:
+        return {INPUT_NAME: audio}
+    from .spectral_contract import spec
+
+    return {SPECTRAL_INPUT: spec(audio).astype(np.float32), MIX_INPUT: audio}
+
+
+def run_segment(session, audio: np.ndarray, graph_s: list[float] | None = None) -> np.ndarray:
+    """Stems [1, S, C, L] of one segment as an app gets them; a spectral-core file's numpy
+    STFT/ISTFT included. The graph's own seconds are appended to `graph_s`."""
+    waveform = interface_of(session) == WAVEFORM
+    feeds = graph_feeds(session, audio)
+    start = time.perf_counter()
+    outputs = session.run([OUTPUT_NAME] if waveform else [SPECTRAL_OUTPUT, TIME_OUTPUT], feeds)
+    if graph_s is not None:
+        graph_s.append(time.perf_counter() - start)
+    if waveform:
+        return outputs[0]
+    from .spectral_contract import ispec
+
+    spectral, waves = outputs
+    return ispec(spectral, audio.shape[-1]) + waves
+
+
 def child_ort(path: str, config: str, runs: int, threads: int) -> dict:
     start = time.perf_counter()
     session = _ort_session(path, *ORT_CONFIGS[config], threads)
     load_s = time.perf_counter() - start
-    shape = session.get_inputs()[0].shape
-    audio = _input(shape[1], shape[2])
-    return {**_measured(lambda: session.run(["stems"], {"audio": audio}), runs), "load_s": load_s}
+    audio = segment_input(session)
+    graph_s: list[float] = []
+    result = _measured(lambda: run_segment(session, audio, graph_s), runs)
+    interface = interface_of(session)
+    if interface == SPECTRAL_CORE:
+        result["graph_latencies_s"] = graph_s[-runs:]
+    return {**result, "load_s": load_s, "interface": interface}
 
 
 def profile_summary(events: list[dict], top: int) -> dict:
@@ -223,10 +284,9 @@ def profile_summary(events: list[dict], top: int) -> dict:
 def child_profile(path: str, config: str, threads: int, top: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="ort-profile-") as tmp:
         session = _ort_session(path, *ORT_CONFIGS[config], threads, profile=str(Path(tmp) / "ort"))
-        shape = session.get_inputs()[0].shape
-        audio = _input(shape[1], shape[2])
+        feeds = graph_feeds(session, segment_input(session))
         for _ in range(WARMUPS + 1):
-            session.run(["stems"], {"audio": audio})
+            session.run(None, feeds)
         events = json.loads(Path(session.end_profiling()).read_text(encoding="utf-8"))
     return {"config": config, **profile_summary(events, top)}
 
@@ -317,9 +377,12 @@ def machine() -> dict:
     memory = (
         os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
     )
-    versions = {
-        n: importlib_metadata.version(n) for n in ("onnxruntime", "torch", "numpy", "demucs")
-    }
+    versions = {}
+    for name in ("onnxruntime", "torch", "numpy", "demucs"):
+        try:
+            versions[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            versions[name] = "not installed"  # `invoke compare` runs without torch or demucs
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
@@ -359,7 +422,16 @@ def _pooled(rounds: list[dict]) -> dict:
         "peak_rss_two_segments_mb": max(r["peak_rss_two_segments_mb"] for r in rounds),
         "load_s": statistics.median(r["load_s"] for r in rounds),
         "probe_gflops": [rounds[0]["probe_gflops"][0], rounds[-1]["probe_gflops"][1]],
+        **_graph_alone(rounds),
     }
+
+
+def _graph_alone(rounds: list[dict]) -> dict:
+    """A spectral-core file's graph-alone seconds (its numpy transforms left out), pooled."""
+    if "graph_latencies_s" not in rounds[0]:
+        return {}
+    latencies = [t for r in rounds for t in r["graph_latencies_s"]]
+    return {"graph_latencies_s": latencies, "graph_median_s": statistics.median(latencies)}
 
 
 def gemm_floor(profile: dict, gmac: float, torch_s: float) -> dict:
@@ -370,7 +442,7 @@ def gemm_floor(profile: dict, gmac: float, torch_s: float) -> dict:
     left_s = TARGET_RATIO * torch_s - (profile["run_s"] - gemm_s)
     return {
         "gemm_vs_torch": gemm_s / torch_s,
-        "gemm_gflops": 2 * gmac / gemm_s,
+        "gemm_gflops": 2 * gmac / gemm_s if gemm_s else None,  # None: no matrix product
         "gemm_gflops_for_target": 2 * gmac / left_s if left_s > 0 else None,
     }
 
@@ -432,6 +504,15 @@ def bench(
     sgemm_before = sgemm_gflops(threads)
     with tempfile.TemporaryDirectory(prefix="bench-convert-") as work:
         path = _converted(model, repo_arg, file, work, results)
+        interface = results["interface"] = file_interface(Path(path))
+        if interface == SPECTRAL_CORE:
+            baseline = baseline or _waveform_beside(Path(path), model)
+            if accuracy:
+                accuracy = False
+                log.info(
+                    "bench: SNR against float64 of a spectral-core file is the gate's job "
+                    "(`invoke validate`); skipped here"
+                )
         if storage:
             results["weight_storage"] = pair_bench.compare_storage(
                 Path(path), runs, threads, run_child
@@ -468,6 +549,10 @@ def bench(
                 "ratio_vs_torch": ratio,
                 "round_ratios": per_round,
             }
+            if "graph_median_s" in run:
+                results["onnxruntime"][config]["graph_ratio_vs_torch"] = (
+                    run["graph_median_s"] / torch_s
+                )
         if accuracy:
             results["accuracy"] = run_child("accuracy", model=model, repo=repo_arg, path=path)
         else:
@@ -485,10 +570,35 @@ def bench(
     if "profile" in results:
         results["profile"].update(gemm_floor(results["profile"], gmac, torch_s))
     results["targets"] = _targets(results)
-    out = out_dir / f"{model}.json"
+    out = out_dir / f"{file_stem(model, interface)}.json"
     write_text_atomic(out, json.dumps(results, indent=2, sort_keys=True) + "\n")
     log.info("wrote %s", out)
     return results
+
+
+def file_interface(path: Path) -> str:
+    """`openkara.tensor_interface` of the file (waveform when unstamped, as the seed's files)."""
+    import onnx
+
+    from .metadata import TENSOR_INTERFACE, read_metadata
+
+    return read_metadata(onnx.load(str(path), load_external_data=False)).get(
+        TENSOR_INTERFACE, WAVEFORM
+    )
+
+
+def _waveform_beside(path: Path, model: str) -> Path | None:
+    """The waveform file of `model` in the spectral-core file's folder, to time against it."""
+    waveform = path.with_name(f"{file_stem(model, WAVEFORM)}.onnx")
+    if waveform.is_file():
+        log.info("bench: timing the waveform file %s against this spectral-core file", waveform)
+        return waveform
+    log.info(
+        "bench: no waveform file %s beside %s: pass --baseline to time one against it",
+        waveform.name,
+        path.name,
+    )
+    return None
 
 
 def _baseline(path: Path, baseline: Path, runs: int, threads: int) -> dict:
@@ -604,6 +714,31 @@ def timed_process(command: list[str]) -> dict:
     return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / scale}
 
 
+def _check_song(song: Path | None, seconds: float) -> None:
+    """Refuse a song that is not audio, or a length that is no length, before any timing."""
+    import soundfile as sf
+
+    if song is None:
+        if not (math.isfinite(seconds) and seconds > 0):
+            raise UserError(
+                f"--song-seconds {seconds:g}: give the test song's length as a positive number "
+                "of seconds (say 60)"
+            )
+        return
+    if not song.is_file():
+        raise UserError(f"--song {song} does not exist or is not a file: pass an audio file")
+    try:
+        info = sf.info(str(song))
+    except (RuntimeError, OSError) as exc:  # soundfile's LibsndfileError is a RuntimeError
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(
+            f"--song {song} is not audio libsndfile can read ({detail}): pass a WAV, FLAC, OGG "
+            "or MP3 file"
+        ) from None
+    if info.frames <= 0:
+        raise UserError(f"--song {song} holds no audio frames: pass a song")
+
+
 def bench_song(
     model: str = "htdemucs",
     song: Path | None = None,
@@ -621,8 +756,7 @@ def bench_song(
 
     if runs < 1:
         raise UserError(f"--runs {runs}: at least one run of each separator is needed")
-    if song is not None and not song.is_file():
-        raise UserError(f"--song {song} does not exist")
+    _check_song(song, seconds)
     repo_arg = str(repo) if repo else None
     results: dict = {"model": model, "runs": runs, "machine": machine()}
     sgemm_before = sgemm_gflops(os.cpu_count() or 1)
@@ -717,6 +851,23 @@ def table(results: dict) -> str:
             f"{gb(r['peak_rss_two_segments_mb'])} | {gb(r['peak_rss_mb'])} | {r['load_s']:.2f} | "
             f"{_probe(r)} |"
         )
+    graph_rows = [
+        f"| {config} | {r['median_s']:.2f} | {r['graph_median_s']:.2f} | "
+        f"{r['median_s'] - r['graph_median_s']:.2f} | {r['ratio_vs_torch']:.2f} / "
+        f"{r['graph_ratio_vs_torch']:.2f} |"
+        for config, r in results["onnxruntime"].items()
+        if "graph_median_s" in r
+    ]
+    if graph_rows:
+        lines += [
+            "",
+            "Spectral-core file, run as OpenKara runs it (numpy float64 STFT/ISTFT around it):",
+            "",
+            "| session options | graph + transforms s | graph alone s | transforms s | vs PyTorch "
+            "(with / without transforms) |",
+            "| --- | ---: | ---: | ---: | ---: |",
+            *graph_rows,
+        ]
     conv = results["conversion"]
     size, weights = results["file_bytes"], results["fp32_weight_bytes"]
     sgemm = " / ".join(
@@ -782,8 +933,8 @@ def table(results: dict) -> str:
             f"ORT profile ({p['config']}, last of {WARMUPS + 1} runs): run {p['run_s']:.2f} s, "
             f"kernels {p['kernel_s']:.2f} s ({parts}). Matrix-product kernels alone "
             f"(MatMul, Conv, their fused forms): {p['gemm_s']:.2f} s, "
-            f"{p['gemm_vs_torch']:.2f}x PyTorch's segment, {p['gemm_gflops']:.0f} GFLOP/s on "
-            f"average; {reach}.",
+            f"{p['gemm_vs_torch']:.2f}x PyTorch's segment, {p['gemm_gflops'] or 0:.0f} GFLOP/s "
+            f"on average; {reach}.",
             "",
             "| op type | s | share of kernel time | nodes |",
             "| --- | ---: | ---: | ---: |",

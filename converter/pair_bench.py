@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from .facts import SPECTRAL_CORE
 
 log = logging.getLogger(__name__)
 
@@ -65,51 +66,75 @@ def gzip_bytes(path: Path, level: int = 6) -> int:
 
 def child_memory(path: str, config: str, threads: int) -> dict:
     """Load `path` and run two segments: the parent reads this process's peak RSS."""
-    from .bench import ORT_CONFIGS, _input, _ort_session
+    from .bench import ORT_CONFIGS, _ort_session, run_segment, segment_input
 
     start = time.perf_counter()
     session = _ort_session(path, *ORT_CONFIGS[config], threads)
     loaded = time.perf_counter() - start
-    shape = session.get_inputs()[0].shape
-    audio = _input(shape[1], shape[2])
+    audio = segment_input(session)
     segments = []
     for _ in range(2):
         start = time.perf_counter()
-        session.run(["stems"], {"audio": audio})
+        run_segment(session, audio)
         segments.append(time.perf_counter() - start)
     return {"session_s": loaded, "segments_s": segments}
 
 
 def child_latency(files: dict[str, str], config: str, runs: int, threads: int) -> dict:
     """Both files in one process, run alternately, the order flipped every turn so neither
-    always runs first; the first file's stems compared with the second's."""
-    from .bench import ORT_CONFIGS, WARMUPS, _input, _ort_session
+    always runs first; the first file's stems compared with the second's. A spectral-core
+    file's segment includes its numpy STFT/ISTFT; its graph alone is timed too."""
+    from .bench import ORT_CONFIGS, WARMUPS, _ort_session, interface_of, run_segment, segment_input
 
     sessions = {
         name: _ort_session(path, *ORT_CONFIGS[config], threads) for name, path in files.items()
     }
     first, second = sessions
-    shape = sessions[first].get_inputs()[0].shape
-    audio = _input(shape[1], shape[2])
+    audio = segment_input(sessions[first])
     times: dict[str, list[float]] = {name: [] for name in sessions}
+    graph_s: dict[str, list[float]] = {name: [] for name in sessions}
     stems = {}
     for turn in range(WARMUPS + runs):
         order = list(sessions.items())
         for name, session in order if turn % 2 == 0 else reversed(order):
             start = time.perf_counter()
-            stems[name] = session.run(["stems"], {"audio": audio})[0]
+            stems[name] = run_segment(session, audio, graph_s[name])
             if turn >= WARMUPS:
                 times[name].append(time.perf_counter() - start)
     diff = stems[first].astype(np.float64) - stems[second]
     return {
         "latencies_s": times,
+        "graph_latencies_s": {name: t[WARMUPS:] for name, t in graph_s.items()},
+        "interfaces": {name: interface_of(session) for name, session in sessions.items()},
         "stems_mse": float(np.mean(diff**2)),
         "stems_max_abs": float(np.abs(diff).max()),
         "stems_identical": bool(np.array_equal(stems[first], stems[second])),
     }
 
 
-CHILDREN = {"pair_memory": child_memory, "pair_latency": child_latency}
+def child_margin(files: dict[str, str], reference: str, threads: int, cap_db: float) -> dict:
+    """Each file's validation-gate margin (dB, worst stem and input, OpenKara's setting) on the
+    inputs and float64 stems recorded at conversion (`NAME.reference.npz`), within ±cap_db."""
+    from . import ortcheck
+    from .bench import APP_CONFIG, ORT_CONFIGS, _ort_session, run_segment
+
+    _, audios, truths, bounds = ortcheck.read_reference(Path(reference))
+    margins = {}
+    for name, path in files.items():
+        session = _ort_session(path, *ORT_CONFIGS[APP_CONFIG], threads)
+        worst = cap_db
+        for audio, truth, bound in zip(audios, truths, bounds, strict=True):
+            stems = run_segment(session, audio)
+            if stems.shape != truth.shape or not np.isfinite(stems).all():
+                worst = -cap_db
+                break
+            worst = min(worst, ortcheck.margin_db(stems, truth, bound))
+        margins[name] = max(worst, -cap_db)
+        log.info("gate margin of %s: %.1f dB", name, margins[name])
+    return {"margin_db": margins}
+
+
+CHILDREN = {"pair_memory": child_memory, "pair_latency": child_latency, "pair_margin": child_margin}
 
 
 # --- the parent -------------------------------------------------------------------------------
@@ -151,14 +176,17 @@ def compare(
             threads=threads,
         )
         memory: dict[str, list[dict]] = {name: [] for name in files}
-        for _ in range(ROUNDS):
-            for name, p in files.items():
+        for round_ in range(ROUNDS):
+            order = list(files.items())
+            for name, p in order if round_ % 2 == 0 else reversed(order):
                 memory[name].append(
                     run_child("pair_memory", path=str(p), config=config, threads=threads)
                 )
         per_file = {
             name: {
+                "interface": latency["interfaces"][name],
                 "median_s": statistics.median(latency["latencies_s"][name]),
+                "graph_median_s": statistics.median(latency["graph_latencies_s"][name]),
                 "latencies_s": latency["latencies_s"][name],
                 "peak_rss_mb": max(m["peak_rss_mb"] for m in memory[name]),
                 "session_s": statistics.median(m["session_s"] for m in memory[name]),
@@ -211,4 +239,17 @@ def table_lines(
             f"{a['peak_rss_mb'] / 1024:.2f} / {b['peak_rss_mb'] / 1024:.2f} | "
             f"{c['peak_rss_ratio']:.3f} | {a['session_s']:.2f} / {b['session_s']:.2f} | {same} |"
         )
+    spectral = [
+        f"{name}, {config}: {c[name]['graph_median_s']:.2f} s"
+        for config, c in result["configs"].items()
+        for name in labels
+        if c[name].get("interface") == SPECTRAL_CORE
+    ]
+    if spectral:
+        lines += [
+            "",
+            "A spectral-core file's s / segment include the numpy STFT/ISTFT; its graph alone: "
+            + "; ".join(spectral)
+            + ".",
+        ]
     return lines

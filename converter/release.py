@@ -516,6 +516,17 @@ def verify(client: github.Client, release: dict, expected: dict[str, str]) -> li
     return problems
 
 
+def _published_report(client: github.Client, release: dict, name: str) -> dict[str, str]:
+    """The comparison report published beside `name` (`invoke compare`), as verify expects it."""
+    from converter.compare import report_name
+
+    return {
+        a["name"]: remote_sha256(client, a)
+        for a in list_assets(client, release)
+        if a["name"] == report_name(name)
+    }
+
+
 def _verify_published(client: github.Client, release: dict, tag: Tag) -> str:
     """Check a published release against its own `.sha256` asset (nothing is rebuilt).
 
@@ -539,6 +550,7 @@ def _verify_published(client: github.Client, release: dict, tag: Tag) -> str:
                     hasher = hashlib.sha256()
                     client.download_asset(ops, hasher.update)
                     expected[ops["name"]] = hasher.hexdigest()
+                expected.update(_published_report(client, release, name))
                 problems = verify(client, release, expected)
             except ValueError as exc:
                 problems = [str(exc)]
@@ -623,6 +635,8 @@ def release(
     load_test: Callable[[Path, Path], None] = run_contract_sessions,
     gate: Callable[[Path], None] = contract_gate,
     server_url: str | None = None,
+    compare_report: Path | None = None,
+    accepted: dict[str, str] | None = None,
 ) -> str:
     """Run the whole release for `tag`; return the one-line outcome (or the dry-run plan).
 
@@ -655,6 +669,13 @@ def release(
     server = server_url or github.server_url()
     url = download_url(server, client.repository, parsed.name, wanted[0].name)
     body = model_card(parsed, metadata, wanted, url, proof)
+    body = model_card(parsed, metadata, wanted[0], url, proof)
+    if compare_report is not None:  # the budgets against the release before it (issue 25)
+        from converter import compare
+
+        section, report = compare.release_gate(compare_report, parsed.name, wanted[0], accepted)
+        body += "\n\n" + section
+        wanted.append(report)
     fields = {
         "name": f"{parsed.model} {parsed.name}",
         "body": body,

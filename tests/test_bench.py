@@ -248,7 +248,7 @@ def test_pair_latency_flips_the_order_every_turn(monkeypatch):
             self.name = name
 
         def get_inputs(self):
-            return [type("Input", (), {"shape": [1, 2, 8]})()]
+            return [type("Input", (), {"name": "audio", "shape": [1, 2, 8]})()]
 
         def run(self, outputs, feeds):
             calls.append(self.name)
@@ -274,3 +274,138 @@ def test_bench_children_run_without_onnx_or_torch():
         text=True,
     )
     assert done.returncode == 0, done.stderr
+
+
+# --- spectral-core files (issue 23) ------------------------------------------------------------
+
+
+def write_spectral_standin(path: Path, length: int, stems: int = 4, gain: float = 1.0) -> Path:
+    """A tiny file with the spectral-core interface: spectral_out = gain * spectral per stem,
+    time_out = 0, stamped as htdemucs; so its composed stems are gain * ispec(spec(mix))."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from converter import facts, metadata
+
+    frames = bench.math.ceil(length / 1024)
+    value = helper.make_tensor_value_info
+    scale = numpy_helper.from_array(np.full((1, stems, 1, 1, 1, 1), gain, np.float32), "gain")
+    silence = numpy_helper.from_array(np.zeros((1, stems, 1, 1), np.float32), "silence")
+    axes = numpy_helper.from_array(np.array([1], np.int64), "axes")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Unsqueeze", [facts.SPECTRAL_INPUT, "axes"], ["z"]),
+            helper.make_node("Mul", ["z", "gain"], [facts.SPECTRAL_OUTPUT]),
+            helper.make_node("Unsqueeze", [facts.MIX_INPUT, "axes"], ["m"]),
+            helper.make_node("Mul", ["m", "silence"], [facts.TIME_OUTPUT]),
+        ],
+        "spectral-standin",
+        [
+            value(facts.SPECTRAL_INPUT, TensorProto.FLOAT, [1, 2, 2, 2048, frames]),
+            value(facts.MIX_INPUT, TensorProto.FLOAT, [1, 2, length]),
+        ],
+        [
+            value(facts.SPECTRAL_OUTPUT, TensorProto.FLOAT, [1, stems, 2, 2, 2048, frames]),
+            value(facts.TIME_OUTPUT, TensorProto.FLOAT, [1, stems, 2, length]),
+        ],
+        [scale, silence, axes],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", facts.OPSET)])
+    model.ir_version = 8
+    metadata.stamp(
+        model,
+        {
+            metadata.MODEL_NAME: "htdemucs",
+            metadata.TENSOR_INTERFACE: facts.SPECTRAL_CORE,
+            metadata.SPECTRAL_CONTRACT: facts.SPECTRAL_CONTRACT,
+        },
+    )
+    onnx.save(model, path)
+    return path
+
+
+def test_a_spectral_segment_is_composed_as_the_app_does(tmp_path):
+    """run_segment feeds the contract's STFT, then ISTFT + time_out: with gain 0.5 and a
+    silent time_out, every stem is half of ispec(spec(mix)) (the Nyquist bin is dropped)."""
+    import onnxruntime as ort
+
+    from converter.spectral_contract import ispec, spec
+
+    path = write_spectral_standin(tmp_path / "htdemucs.spectral.onnx", 22050, gain=0.5)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert bench.interface_of(session) == "spectral-core"
+    audio = bench.segment_input(session)
+    assert audio.shape == (1, 2, 22050)
+    graph_s: list[float] = []
+    stems = bench.run_segment(session, audio, graph_s)
+    assert stems.shape == (1, 4, 2, 22050) and len(graph_s) == 1 and graph_s[0] > 0
+    want = 0.5 * ispec(spec(audio).astype(np.float32), 22050)
+    assert np.abs(stems - want[:, None]).max() < 1e-6
+
+
+def test_bench_times_a_spectral_file_against_pytorch_and_its_waveform_twin(
+    small_repo, small_models, tmp_path
+):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "htdemucs.onnx").write_bytes(small_models["htdemucs"].read_bytes())
+    path = write_spectral_standin(folder / "htdemucs.spectral.onnx", 22050)
+    produced = bench.bench(
+        "htdemucs",
+        repo=small_repo,
+        file=path,
+        runs=1,
+        rounds=1,
+        profile=3,
+        out_dir=tmp_path,
+        storage=False,
+    )
+    assert json.loads((tmp_path / "htdemucs.spectral.json").read_text())["interface"] == (
+        "spectral-core"
+    )
+    assert "accuracy" not in produced  # the float64 gate is `invoke validate`'s
+    for run in produced["onnxruntime"].values():
+        assert 0 < run["graph_median_s"] < run["median_s"]  # the numpy transforms cost time
+        assert run["graph_ratio_vs_torch"] == pytest.approx(
+            run["graph_median_s"] / produced["torch"]["median_s"]
+        )
+    baseline = produced["baseline"]  # the waveform file beside it, found without --baseline
+    assert baseline["file"] == str(folder / "htdemucs.onnx")
+    for config in baseline["configs"].values():
+        assert config["this build"]["interface"] == "spectral-core"
+        assert config["baseline"]["interface"] == "waveform"
+        assert config["this build"]["graph_median_s"] < config["this build"]["median_s"]
+    assert set(produced["profile"]["by_part_s"]) == {"network"}
+    text = bench.table(produced)
+    assert "graph alone s" in text and "its graph alone:" in text
+
+
+@pytest.mark.parametrize("seconds", [0.0, -5.0, float("nan"), float("inf")])
+def test_song_seconds_that_are_no_length_are_refused_before_any_timing(
+    monkeypatch, tmp_path, seconds
+):
+    monkeypatch.setattr(bench, "sgemm_gflops", lambda *a: pytest.fail("timed before checking"))
+    with pytest.raises(UserError, match="--song-seconds .*positive number"):
+        bench.bench_song("htdemucs", seconds=seconds, out_dir=tmp_path)
+
+
+@pytest.mark.parametrize("content", [b"not audio at all\n", b""])
+def test_a_song_that_is_not_audio_is_refused_before_any_timing(monkeypatch, tmp_path, content):
+    monkeypatch.setattr(bench, "sgemm_gflops", lambda *a: pytest.fail("timed before checking"))
+    song = tmp_path / "song.wav"
+    song.write_bytes(content)
+    with pytest.raises(UserError, match="is not audio libsndfile can read"):
+        bench.bench_song("htdemucs", song=song, out_dir=tmp_path)
+    with pytest.raises(UserError, match="not a file"):
+        bench.bench_song("htdemucs", song=tmp_path, out_dir=tmp_path)
+
+
+def test_cli_refuses_a_nan_song_length_in_one_line(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "invoke", "bench", "--song-seconds", "nan"],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: --song-seconds nan")

@@ -150,7 +150,11 @@ def test_the_token_reaches_only_the_steps_that_call_github():
         for step in steps(load(path))
         if "secrets.GITHUB_TOKEN" in str(step)
     }
-    assert users == {("release.yml", "release"), ("upstream.yml", "check-upstream")}
+    assert users == {
+        ("release.yml", "release"),
+        ("release.yml", "compare"),
+        ("upstream.yml", "check-upstream"),
+    }
 
 
 def test_conversions_install_cpu_only_torch_through_the_one_recipe():
@@ -248,10 +252,11 @@ def test_the_tag_is_read_by_the_package_before_any_install(release_yml, tmp_path
 
 def test_release_job_graph_build_then_four_load_tests_then_publish(release_yml):
     jobs = release_yml["jobs"]
-    assert set(jobs) == {"build", "load-test", "publish"}
+    assert set(jobs) == {"build", "load-test", "compare", "publish"}
     assert "needs" not in jobs["build"]
-    assert jobs["load-test"]["needs"] == "build"
-    assert set(jobs["publish"]["needs"]) == {"build", "load-test"}
+    assert jobs["load-test"]["needs"] == jobs["compare"]["needs"] == "build"
+    assert jobs["compare"]["runs-on"] == "ubuntu-latest"
+    assert set(jobs["publish"]["needs"]) == {"build", "load-test", "compare"}
     matrix = jobs["load-test"]["strategy"]["matrix"]["os"]
     assert sorted(matrix) == sorted(evidence.PLATFORMS.values())
     assert jobs["load-test"]["strategy"]["fail-fast"] is False
@@ -314,8 +319,13 @@ def test_the_bytes_flow_from_build_through_load_tests_to_publish(release_yml):
         "$GITHUB_REF_NAME",
         "--contract-results",
         "contract-results",
+        "--compare-report",
+        "models/$MODEL.compare.json",
     ]
-    assert release_step["env"] == {"GITHUB_TOKEN": "${{ secrets.GITHUB_TOKEN }}"}
+    assert release_step["env"] == {
+        "GITHUB_TOKEN": "${{ secrets.GITHUB_TOKEN }}",
+        "MODEL": "${{ needs.build.outputs.model }}",
+    }
 
 
 def test_no_expression_is_spliced_into_a_script():
