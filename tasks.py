@@ -19,7 +19,6 @@ from invoke import Collection, Exit, task
 from converter import interrupts
 from converter.errors import UserError
 from converter.facts import INTERFACES, PRODUCTS, WAVEFORM
-from converter.facts import PRODUCTS
 from converter.tags import GRAMMAR
 
 MODELS = f"{', '.join(PRODUCTS[:-1])} or {PRODUCTS[-1]}"
@@ -101,7 +100,7 @@ def convert(
     out_dir="models",
     weight_storage="float16",
     interface=WAVEFORM,
-    c, model="htdemucs", repo=None, out_dir="models", weight_storage="float16", target="cpu"
+    target="cpu",
 ):
     """Convert a pretrained Demucs model to one optimized, validated ONNX file."""
     from converter.pipeline import convert as run
@@ -190,8 +189,6 @@ def sweep(c, out, seeds="20", full="3", python=None):
 
 @task(
     help={
-        "tag": "Release tag: model-vX.Y.Z (htdemucs), model-ft-vX.Y.Z (htdemucs_ft) or "
-        "model-6s-vX.Y.Z (htdemucs_6s), optionally with -rc.N (prerelease).",
         "tag": f"Release tag: {GRAMMAR}.",
         "repo": "Local demucs model repo, as for convert (air-gapped runs, tests); default: hub.",
         "dry_run": "Print the plan (release, assets, sizes, digests) and write nothing.",
@@ -199,8 +196,6 @@ def sweep(c, out, seeds="20", full="3", python=None):
         "the file already in --out-dir with that evidence (default: build and load-test here).",
         "out_dir": "Folder holding the tag's file, its sidecar and operator list (default: "
         "models/).",
-    }
-        "out_dir": "Folder holding NAME.onnx and its sidecar (default: models/).",
         "compare_report": "NAME.compare.json from `invoke compare --tag TAG` on these bytes: "
         "refuse on a budget breach, publish it and its table in the model card.",
         **ACCEPT_HELP,
@@ -514,6 +509,9 @@ def ep_report(c, file, json=None, static=False):
 
         write_text_atomic(Path(json), json_lib.dumps(result, indent=1) + "\n")
     print("\n".join(report.lines(result)))
+
+
+@task(
     iterable=["accept_regression"],
     help={
         "file": "The candidate: a converted file with its NAME.reference.npz beside it.",

@@ -59,7 +59,7 @@ from converter.metadata import (
     write_text_atomic,
 )
 from converter.metadata import SPECTRAL_CONTRACT as SPECTRAL_CONTRACT_KEY
-from converter.release import DEFAULT_SERVER_URL, download_url, find_release
+from converter.release import download_url, find_release
 from converter.tags import Tag, parse_tag
 
 log = logging.getLogger(__name__)
@@ -614,7 +614,7 @@ def catalog(
                 f"--release-id {release_id} does not come after --base's {previous['release_id']}"
             )
         chosen = spectral_runtimes(previous, list(runtimes))
-    server = server_url or os.environ.get("GITHUB_SERVER_URL") or DEFAULT_SERVER_URL
+    server = server_url or github.server_url()
     entries = []
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".catalog-", dir=out_dir) as work:

@@ -24,10 +24,8 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
-from .errors import UserError
-from .facts import COM_MICROSOFT, MAX_IR_VERSION, walk_model
 from .errors import UserError, short_of_space
-from .facts import MAX_IR_VERSION, walk_model
+from .facts import COM_MICROSOFT, MAX_IR_VERSION, walk_model
 
 log = logging.getLogger(__name__)
 

@@ -15,13 +15,10 @@ from pathlib import Path
 
 import onnx
 
-from . import __version__, oplist, partition, storage
-from . import __version__, accelerate, partition, storage
+from . import __version__, accelerate, oplist, partition, storage
 from . import metadata as meta
-from .errors import UserError
-from .export import OPSET, export_bag
 from .errors import UserError, disk_space
-from .export import INPUT, OPSET, export_bag
+from .export import OPSET, export_bag
 from .exportable import fold_factors
 from .facts import INPUT_NAME, INTERFACES, MIX_INPUT, WAVEFORM, file_stem
 from .loading import LoadedBag, load
@@ -29,8 +26,6 @@ from .optimize import LEVEL, optimize
 from .ortcheck import reference_path
 from .progress import peak_rss_mb, release_memory, step
 from .runtime_shapes import anchor_shapes, settle
-from .staging import Staging
-from .runtime_shapes import anchor_shapes
 from .staging import Staging, check_targets
 
 log = logging.getLogger(__name__)
@@ -108,23 +103,32 @@ def build(
     weight_storage: str,
     workdir: Path,
     timings: dict[str, float] | None = None,
+    target: str = accelerate.CPU,
 ) -> tuple[onnx.ModelProto, storage.StorageReport | None]:
-    """The graph passes, one list for both interfaces: export, shape anchors, offline
-    optimization, weight storage, `If` split. Returns the unstamped graph and the storage report."""
+    """The graph passes, one list for both interfaces. The CPU graph hides its shapes from
+    ORT's folding and planner (anchors, the If split); the accelerators' graph makes every
+    shape static instead. Returns the unstamped graph and the storage report."""
+    cpu = target == accelerate.CPU
     with step("export", timings):
         graph = export_bag(bag, timings, interface)
-    anchor_shapes(graph, INPUT_NAME if interface == WAVEFORM else MIX_INPUT)
+    if cpu:
+        anchor_shapes(graph, INPUT_NAME if interface == WAVEFORM else MIX_INPUT)
+    else:
+        settle(graph)
     with step("optimize", timings):
-        graph = optimize(graph, workdir=workdir)
+        graph = optimize(graph, workdir=workdir, fusions=cpu)
+    if not cpu:
+        with step("accelerator rewrites", timings):
+            accelerate.rewrite(graph)
     stored = None
     if weight_storage == storage.FLOAT16:
         # After the offline optimization: its constant folding would undo the Casts.
         with step("weight storage", timings):
             scales = [f.numpy() for m in bag.models for f in fold_factors(m)]
-            stored = storage.store_half(graph, scales)
-    # Last: every pass before it reads and rewrites the main graph.
-    with step("split", timings):
-        partition.split(graph)
+            stored = storage.store_half(graph, scales, hold=cpu)
+    if cpu:  # last: every pass before it reads and rewrites the main graph
+        with step("split", timings):
+            partition.split(graph)
     return graph, stored
 
 
@@ -143,20 +147,13 @@ def convert(
     out_dir: Path = Path("models"),
     weight_storage: str = storage.DEFAULT,
     interface: str = WAVEFORM,
+    target: str = accelerate.CPU,
+    outputs: dict | None = None,
 ) -> Path:
     """Build, validate and write `out_dir/NAME.onnx` (+ `.sha256`, reference npz, operator
     list; NAME per `facts.file_stem`), its exact float16 weights stored as float16 unless
-    `weight_storage` is 'float32'."""
-    target: str = accelerate.CPU,
-) -> Path:
-    """Build, validate and write `out_dir/MODEL.onnx` (+ `.sha256`, + reference npz), its
-    exact float16 weights stored as float16 unless `weight_storage` is 'float32', its graph
-    for the CPU EP or, with `target` 'accelerators', for CoreML/DirectML/XNNPACK."""
-    outputs: dict | None = None,
-) -> Path:
-    """Build, validate and write `out_dir/MODEL.onnx` (+ `.sha256`, + reference npz), its
-    exact float16 weights stored as float16 unless `weight_storage` is 'float32'; `outputs`
-    receives the gate's inputs and demucs' outputs (`validation.validate_file`)."""
+    `weight_storage` is 'float32'; `target` 'accelerators' builds for CoreML/DirectML/XNNPACK;
+    `outputs` receives the gate's inputs and demucs' outputs (`validation.validate_file`)."""
     from .contract import gate
     from .validation import validate_file
 
@@ -167,45 +164,17 @@ def convert(
             f"--weight-storage {weight_storage!r} is not one of {', '.join(storage.STORAGES)}"
         )
     check_interface(interface)
-    finals = list(file_paths(model, out_dir, interface))
-    with Staging(finals, "--out-dir") as staging:  # refuses an unwritable folder before any work
-        with step("load", timings):
-            bag = load(model, repo)
-        graph, stored = build(bag, interface, weight_storage, staging.path, timings)
-        entries = metadata_entries(bag, graph.ir_version, weight_storage, stored, interface)
     if target not in accelerate.TARGETS:
         raise UserError(f"--target {target!r} is not one of {', '.join(accelerate.TARGETS)}")
-    cpu = target == accelerate.CPU
-    finals = list(file_paths(model, out_dir))
+    finals = list(file_paths(model, out_dir, interface))
     with (
         disk_space(out_dir, "--out-dir"),
         Staging(finals, "--out-dir") as staging,  # refuses an unwritable folder before any work
     ):
         with step("load", timings):
             bag = load(model, repo)
-        with step("export", timings):
-            graph = export_bag(bag, timings)
-        # The passes, in order. The CPU graph hides its shapes from ORT's folding and planner
-        # (anchors, the If split); the accelerators' graph makes every shape static instead.
-        if cpu:
-            anchor_shapes(graph, INPUT)
-        else:
-            settle(graph)
-        with step("optimize", timings):
-            graph = optimize(graph, workdir=staging.path, fusions=cpu)
-        if not cpu:
-            with step("accelerator rewrites", timings):
-                accelerate.rewrite(graph)
-        stored = None
-        if weight_storage == storage.FLOAT16:
-            # After the offline optimization: its constant folding would undo the Casts.
-            with step("weight storage", timings):
-                scales = [f.numpy() for m in bag.models for f in fold_factors(m)]
-                stored = storage.store_half(graph, scales, hold=cpu)
-        if cpu:  # last: every pass before it reads and rewrites the main graph
-            with step("split", timings):
-                partition.split(graph)
-        entries = metadata_entries(bag, graph.ir_version, weight_storage, stored, target)
+        graph, stored = build(bag, interface, weight_storage, staging.path, timings, target)
+        entries = metadata_entries(bag, graph.ir_version, weight_storage, stored, interface, target)
         meta.stamp(graph, entries)
         log.info("cache key %s", meta.read_metadata(graph)[meta.CACHE_KEY])
         staged = [staging.staged(p) for p in finals]

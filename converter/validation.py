@@ -194,7 +194,6 @@ def check_session_interface(sess, path: Path, bag: LoadedBag) -> str:
     return interface
 
 
-def validate_file(path: Path, bag: LoadedBag, reference_out: Path | None = None) -> list[StemError]:
 def validate_file(
     path: Path, bag: LoadedBag, reference_out: Path | None = None, outputs: dict | None = None
 ) -> list[StemError]:

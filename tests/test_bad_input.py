@@ -455,6 +455,8 @@ def test_stopping_fake_repo_says_what_it_kept(tmp_path):
         f"interrupted (SIGTERM): kept {len(kept)} complete checkpoint(s) written so far in {out}; "
         "rerun the same command to write the rest (no partial file is left)"
     )
+
+
 # Issue 28, `invoke separate`: in-process on a tiny spectral-core stand-in (milliseconds a run).
 def tiny_song(path: Path, seconds: float = 0.6, rate: int = RATE, **kw) -> Path:
     from tests.test_separate import music
