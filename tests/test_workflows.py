@@ -289,6 +289,7 @@ def test_the_bytes_flow_from_build_through_load_tests_to_publish(release_yml):
     name = upload["with"]["name"]
     assert build["outputs"] == {
         "file": "${{ steps.tag.outputs.file }}",
+        "model": "${{ steps.tag.outputs.model }}",
         "sha256": "${{ steps.build.outputs.sha256 }}",
     }
     # the operator list travels with the file to publish
