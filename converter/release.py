@@ -669,7 +669,6 @@ def release(
     server = server_url or github.server_url()
     url = download_url(server, client.repository, parsed.name, wanted[0].name)
     body = model_card(parsed, metadata, wanted, url, proof)
-    body = model_card(parsed, metadata, wanted[0], url, proof)
     if compare_report is not None:  # the budgets against the release before it (issue 25)
         from converter import compare
 
