@@ -261,7 +261,12 @@ def test_the_gate_refuses_a_breach_and_the_override_publishes_with_its_reason(
     assert outcome.startswith(f"published {TAG}")
     (shipped,) = published.releases_for(TAG)
     assets = {a["name"]: a for a in published.assets_of(shipped)}
-    assert set(assets) == {"htdemucs.onnx", "htdemucs.onnx.sha256", "htdemucs.compare.json"}
+    assert set(assets) == {
+        "htdemucs.onnx",
+        "htdemucs.onnx.sha256",
+        "htdemucs.required_operators.config",
+        "htdemucs.compare.json",
+    }
     recorded = json.loads(published.blobs[assets["htdemucs.compare.json"]["id"]])
     assert recorded["accepted"] == [{"metric": "file_bytes", "reason": reason}]
     assert recorded == json.loads(report.read_text())
