@@ -88,12 +88,13 @@ def optimize(
             LEVEL,
             "" if fusions else ", no com.microsoft fusions (accelerators have no kernels)",
         )
-        ort.InferenceSession(
-            str(source), options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled
-        )
-        log.info("onnxruntime %s: optimizing at %s on the CPU EP", ort.__version__, LEVEL)
         try:
-            ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+            ort.InferenceSession(
+                str(source),
+                options,
+                providers=["CPUExecutionProvider"],
+                disabled_optimizers=disabled,
+            )
         except Exception as exc:  # ORT reports a full disk as INVALID_PROTOBUF, not ENOSPC
             if short_of_space(target.parent, source.stat().st_size):
                 raise OSError(errno.ENOSPC, f"onnxruntime could not write {target}") from exc

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from converter import bench, graphstats, validation
+from converter import accuracy, bench, graphstats, validation
 from converter.errors import UserError
 
 
@@ -178,7 +178,10 @@ def test_accuracy_against_float64_per_input(results):
             continue
         assert set(row["file_snr_db"]) == {"default options", "optimization off"}
         assert 90 < row["pytorch_snr_db"] < 200
-        assert all(snr > row["pytorch_snr_db"] - 6 for snr in row["file_snr_db"].values())
+        # The gate's margin, or its absolute floor (2**-24 RMS) where PyTorch sits far above it:
+        # at these output levels the floor is below 110 dB of SNR.
+        bound = min(row["pytorch_snr_db"] - accuracy.MARGIN_DB, 110)
+        assert all(snr > bound for snr in row["file_snr_db"].values())
     assert "| dc offset |" in bench.table(results)
 
 
