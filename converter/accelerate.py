@@ -37,7 +37,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .facts import is_ai_onnx
+from .facts import is_ai_onnx, walk_model
 
 log = logging.getLogger(__name__)
 
@@ -443,6 +443,14 @@ def rewrite(model: onnx.ModelProto) -> Counter:
     del graph.node[:]
     graph.node.extend(nodes)
     graph.initializer.extend(writer.initializers)
+    # what only the replaced nodes read (a ConvTranspose's weights, a ReduceSum's axes) goes
+    used = {name for _, node in walk_model(model) for name in node.input}
+    used |= {value.name for value in graph.output}
+    kept = [tensor for tensor in graph.initializer if tensor.name in used]
+    if len(kept) < len(graph.initializer):
+        log.info("dropped %d initializers no node reads", len(graph.initializer) - len(kept))
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
     log.info(
         "rewrote for accelerators: %s (equal values in operators both CoreML formats take)",
         ", ".join(f"{op} {n}" for op, n in sorted(done.items())) or "nothing",

@@ -216,6 +216,8 @@ def test_reductions_norms_and_transposed_convs_become_operators_neuralnetwork_ta
         "ConvTranspose": 2,
     }
     onnx.checker.check_model(model)
+    names = {t.name for t in model.graph.initializer}
+    assert not names & {"axes", "w"}  # read by the replaced nodes only
     ops = {n.op_type for n in model.graph.node}
     assert ops <= {"Transpose", "Reshape", "MatMul", "Div", "Sub", "Mul", "Add", "Sqrt"} | {
         "Conv",
@@ -246,7 +248,7 @@ def test_erf_becomes_a_tanh_of_a_rational_function_to_float32_accuracy():
     assert error.max() <= 2e-7  # ORT's float32 Tanh is a few ulps off; Abramowitz-Stegun: 1.5e-7
     assert (error / ulp).max() <= 7  # a few float32 ulps, relative near 0 too
     assert np.array_equal(np.sign(got), np.sign(exact))
-    assert got[-2] == 1.0 and got[-1] == -1.0
+    assert got[-2] == -got[-1] >= np.float32(1 - 2**-24)  # +-inf: within an ulp of +-1
     assert np.abs(ort_erf - exact).max() <= 1.5e-7  # ORT's own float32 Erf, for scale
 
 
