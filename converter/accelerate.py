@@ -422,6 +422,52 @@ REWRITES = {
 }
 
 
+def drop_unread_initializers(model: onnx.ModelProto) -> None:
+    """What only the replaced nodes read (a ConvTranspose's weights, a ReduceSum's axes) goes."""
+    graph = model.graph
+    used = {name for _, node in walk_model(model) for name in node.input}
+    used |= {value.name for value in graph.output}
+    kept = [tensor for tensor in graph.initializer if tensor.name in used]
+    if len(kept) < len(graph.initializer):
+        log.info("dropped %d initializers no node reads", len(graph.initializer) - len(kept))
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+
+
+def collapse_reshapes(model: onnx.ModelProto) -> int:
+    """Reshape(Reshape(x)) -> Reshape(x) where the inner one feeds nothing else: the same
+    values, fewer nodes for every provider to place (the rewrites above write such chains).
+    Returns the number of Reshapes removed."""
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    readers = Counter(name for _, node in walk_model(model) for name in node.input)
+    readers.update(value.name for value in graph.output)
+    values = {t.name: t for t in graph.initializer}
+    gone: set[str] = set()
+    for node in graph.node:
+        if node.op_type != "Reshape" or not is_ai_onnx(node.domain):
+            continue
+        shape = values.get(node.input[1])
+        if shape is None or 0 in numpy_helper.to_array(shape) or _attr(node, "allowzero", 0):
+            continue  # a 0 copies a dimension of the input: only right for the input it has
+        inner = producer.get(node.input[0])
+        if (
+            inner is None
+            or inner.op_type != "Reshape"
+            or not is_ai_onnx(inner.domain)
+            or readers[inner.output[0]] != 1
+        ):
+            continue
+        node.input[0] = inner.input[0]
+        gone.add(inner.output[0])
+    if gone:
+        kept = [node for node in graph.node if node.output[0] not in gone]
+        del graph.node[:]
+        graph.node.extend(kept)
+        log.info("collapsed %d Reshape chains", len(gone))
+    return len(gone)
+
+
 def rewrite(model: onnx.ModelProto) -> Counter:
     """Apply every rewrite of the module docstring to `model`'s main graph, in place; returns
     {op type: nodes rewritten}."""
@@ -443,14 +489,8 @@ def rewrite(model: onnx.ModelProto) -> Counter:
     del graph.node[:]
     graph.node.extend(nodes)
     graph.initializer.extend(writer.initializers)
-    # what only the replaced nodes read (a ConvTranspose's weights, a ReduceSum's axes) goes
-    used = {name for _, node in walk_model(model) for name in node.input}
-    used |= {value.name for value in graph.output}
-    kept = [tensor for tensor in graph.initializer if tensor.name in used]
-    if len(kept) < len(graph.initializer):
-        log.info("dropped %d initializers no node reads", len(graph.initializer) - len(kept))
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
+    collapse_reshapes(model)
+    drop_unread_initializers(model)
     log.info(
         "rewrote for accelerators: %s (equal values in operators both CoreML formats take)",
         ", ".join(f"{op} {n}" for op, n in sorted(done.items())) or "nothing",

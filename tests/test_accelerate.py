@@ -65,6 +65,8 @@ def test_ep_report_reads_placements_and_the_checker(accelerated):
     ml = verdicts["MLProgram"]
     assert ml["nodes_in_subgraphs"] == 0
     assert ml["partitions"] <= 20 and ml["supported_nodes"] >= 0.9 * ml["nodes"]
+    nn = verdicts["NeuralNetwork"]  # the app's default format: only the position embedding cuts
+    assert nn["partitions"] <= 3 and set(nn["unsupported_ops"]) <= {"ai.onnx:Sin", "ai.onnx:Cos"}
     (cpu,) = result["providers"][ep_report.CPU]
     assert cpu["nodes"] == cpu["total_nodes"] > 0
     assert cpu["macs"] == cpu["total_macs"] > 0
@@ -226,6 +228,33 @@ def test_reductions_norms_and_transposed_convs_become_operators_neuralnetwork_ta
     for want, got in zip(before, _run(model, x), strict=True):
         assert want.shape == got.shape
         np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6)
+
+
+def test_reshape_chains_collapse_where_nothing_else_reads_the_middle():
+    consts = {
+        "s1": np.array([6, 4], np.int64),
+        "s2": np.array([2, 12], np.int64),
+        "s3": np.array([-1], np.int64),
+        "keep": np.array([0, -1], np.int64),  # 0: copies a dimension of its own input
+    }
+    nodes = [
+        helper.make_node("Reshape", ["x", "s1"], ["a"], name="a"),
+        helper.make_node("Reshape", ["a", "s2"], ["b"], name="b"),
+        helper.make_node("Reshape", ["b", "s3"], ["c"], name="c"),
+        helper.make_node("Reshape", ["x", "s2"], ["d"], name="d"),
+        helper.make_node("Reshape", ["d", "s1"], ["e"], name="e"),  # d is also an output
+        helper.make_node("Reshape", ["x", "s1"], ["f"], name="f"),
+        helper.make_node("Reshape", ["f", "keep"], ["g"], name="g"),
+    ]
+    outputs = {"c": [24], "d": [2, 12], "e": [6, 4], "g": [6, 4]}
+    model = _model(nodes, {"x": [2, 3, 4]}, outputs, consts)
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    before = _run(model, x)
+    assert accelerate.collapse_reshapes(model) == 2  # a and b; d feeds an output, g has a 0
+    assert [n.name for n in model.graph.node] == ["c", "d", "e", "f", "g"]
+    assert model.graph.node[0].input[0] == "x"
+    for want, got in zip(before, _run(model, x), strict=True):
+        assert np.array_equal(want, got)
 
 
 def test_erf_becomes_a_tanh_of_a_rational_function_to_float32_accuracy():
