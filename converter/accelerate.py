@@ -1,4 +1,4 @@
-"""Exact rewrites of the optimized graph into operators that CoreML's MLProgram builders take.
+"""Rewrites of the optimized graph into operators both CoreML formats take (MLProgram, NN).
 
 ORT's CoreML EP (MLProgram, and XNNPACK/DirectML likewise at these points) has no builder for a
 Gather with a scalar index, a zero Pad or an Expand, and each one cuts its partition. Each has
@@ -23,6 +23,8 @@ float32 ulps:
   atanh(erf x), relative error 6e-9 in float64, a few float32 ulps evaluated in float32);
 - ConvTranspose (1-D, group 1, kernel a multiple of the stride) -> one Conv computing every
   output phase + Reshape/Transpose/Reshape interleaving them + Slice.
+
+Then Reshape chains collapse to one Reshape and initializers no node reads any more go.
 
 Runs on a graph whose every shape is static (`runtime_shapes.settle`, then the offline
 optimization), on any interface: it reads only node types and shapes.
