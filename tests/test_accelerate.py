@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +65,8 @@ def test_ep_report_reads_placements_and_the_checker(accelerated):
     ml = verdicts["MLProgram"]
     assert ml["nodes_in_subgraphs"] == 0
     assert ml["partitions"] <= 20 and ml["supported_nodes"] >= 0.9 * ml["nodes"]
+    nn = verdicts["NeuralNetwork"]  # the app's default format: only the position embedding cuts
+    assert nn["partitions"] <= 3 and set(nn["unsupported_ops"]) <= {"ai.onnx:Sin", "ai.onnx:Cos"}
     (cpu,) = result["providers"][ep_report.CPU]
     assert cpu["nodes"] == cpu["total_nodes"] > 0
     assert cpu["macs"] == cpu["total_macs"] > 0
@@ -114,7 +117,7 @@ def _padded_gathered() -> onnx.ModelProto:
     consts = {
         "index": np.array(-1, np.int64),
         "pads": np.array([0, 1, 0, 0, -1, 2], np.int64),
-        "big_pads": np.array([0, 0, 0, 0, 0, 20000], np.int64),
+        "big_pads": np.array([0, 0, 0, 0, 0, 30000], np.int64),
         "shape": np.array([2, 4, 3, 5], np.int64),
         "axes": np.array([0], np.int64),
     }
@@ -125,7 +128,7 @@ def _padded_gathered() -> onnx.ModelProto:
         helper.make_node("Expand", ["x", "shape"], ["e"], name="expand"),
         helper.make_node("Unsqueeze", ["x", "axes"], ["u"], name="unsqueeze"),
     ]
-    shapes = {"g": [1, 5], "p": [1, 3, 7], "q": [1, 3, 20005], "e": [2, 4, 3, 5], "u": [1, 1, 3, 5]}
+    shapes = {"g": [1, 5], "p": [1, 3, 7], "q": [1, 3, 30005], "e": [2, 4, 3, 5], "u": [1, 1, 3, 5]}
     outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, d) for n, d in shapes.items()]
     graph = helper.make_graph(
         nodes,
@@ -157,9 +160,125 @@ def test_rewrites_compute_the_same_values_in_operators_coreml_takes():
     for want, got in zip(before, _run(model, x), strict=True):
         assert want.shape == got.shape and np.array_equal(want, got)
     tiled = [n for n in model.graph.node if n.op_type == "Tile"]
-    assert len(tiled) == 2  # the Expand, and the pad block over ZERO_BLOCK_BYTES
+    assert len(tiled) == 1  # the pad block over ZERO_BLOCK_BYTES (the Expand is a Mul by ones)
     with pytest.raises(ValueError, match="already"):
         accelerate.rewrite(model)
+
+
+def _model(nodes, inputs, outputs, consts) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, d) for n, d in inputs.items()],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, d) for n, d in outputs.items()],
+        [numpy_helper.from_array(v, k) for k, v in consts.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_reductions_norms_and_transposed_convs_become_operators_neuralnetwork_takes():
+    rng = np.random.default_rng(1)
+    consts = {
+        "axes": np.array([0, 2], np.int64),
+        "scale": rng.standard_normal((4, 6)).astype(np.float32),
+        "bias": rng.standard_normal((4, 6)).astype(np.float32),
+        "w": rng.standard_normal((4, 3, 8)).astype(np.float32),
+        "b": rng.standard_normal(3).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("ReduceSum", ["x", "axes"], ["sum"], keepdims=0, name="sum"),
+        helper.make_node("ReduceMean", ["x"], ["mean"], axes=[1], name="mean"),
+        helper.make_node("ReduceMean", ["x"], ["all"], keepdims=0, name="all"),
+        helper.make_node("LayerNormalization", ["x", "scale", "bias"], ["ln"], axis=-2, name="ln"),
+        helper.make_node("LayerNormalization", ["x", "b6"], ["ln1"], name="ln1"),
+        helper.make_node(
+            "ConvTranspose", ["x", "w", "b"], ["up"], strides=[4], pads=[2, 3], name="up"
+        ),
+        helper.make_node("ConvTranspose", ["x", "w"], ["up0"], strides=[4], name="up0"),
+    ]
+    consts["b6"] = rng.standard_normal(6).astype(np.float32)
+    outputs = {
+        "sum": [4],
+        "mean": [2, 1, 6],
+        "all": [],
+        "ln": [2, 4, 6],
+        "ln1": [2, 4, 6],
+        "up": [2, 3, 23],
+        "up0": [2, 3, 28],
+    }
+    model = _model(nodes, {"x": [2, 4, 6]}, outputs, consts)
+    x = rng.standard_normal((2, 4, 6)).astype(np.float32) * 3 + 1
+    before = _run(model, x)
+    assert accelerate.rewrite(model) == {
+        "ReduceSum": 1,
+        "ReduceMean": 2,
+        "LayerNormalization": 2,
+        "ConvTranspose": 2,
+    }
+    onnx.checker.check_model(model)
+    names = {t.name for t in model.graph.initializer}
+    assert not names & {"axes", "w"}  # read by the replaced nodes only
+    ops = {n.op_type for n in model.graph.node}
+    assert ops <= {"Transpose", "Reshape", "MatMul", "Div", "Sub", "Mul", "Add", "Sqrt"} | {
+        "Conv",
+        "Slice",
+    }
+    for want, got in zip(before, _run(model, x), strict=True):
+        assert want.shape == got.shape
+        np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6)
+
+
+def test_reshape_chains_collapse_where_nothing_else_reads_the_middle():
+    consts = {
+        "s1": np.array([6, 4], np.int64),
+        "s2": np.array([2, 12], np.int64),
+        "s3": np.array([-1], np.int64),
+        "keep": np.array([0, -1], np.int64),  # 0: copies a dimension of its own input
+    }
+    nodes = [
+        helper.make_node("Reshape", ["x", "s1"], ["a"], name="a"),
+        helper.make_node("Reshape", ["a", "s2"], ["b"], name="b"),
+        helper.make_node("Reshape", ["b", "s3"], ["c"], name="c"),
+        helper.make_node("Reshape", ["x", "s2"], ["d"], name="d"),
+        helper.make_node("Reshape", ["d", "s1"], ["e"], name="e"),  # d is also an output
+        helper.make_node("Reshape", ["x", "s1"], ["f"], name="f"),
+        helper.make_node("Reshape", ["f", "keep"], ["g"], name="g"),
+    ]
+    outputs = {"c": [24], "d": [2, 12], "e": [6, 4], "g": [6, 4]}
+    model = _model(nodes, {"x": [2, 3, 4]}, outputs, consts)
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    before = _run(model, x)
+    assert accelerate.collapse_reshapes(model) == 2  # a and b; d feeds an output, g has a 0
+    assert [n.name for n in model.graph.node] == ["c", "d", "e", "f", "g"]
+    assert model.graph.node[0].input[0] == "x"
+    for want, got in zip(before, _run(model, x), strict=True):
+        assert np.array_equal(want, got)
+
+
+def test_erf_becomes_a_tanh_of_a_rational_function_to_float32_accuracy():
+    model = _model(
+        [helper.make_node("Erf", ["x"], ["y"], name="erf")], {"x": [None]}, {"y": [None]}, {}
+    )
+    x = np.concatenate(
+        [np.linspace(-7, 7, 400001), np.geomspace(1e-30, 1, 2001), -np.geomspace(1e-30, 1, 2001)]
+    ).astype(np.float32)
+    x = np.concatenate([x, [0.0, np.inf, -np.inf]]).astype(np.float32)
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = x.size
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_value = x.size
+    (ort_erf,) = _run(model, x)
+    assert accelerate.rewrite(model) == {"Erf": 1}
+    assert {n.op_type for n in model.graph.node} == {"Clip", "Mul", "Add", "Div", "Tanh"}
+    (got,) = _run(model, x)
+    exact = np.array([math.erf(v) for v in x.astype(np.float64)])
+    ulp = np.spacing(np.abs(exact).astype(np.float32)).astype(np.float64)
+    error = np.abs(got - exact)
+    assert error.max() <= 2e-7  # ORT's float32 Tanh is a few ulps off; Abramowitz-Stegun: 1.5e-7
+    assert (error / ulp).max() <= 7  # a few float32 ulps, relative near 0 too
+    assert np.array_equal(np.sign(got), np.sign(exact))
+    assert got[-2] == -got[-1] >= np.float32(1 - 2**-24)  # +-inf: within an ulp of +-1
+    assert np.abs(ort_erf - exact).max() <= 1.5e-7  # ORT's own float32 Erf, for scale
 
 
 def test_unknown_target_is_one_clear_error(small_repo, tmp_path):
