@@ -662,3 +662,92 @@ def test_a_real_full_disk_is_one_error(tmp_path):
     line = one_line(done)
     assert "No space left on device" in line and "nothing was written" in line
     assert not done.stdout.strip()  # the mount's view: nothing left behind
+
+
+# Issue 28 #6: the cache key covers the metadata the runtime acts on (a stamped, compliant
+# stand-in from the contract self-test: milliseconds, where a converted file takes minutes).
+def stamped_file(path: Path, **entries: str) -> str:
+    """The self-test's compliant file at `path`, `entries` then edited and its sidecar
+    regenerated (what a user editing the metadata would do); returns the key it still carries."""
+    from converter import contract_selftest, metadata
+
+    model = contract_selftest.tiny_model()
+    for prop in model.metadata_props:
+        prop.value = entries.get(prop.key, prop.value)
+    metadata.write_with_sidecar(model, path)
+    return metadata.read_metadata(model)[metadata.CACHE_KEY]
+
+
+def test_the_cache_key_covers_every_entry_but_itself_and_the_provenance():
+    from converter import contract_selftest, metadata
+
+    model = contract_selftest.tiny_model()
+    key = metadata.fingerprint(model)
+    assert key == metadata.read_metadata(model)[metadata.CACHE_KEY]
+    for prop in model.metadata_props:
+        kept = prop.value
+        prop.value = kept + " "
+        assert (metadata.fingerprint(model) != key) == (prop.key not in metadata.UNKEYED), prop
+        prop.value = kept
+    model.metadata_props.add(key="openkara.extra", value="1")
+    assert metadata.fingerprint(model) != key
+    assert metadata.graph_fingerprint(model) == metadata.graph_fingerprint(
+        contract_selftest.tiny_model()
+    )
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [{"openkara.stems": "bass,drums,other,vocals"}, {"openkara.sample_rate": "48000"}],
+    ids=["stems permuted", "sample rate"],
+)
+def test_edited_metadata_fails_fingerprint_and_contract(entries, tmp_path):
+    path = tmp_path / "tiny.onnx"
+    stamped_file(path)
+    assert invoke("contract", "--file", path).returncode == 0  # as written: compliant
+    stamped = stamped_file(path, **entries)
+    done = invoke("fingerprint", path)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stdout.endswith(f"  tiny.onnx: differs from stamped {stamped}\n"), done.stdout
+    done = invoke("contract", "--file", path)
+    assert f"{path} breaks the runtime contract" in one_line(done)
+    assert "  - [cache_key] openkara.model_cache_key is " + stamped in done.stderr
+
+
+def test_a_key_over_the_graph_alone_says_to_convert_again(tmp_path):
+    from converter import contract_selftest, metadata
+
+    old = metadata.graph_fingerprint(contract_selftest.tiny_model())
+    path = tmp_path / "tiny.onnx"
+    stamped_file(path, **{metadata.CACHE_KEY: old})
+    done = invoke("fingerprint", path)
+    assert done.returncode == 1 and f"differs from stamped {old}, the key over" in done.stdout
+    assert "convert the file again" in done.stdout
+
+
+@pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("setpriv"), reason="root reads all")
+@pytest.mark.parametrize("closed", ["file", "folder"])
+def test_an_unreadable_model_names_the_permission_not_onnx(closed, tmp_path):
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(dir=tmp_path if closed == "folder" else None))
+    try:
+        path = folder / "tiny.onnx"
+        stamped_file(path)
+        if closed == "file":
+            folder.chmod(0o755)
+            path.chmod(0o000)
+        else:
+            folder.chmod(0o000)
+        args = [sys.executable, "-m", "invoke", "fingerprint", path]
+        if os.geteuid() == 0:  # root reads everything: run as nobody
+            args = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *args]
+        env = {**os.environ, "HOME": "/nonexistent"}
+        done = subprocess.run(
+            list(map(str, args)), cwd=ROOT, capture_output=True, text=True, env=env
+        )
+    finally:
+        folder.chmod(0o755)
+        shutil.rmtree(folder)
+    line = one_line(done)
+    assert f"cannot read {path}: Permission denied" in line and "not an ONNX" not in line
