@@ -945,10 +945,36 @@ def test_a_retry_after_that_is_no_number_gives_up_within_the_deadline(github_tas
         limited.close()
 
 
-def test_an_api_url_without_a_scheme_is_one_line(github_task, fake, tmp_path):
+@pytest.mark.parametrize(
+    "variable, value, message",
+    [
+        ("GITHUB_API_URL", "api.github.com", "'api.github.com' is not an http(s) URL with a host"),
+        ("GITHUB_REPOSITORY", "own er/na me", "must be owner/name"),
+        ("GITHUB_REPOSITORY", "../..", "must be owner/name"),
+    ],
+)
+def test_settings_that_cannot_name_the_api_are_one_line(
+    variable, value, message, github_task, fake, tmp_path
+):
     for task in ONE_EACH:
-        line = github_error(github_task(task, GITHUB_API_URL="api.github.com"), fake, tmp_path)
-        assert "GITHUB_API_URL 'api.github.com' is not an http(s) URL with a host" in line
+        line = github_error(github_task(task, **{variable: value}), fake, tmp_path)
+        assert f"error: {variable}" in line and message in line, line
+        assert fake.seen == []  # refused before any call
+
+
+def test_an_evidence_record_of_another_shape_is_one_line(fake, tmp_path):
+    from tests.fake_github import run_cli
+    from tests.test_release import TAG, write_model
+
+    out, matrix = tmp_path / "models", tmp_path / "matrix"
+    write_model(out, "htdemucs")
+    matrix.mkdir()
+    (matrix / "1.23.2.json").write_text('{"rows": [1]}')
+    args = ["release", "--tag", TAG, "--contract-results", matrix, "--out-dir", out]
+    line = one_line(run_cli(fake, *map(str, args), cwd=ROOT))
+    assert f"load-test results {matrix / '1.23.2.json'} hold a broken ortcheck record" in line
+    assert "'rows': item 0: a number instead of an object" in line
+    assert fake.writes() == [] and fake.releases == {}
 
 
 def test_a_token_that_cannot_be_a_header_is_one_line_without_it(github_task, fake, tmp_path):
