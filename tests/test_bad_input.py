@@ -881,19 +881,30 @@ def test_a_silent_api_makes_each_github_task_give_up_with_one_line(
     assert "raise OPENKARA_API_DEADLINE_S" in line
 
 
-def test_a_silent_package_index_makes_check_upstream_give_up_with_one_line(
-    github_task, fake, tmp_path
+@pytest.mark.parametrize(
+    "server, message",
+    [
+        (lambda lb: lb.Silent(), "Timeout"),
+        (
+            lambda lb: lb.Same(200, lb.LOGIN_PAGE, {"Content-Type": "text/html"}),
+            "it answered text/html, not JSON (a proxy's login page?)",
+        ),
+    ],
+    ids=["silent", "login page"],
+)
+def test_a_package_index_that_is_silent_or_foreign_is_one_line(
+    server, message, github_task, fake, tmp_path
 ):
     from tests import loopback
 
-    silent = loopback.Silent()
+    index = server(loopback)
     try:
-        done = github_task("check-upstream", PIP_INDEX_URL=silent.url)
+        line = github_error(github_task("check-upstream", PIP_INDEX_URL=index.url), fake, tmp_path)
     finally:
-        silent.close()
-    line = github_error(done, fake, tmp_path)
-    assert f"cannot read demucs from the package index {silent.url}/demucs/" in line
-    assert "Timeout" in line
+        index.close()
+    assert f"cannot read demucs from the package index {index.url}/demucs/" in line
+    assert message in line and "PEP 691" in line, line
+    assert fake.seen == []  # GitHub not asked
 
 
 def test_the_default_deadline_leaves_a_silent_api_under_three_minutes():
