@@ -2,8 +2,8 @@
 
 OpenKara keys its compiled-session cache on `openkara.model_cache_key` and skips ONNX Runtime's
 own graph optimization when `openkara.optimized_by == onnxruntime`, so both must be exact: the
-key is a SHA-256 over the model with every metadata entry removed, which anyone can recompute
-from the released file with `invoke fingerprint FILE`.
+key is a SHA-256 over the model and every metadata entry but the key and the provenance, which
+anyone can recompute from the released file with `invoke fingerprint FILE`.
 """
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ SPECTRAL_CONTRACT = "openkara.spectral_contract"
 STEM_PROFILE = "openkara.stem_profile"
 INPUT_SEMANTICS = "openkara.input_semantics"
 OUTPUT_SEMANTICS = "openkara.output_semantics"
+
+# What the cache key does not cover: itself, and the record of how the file was made.
+UNKEYED = frozenset({CACHE_KEY, PROVENANCE})
 
 REQUIRED_KEYS = (
     CACHE_KEY,
@@ -108,15 +111,34 @@ def toolchain_versions() -> dict[str, str]:
 
 
 def fingerprint(model: onnx.ModelProto) -> str:
-    """SHA-256 of the model serialized without any metadata_props.
+    """SHA-256 of the model serialized with its metadata sorted, less the key and provenance.
 
-    Serialization is deterministic (fields in tag order, no maps in the ONNX schema), so the
-    same graph, weights and headers always give the same key, whatever metadata says.
+    The entries the app and `invoke separate` act on (stems, sample rate, interface...) are in
+    it, so a file whose metadata was edited no longer matches its stamp; the provenance only
+    records how the file was made. Serialization is deterministic (fields in tag order, no maps
+    in the ONNX schema), so the same graph, weights and entries always give the same key.
     """
-    bare = onnx.ModelProto()
-    bare.CopyFrom(model)
-    del bare.metadata_props[:]
-    return hashlib.sha256(bare.SerializeToString(deterministic=True)).hexdigest()
+    entries = sorted((p.key, p.value) for p in model.metadata_props if p.key not in UNKEYED)
+    return _digest(model, entries)
+
+
+def graph_fingerprint(model: onnx.ModelProto) -> str:
+    """SHA-256 of the model without any metadata: whether two files compute the same thing
+    (and the cache key of files converted before the key covered their metadata)."""
+    return _digest(model, [])
+
+
+def _digest(model: onnx.ModelProto, entries: list[tuple[str, str]]) -> str:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    _replace(copy, entries)
+    return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
+
+
+def _replace(model: onnx.ModelProto, entries: list[tuple[str, str]]) -> None:
+    del model.metadata_props[:]
+    for name, value in entries:
+        model.metadata_props.add(key=name, value=value)
 
 
 def read_metadata(model: onnx.ModelProto) -> dict[str, str]:
@@ -125,10 +147,9 @@ def read_metadata(model: onnx.ModelProto) -> dict[str, str]:
 
 def stamp(model: onnx.ModelProto, entries: Mapping[str, str]) -> None:
     """Replace all metadata with `entries` plus the cache key computed over the result."""
-    del model.metadata_props[:]
-    key = fingerprint(model)
-    for name, value in sorted({**entries, CACHE_KEY: key}.items()):
-        model.metadata_props.add(key=name, value=value)
+    rest = {name: value for name, value in entries.items() if name != CACHE_KEY}
+    _replace(model, sorted(rest.items()))
+    _replace(model, sorted({**rest, CACHE_KEY: fingerprint(model)}.items()))
 
 
 def provenance(model: onnx.ModelProto) -> dict:

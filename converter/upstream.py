@@ -36,6 +36,7 @@ LABEL = "upstream-update"
 LABEL_COLOR = "fbca04"
 SIMPLE_JSON = "application/vnd.pypi.simple.v1+json"
 INDEX_TIMEOUT_S = (10.0, 60.0)
+PIP_CONFIG_TIMEOUT_S = 60
 # What `released_versions` reads of a PEP 691 project page.
 INDEX_SHAPE = {"files": [{"filename": str}]}
 
@@ -60,14 +61,20 @@ def index_url(environ: dict[str, str] | None = None) -> str:
     env = os.environ if environ is None else environ
     if env.get("PIP_INDEX_URL"):
         return env["PIP_INDEX_URL"]
-    listing = subprocess.run(
-        [sys.executable, "-m", "pip", "config", "list"],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-        env={**env, "PIP_NO_INPUT": "1"},
-    ).stdout
+    try:
+        listing = subprocess.run(
+            [sys.executable, "-m", "pip", "config", "list"],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=PIP_CONFIG_TIMEOUT_S,
+            env={**env, "PIP_NO_INPUT": "1"},
+        ).stdout
+    except subprocess.TimeoutExpired:
+        raise UserError(
+            f"`pip config list` gave no answer in {PIP_CONFIG_TIMEOUT_S} s; set PIP_INDEX_URL to "
+            "the package index and run again"
+        ) from None
     config = dict(re.findall(r"^([\w:.-]+)='(.*)'$", listing, re.MULTILINE))
     # `pip install` reads its own section before [global].
     for key in ("install.index-url", "global.index-url"):

@@ -645,20 +645,375 @@ def test_an_unreadable_song_names_the_permission(tmp_path):
     assert "ermission denied" in line and "not audio" not in line, line
 
 
-def test_a_real_full_disk_is_one_error(tmp_path):
-    """The same on a 1 MiB tmpfs, where a user namespace may mount one (else skipped)."""
-    model, path, out = tiny(tmp_path), tiny_song(tmp_path / "song.wav", 5.0), tmp_path / "small"
-    out.mkdir()
+def on_a_small_disk(mount: Path, size: str, command: str) -> subprocess.CompletedProcess:
+    """`command` (sh) with a `size` tmpfs mounted on `mount`, in a user namespace where one may
+    be mounted (else the test is skipped), its exit status kept; stdout ends with what is left
+    on the mount, one path a line (the mount is gone when it returns)."""
     probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True)
     if probe.returncode != 0:
         pytest.skip("no user namespaces here to mount a small tmpfs in")
+    mount.mkdir()
     command = (
-        f"mount -t tmpfs -o size=1m none {out} && {sys.executable} -m invoke separate {path} "
-        f"--model {model} --out-dir {out / 'out'} && ls -A {out}"
+        f"mount -t tmpfs -o size={size} none {mount} || exit 99; {command}; status=$?; "
+        f"find {mount} -mindepth 1 -printf '%P\\n'; exit $status"
     )
-    done = subprocess.run(
+    return subprocess.run(
         ["unshare", "-rm", "sh", "-c", command], cwd=ROOT, capture_output=True, text=True
+    )
+
+
+def test_a_real_full_disk_is_one_error(tmp_path):
+    """The same on a 1 MiB tmpfs, where a user namespace may mount one (else skipped)."""
+    model, path, out = tiny(tmp_path), tiny_song(tmp_path / "song.wav", 5.0), tmp_path / "small"
+    done = on_a_small_disk(
+        out,
+        "1m",
+        f"{sys.executable} -m invoke separate {path} --model {model} --out-dir {out / 'out'}",
     )
     line = one_line(done)
     assert "No space left on device" in line and "nothing was written" in line
     assert not done.stdout.strip()  # the mount's view: nothing left behind
+
+
+# Issue 28 #1 and #12: convert and validate keep what was there on a failed gate or a full disk.
+def copy_converted(small_models, out: Path) -> dict[str, bytes]:
+    out.mkdir(parents=True, exist_ok=True)
+    for path in small_models["htdemucs"].parent.glob("htdemucs.*"):
+        shutil.copy(path, out)
+    return snapshot(out)
+
+
+def test_a_failed_validate_keeps_the_good_reference(small_models, tmp_path):
+    from converter import fakerepo, pipeline
+    from converter.validation import ValidationError
+
+    out, other = tmp_path / "models", tmp_path / "other"
+    before = copy_converted(small_models, out)
+    fakerepo.write_repo(other, size="small", names=["htdemucs"], seed=7)  # other weights
+    with pytest.raises(ValidationError):
+        pipeline.validate("htdemucs", other, out)
+    assert snapshot(out) == before and not leftovers(out)
+
+
+def test_convert_on_a_full_disk_is_one_line_naming_the_disk(small_repo, tmp_path):
+    """ONNX Runtime's optimizer reports the full disk as INVALID_PROTOBUF, about the model."""
+    out = tmp_path / "small"
+    done = on_a_small_disk(
+        out,
+        "1m",
+        f"{sys.executable} -m invoke convert --model htdemucs --repo {small_repo} "
+        f"--out-dir {out / 'models'}",
+    )
+    line = one_line(done)
+    assert f"no space left on the disk holding {out / 'models'} (file system {out}" in line
+    assert "pass --out-dir on another disk" in line and "INVALID_PROTOBUF" not in line
+    assert done.stdout.split() in ([], ["models"])  # at most the folder it was asked for
+
+
+def test_validate_on_a_full_disk_keeps_the_reference(small_models, small_repo, tmp_path):
+    """8 MiB: the file and its reference fit, a second reference does not."""
+    out, before = tmp_path / "small", tmp_path / "before"
+    copy_converted(small_models, before)
+    done = on_a_small_disk(
+        out,
+        "8m",
+        f"cp {before}/* {out} && {sys.executable} -m invoke validate --model htdemucs "
+        f"--repo {small_repo} --out-dir {out}; status=$?; cmp -s {before}/htdemucs.reference.npz "
+        f"{out}/htdemucs.reference.npz && echo intact; (exit $status)",
+    )
+    line = one_line(done)
+    assert f"no space left on the disk holding {out}" in line
+    listed = done.stdout.split()
+    assert listed[0] == "intact"  # the reference that was there, byte for byte
+    assert sorted(listed[1:]) == sorted(p.name for p in before.iterdir())  # and no temp file
+
+
+# Issue 28 #6: the cache key covers the metadata the runtime acts on (a stamped, compliant
+# stand-in from the contract self-test: milliseconds, where a converted file takes minutes).
+def stamped_file(path: Path, **entries: str) -> str:
+    """The self-test's compliant file at `path`, `entries` then edited and its sidecar
+    regenerated (what a user editing the metadata would do); returns the key it still carries."""
+    from converter import contract_selftest, metadata
+
+    model = contract_selftest.tiny_model()
+    for prop in model.metadata_props:
+        prop.value = entries.get(prop.key, prop.value)
+    metadata.write_with_sidecar(model, path)
+    return metadata.read_metadata(model)[metadata.CACHE_KEY]
+
+
+def test_the_cache_key_covers_every_entry_but_itself_and_the_provenance():
+    from converter import contract_selftest, metadata
+
+    model = contract_selftest.tiny_model()
+    key = metadata.fingerprint(model)
+    assert key == metadata.read_metadata(model)[metadata.CACHE_KEY]
+    for prop in model.metadata_props:
+        kept = prop.value
+        prop.value = kept + " "
+        assert (metadata.fingerprint(model) != key) == (prop.key not in metadata.UNKEYED), prop
+        prop.value = kept
+    model.metadata_props.add(key="openkara.extra", value="1")
+    assert metadata.fingerprint(model) != key
+    assert metadata.graph_fingerprint(model) == metadata.graph_fingerprint(
+        contract_selftest.tiny_model()
+    )
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [{"openkara.stems": "bass,drums,other,vocals"}, {"openkara.sample_rate": "48000"}],
+    ids=["stems permuted", "sample rate"],
+)
+def test_edited_metadata_fails_fingerprint_and_contract(entries, tmp_path):
+    path = tmp_path / "tiny.onnx"
+    stamped_file(path)
+    assert invoke("contract", "--file", path).returncode == 0  # as written: compliant
+    stamped = stamped_file(path, **entries)
+    done = invoke("fingerprint", path)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stdout.endswith(f"  tiny.onnx: differs from stamped {stamped}\n"), done.stdout
+    done = invoke("contract", "--file", path)
+    assert f"{path} breaks the runtime contract" in one_line(done)
+    assert "  - [cache_key] openkara.model_cache_key is " + stamped in done.stderr
+
+
+def test_a_key_over_the_graph_alone_says_to_convert_again(tmp_path):
+    from converter import contract_selftest, metadata
+
+    old = metadata.graph_fingerprint(contract_selftest.tiny_model())
+    path = tmp_path / "tiny.onnx"
+    stamped_file(path, **{metadata.CACHE_KEY: old})
+    done = invoke("fingerprint", path)
+    assert done.returncode == 1 and f"differs from stamped {old}, the key over" in done.stdout
+    assert "convert the file again" in done.stdout
+
+
+@pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("setpriv"), reason="root reads all")
+@pytest.mark.parametrize("closed", ["file", "folder"])
+def test_an_unreadable_model_names_the_permission_not_onnx(closed, tmp_path):
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(dir=tmp_path if closed == "folder" else None))
+    try:
+        path = folder / "tiny.onnx"
+        stamped_file(path)
+        if closed == "file":
+            folder.chmod(0o755)
+            path.chmod(0o000)
+        else:
+            folder.chmod(0o000)
+        args = [sys.executable, "-m", "invoke", "fingerprint", path]
+        if os.geteuid() == 0:  # root reads everything: run as nobody
+            args = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *args]
+        env = {**os.environ, "HOME": "/nonexistent"}
+        done = subprocess.run(
+            list(map(str, args)), cwd=ROOT, capture_output=True, text=True, env=env
+        )
+    finally:
+        folder.chmod(0o755)
+        shutil.rmtree(folder)
+    line = one_line(done)
+    assert f"cannot read {path}: Permission denied" in line and "not an ONNX" not in line
+
+
+# Issue 28 #9, #10, #13: the GitHub tasks against a silent or foreign API, run as users run them
+# (a fresh interpreter, the variables GitHub Actions sets). Each gives up with one line, shows
+# no token and changes nothing: no file of the checkout, nothing sent that writes on GitHub.
+PIN_TAG = "model-v2.0.2"
+GITHUB_TASKS = {
+    "release --dry-run": ["release", "--tag", "model-v1.0.0", "--dry-run"],
+    "release": ["release", "--tag", "model-v1.0.0", "--contract-results", "{tmp}/matrix"],
+    "pin-openkara": ["pin-openkara", "--tag", PIN_TAG, "--checkout", "{tmp}/openkara"],
+    "check-upstream": ["check-upstream"],
+}
+# The publishing release stops at the same first call as the dry run, except when silent.
+ONE_EACH = ("release --dry-run", "pin-openkara", "check-upstream")
+
+
+@pytest.fixture
+def github_task(fake, tmp_path):
+    """Run a task of GITHUB_TASKS against `fake` (whose index has a newer demucs, so
+    check-upstream goes on to GitHub), variables overridden by `env`."""
+    from tests.fake_github import run_cli
+    from tests.test_pins import publish, write_checkout
+
+    publish(fake, PIN_TAG)
+    fake.index_files.append({"filename": "demucs-99.0.0.tar.gz"})
+    write_checkout(tmp_path / "openkara")
+
+    def run(task: str, **env: str) -> subprocess.CompletedProcess:
+        args = [arg.format(tmp=tmp_path) for arg in GITHUB_TASKS[task]]
+        env = {"PIP_INDEX_URL": fake.index_url, "OPENKARA_API_DEADLINE_S": "2", **env}
+        return run_cli(fake, *args, cwd=ROOT, **env)
+
+    return run
+
+
+def github_error(done, fake, tmp_path) -> str:
+    """The one error line of a GitHub task that changed nothing and showed no token."""
+    from tests.fake_github import TOKEN
+    from tests.test_pins import FIXTURE, snapshot
+
+    line = one_line(done)
+    assert TOKEN not in done.stdout + done.stderr
+    assert fake.writes() == [] and fake.issues == []
+    assert snapshot(tmp_path / "openkara") == {k: v.encode() for k, v in FIXTURE.items()}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["openkara"]
+    return line
+
+
+@pytest.mark.parametrize("task", GITHUB_TASKS)
+def test_a_silent_api_makes_each_github_task_give_up_with_one_line(
+    task, github_task, fake, tmp_path
+):
+    """A server that accepts the connection and never answers; the deadline (2 s here, 150 s
+    by default) bounds each call, attempts and waits together."""
+    from tests import loopback
+
+    silent = loopback.Silent()
+    try:
+        done = github_task(task, GITHUB_API_URL=silent.url)
+    finally:
+        silent.close()
+    line = github_error(done, fake, tmp_path)
+    assert "no answer in time" in line and "gave up after 2 s" in line, line
+    assert "raise OPENKARA_API_DEADLINE_S" in line
+
+
+@pytest.mark.parametrize(
+    "server, message",
+    [
+        (lambda lb: lb.Silent(), "Timeout"),
+        (
+            lambda lb: lb.Same(200, lb.LOGIN_PAGE, {"Content-Type": "text/html"}),
+            "it answered text/html, not JSON (a proxy's login page?)",
+        ),
+    ],
+    ids=["silent", "login page"],
+)
+def test_a_package_index_that_is_silent_or_foreign_is_one_line(
+    server, message, github_task, fake, tmp_path
+):
+    from tests import loopback
+
+    index = server(loopback)
+    try:
+        line = github_error(github_task("check-upstream", PIP_INDEX_URL=index.url), fake, tmp_path)
+    finally:
+        index.close()
+    assert f"cannot read demucs from the package index {index.url}/demucs/" in line
+    assert message in line and "PEP 691" in line, line
+    assert fake.seen == []  # GitHub not asked
+
+
+def test_the_default_deadline_leaves_a_silent_api_under_three_minutes():
+    from converter import github
+
+    # One call, then the task ends: each task's first call is the one a silent API stops.
+    assert github.deadline_s({}) + github.CONNECT_READ_TIMEOUT_S[0] < 180
+
+
+@pytest.mark.parametrize(
+    "server, message",
+    [
+        (
+            lambda lb: lb.Same(200, lb.LOGIN_PAGE, {"Content-Type": "text/html"}),
+            "with text/html ('Sign in - Corporate Proxy'), not JSON",
+        ),
+        (lambda lb: lb.Same(200, {"releases": []}), "an object instead of an array"),
+        (
+            lambda lb: lb.Same(200, [{"id": 1, "tag_name": "t", "upload_url": "u"}]),
+            "JSON of another shape (item 0: '",
+        ),
+        (lambda lb: lb.Same(redirect=True), "TooManyRedirects"),
+    ],
+    ids=["login page", "an object", "fields missing", "redirect loop"],
+)
+def test_an_answer_that_is_not_the_api_is_one_line_for_each_github_task(
+    server, message, github_task, fake, tmp_path
+):
+    from tests import loopback
+
+    running = server(loopback)
+    try:
+        for task in ONE_EACH:
+            line = github_error(github_task(task, GITHUB_API_URL=running.url), fake, tmp_path)
+            assert message in line and "GITHUB_API_URL must be the REST API" in line, line
+    finally:
+        running.close()
+
+
+def test_a_retry_after_that_is_no_number_gives_up_within_the_deadline(github_task, fake, tmp_path):
+    from tests import loopback
+
+    limited = loopback.Same(429, {"message": "slow down"}, {"Retry-After": "nan"})
+    try:
+        for task in ONE_EACH:
+            line = github_error(github_task(task, GITHUB_API_URL=limited.url), fake, tmp_path)
+            assert "429 slow down" in line and "waiting 60 s more would pass the 2 s" in line
+    finally:
+        limited.close()
+
+
+@pytest.mark.parametrize(
+    "variable, value, message",
+    [
+        ("GITHUB_API_URL", "api.github.com", "'api.github.com' is not an http(s) URL with a host"),
+        ("GITHUB_REPOSITORY", "own er/na me", "must be owner/name"),
+        ("GITHUB_REPOSITORY", "../..", "must be owner/name"),
+    ],
+)
+def test_settings_that_cannot_name_the_api_are_one_line(
+    variable, value, message, github_task, fake, tmp_path
+):
+    for task in ONE_EACH:
+        line = github_error(github_task(task, **{variable: value}), fake, tmp_path)
+        assert f"error: {variable}" in line and message in line, line
+        assert fake.seen == []  # refused before any call
+
+
+def test_an_evidence_record_of_another_shape_is_one_line(fake, tmp_path):
+    from tests.fake_github import run_cli
+    from tests.test_release import TAG, write_model
+
+    out, matrix = tmp_path / "models", tmp_path / "matrix"
+    write_model(out, "htdemucs")
+    matrix.mkdir()
+    (matrix / "1.23.2.json").write_text('{"rows": [1]}')
+    args = ["release", "--tag", TAG, "--contract-results", matrix, "--out-dir", out]
+    line = one_line(run_cli(fake, *map(str, args), cwd=ROOT))
+    assert f"load-test results {matrix / '1.23.2.json'} hold a broken ortcheck record" in line
+    assert "'rows': item 0: a number instead of an object" in line
+    assert fake.writes() == [] and fake.releases == {}
+
+
+def test_a_token_that_cannot_be_a_header_is_one_line_without_it(github_task, fake, tmp_path):
+    from tests.fake_github import TOKEN
+
+    for task in ONE_EACH:
+        done = github_task(task, GITHUB_TOKEN=f"{TOKEN[:9]}\r{TOKEN[9:]}")
+        line = github_error(done, fake, tmp_path)
+        assert "GITHUB_TOKEN is empty or holds a space, control or non-ASCII" in line
+        assert TOKEN[:9] not in done.stderr and TOKEN[9:] not in done.stderr
+
+
+def test_a_token_ending_in_a_windows_line_end_works(github_task, fake):
+    from tests.fake_github import TOKEN
+
+    for task in ("release --dry-run", "check-upstream"):
+        done = github_task(task, GITHUB_TOKEN=f"{TOKEN}\r\n")
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+        assert TOKEN not in done.stdout + done.stderr
+    assert {s.headers["Authorization"] for s in fake.seen if "/api/" in s.path} == {
+        f"Bearer {TOKEN}"
+    }
+
+
+def test_a_server_that_echoes_the_token_is_redacted(github_task, fake, tmp_path):
+    from tests.fake_github import TOKEN, Fault
+
+    for task in ONE_EACH:
+        fake.faults.append(Fault("GET", ".", status=400, message=f"bad credentials {TOKEN}"))
+        line = github_error(github_task(task), fake, tmp_path)
+        assert "400 bad credentials ***" in line, line

@@ -496,6 +496,23 @@ def test_waveform_and_spectral_files_of_one_checkpoint_give_the_same_wavs(
     assert min(snr_db(karaoke[0], karaoke[1])) >= 100
 
 
+def test_a_streamed_read_is_soxr_resample_exactly_in_any_order(tmp_path):
+    """Forward, overlapping, backward (a restart) and past the end: the frames of the whole
+    song resampled at once, bit for bit."""
+    import soxr
+
+    song = tmp_path / "song.wav"
+    sf.write(song, 0.2 * np.random.default_rng(1).standard_normal((20 * 48000, 2)), 48000)
+    audio, _ = sf.read(song, dtype="float32")
+    whole = soxr.resample(audio, 48000, RATE, quality="VHQ").T
+    decoded = sep.Decoded(song, RATE, 2)
+    assert decoded.length >= whole.shape[1]
+    reads = [(0, 1000), (500, 300000), (250000, 600000), (100, 200), (700000, decoded.length)]
+    for start, stop in reads:
+        assert np.array_equal(decoded.read(start, stop), whole[:, start:stop]), (start, stop)
+    assert decoded.read(decoded.length - 1, decoded.length).shape == (2, 0)
+
+
 def test_other_rates_are_resampled_as_a_stream_in_bounded_memory(tmp_path):
     """Five minutes at 48 kHz: the resampled song (106 MB as float32) is never held whole."""
     rate, seconds = 48000, 300

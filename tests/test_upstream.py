@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -76,6 +77,15 @@ def test_index_url_order_env_then_pip_config_then_pip_default(tmp_path):
     assert upstream.index_url(env) == "http://global/simple"
     env["PIP_CONFIG_FILE"] = os.devnull  # pip then reads no configuration file at all
     assert upstream.index_url(env) == PyPI.simple_url
+
+
+def test_a_pip_that_never_answers_is_one_line(monkeypatch):
+    def hang(args, **kwargs):
+        raise subprocess.TimeoutExpired(args, kwargs["timeout"])
+
+    monkeypatch.setattr(upstream.subprocess, "run", hang)
+    with pytest.raises(UserError, match=r"`pip config list` gave no answer in 60 s; set PIP_INDEX"):
+        upstream.index_url({})
 
 
 def test_prereleases_dev_releases_and_fully_yanked_versions_are_ignored(fake):
