@@ -13,7 +13,7 @@ the graph (GMAC, spectral vs network) and divided by this machine's measured SGE
 the time no implementation of this graph can beat here.
 
 A spectral-core file (`openkara.tensor_interface=spectral-core`) is run as OpenKara runs it: the
-contract's STFT in float64 numpy (`converter.spectral_contract`), the graph, then the ISTFT and
+contract's STFT in float32 numpy (`converter.spectral_contract`), the graph, then the ISTFT and
 the sum with `time_out`. Each segment's time is taken whole (graph + numpy transforms, what an
 app pays) and for the graph alone; the waveform file of the same model, found beside it or
 given with `--baseline`, is timed against it in the same run.
@@ -865,7 +865,7 @@ def table(results: dict) -> str:
     if graph_rows:
         lines += [
             "",
-            "Spectral-core file, run as OpenKara runs it (numpy float64 STFT/ISTFT around it):",
+            "Spectral-core file, run as OpenKara runs it (numpy float32 STFT/ISTFT around it):",
             "",
             "| session options | graph + transforms s | graph alone s | transforms s | vs PyTorch "
             "(with / without transforms) |",
