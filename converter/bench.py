@@ -13,7 +13,7 @@ the graph (GMAC, spectral vs network) and divided by this machine's measured SGE
 the time no implementation of this graph can beat here.
 
 A spectral-core file (`openkara.tensor_interface=spectral-core`) is run as OpenKara runs it: the
-contract's STFT in float64 numpy (`converter.spectral_contract`), the graph, then the ISTFT and
+contract's STFT in float32 numpy (`converter.spectral_contract`), the graph, then the ISTFT and
 the sum with `time_out`. Each segment's time is taken whole (graph + numpy transforms, what an
 app pays) and for the graph alone; the waveform file of the same model, found beside it or
 given with `--baseline`, is timed against it in the same run.
@@ -203,20 +203,24 @@ def segment_input(session) -> np.ndarray:
     return _input(shape[1], shape[2])
 
 
-def graph_feeds(session, audio: np.ndarray) -> dict[str, np.ndarray]:
+def graph_feeds(session, audio: np.ndarray, dtype: type = np.float32) -> dict[str, np.ndarray]:
     """The graph's inputs for `audio`: itself, or the contract's STFT of it beside the mix."""
     if interface_of(session) == WAVEFORM:
         return {INPUT_NAME: audio}
     from .spectral_contract import spec
 
-    return {SPECTRAL_INPUT: spec(audio).astype(np.float32), MIX_INPUT: audio}
+    return {SPECTRAL_INPUT: spec(audio, dtype=dtype).astype(np.float32), MIX_INPUT: audio}
 
 
-def run_segment(session, audio: np.ndarray, graph_s: list[float] | None = None) -> np.ndarray:
+def run_segment(
+    session, audio: np.ndarray, graph_s: list[float] | None = None, dtype: type = np.float32
+) -> np.ndarray:
     """Stems [1, S, C, L] of one segment as an app gets them; a spectral-core file's numpy
-    STFT/ISTFT included. The graph's own seconds are appended to `graph_s`."""
+    STFT/ISTFT included, in `dtype`: float32 by default, the precision of the graph's own
+    tensors (an app has no reason to pay for float64), float64 for the gate's margin. The
+    graph's own seconds are appended to `graph_s`."""
     waveform = interface_of(session) == WAVEFORM
-    feeds = graph_feeds(session, audio)
+    feeds = graph_feeds(session, audio, dtype)
     start = time.perf_counter()
     outputs = session.run([OUTPUT_NAME] if waveform else [SPECTRAL_OUTPUT, TIME_OUTPUT], feeds)
     if graph_s is not None:
@@ -226,7 +230,7 @@ def run_segment(session, audio: np.ndarray, graph_s: list[float] | None = None) 
     from .spectral_contract import ispec
 
     spectral, waves = outputs
-    return ispec(spectral, audio.shape[-1]) + waves
+    return ispec(spectral, audio.shape[-1], dtype=dtype) + waves
 
 
 def child_ort(path: str, config: str, runs: int, threads: int) -> dict:
@@ -861,7 +865,7 @@ def table(results: dict) -> str:
     if graph_rows:
         lines += [
             "",
-            "Spectral-core file, run as OpenKara runs it (numpy float64 STFT/ISTFT around it):",
+            "Spectral-core file, run as OpenKara runs it (numpy float32 STFT/ISTFT around it):",
             "",
             "| session options | graph + transforms s | graph alone s | transforms s | vs PyTorch "
             "(with / without transforms) |",

@@ -124,7 +124,7 @@ def child_margin(files: dict[str, str], reference: str, threads: int, cap_db: fl
         session = _ort_session(path, *ORT_CONFIGS[APP_CONFIG], threads)
         worst = cap_db
         for audio, truth, bound in zip(audios, truths, bounds, strict=True):
-            stems = run_segment(session, audio)
+            stems = run_segment(session, audio, dtype=np.float64)  # the gate's transforms
             if stems.shape != truth.shape or not np.isfinite(stems).all():
                 worst = -cap_db
                 break

@@ -238,20 +238,6 @@ def check_input(path: Path, what: str, directory: str, missing: str) -> None:
         raise UserError(f"{what} {path} cannot be opened: {exc.strerror}") from None
 
 
-def expected_io(info: ModelInfo, n_fft: int) -> tuple[list, list]:
-    """([(name, shape)] of the inputs, of the outputs) a file of `info`'s interface has."""
-    stems, channels, segment = len(info.stems), info.channels, info.segment
-    if info.interface == WAVEFORM:
-        return [(INPUT_NAME, [1, channels, segment])], [
-            (OUTPUT_NAME, [1, stems, channels, segment])
-        ]
-    spectral = [channels, 2, n_fft // 2, spectral_contract.frames(segment, n_fft)]
-    return (
-        [(SPECTRAL_INPUT, [1, *spectral]), (MIX_INPUT, [1, channels, segment])],
-        [(SPECTRAL_OUTPUT, [1, stems, *spectral]), (TIME_OUTPUT, [1, stems, channels, segment])],
-    )
-
-
 def _io_text(io: tuple[list, list]) -> str:
     def side(values: list) -> str:
         return ", ".join(f"{name}{shape}" for name, shape in values)
@@ -301,7 +287,12 @@ class Engine:
         # The contract's frequency bins give its n_fft (4096 but in test-size models).
         bins = got[0][0][1][3] if got[0] and len(got[0][0][1]) == 5 else 0
         self.n_fft = 2 * bins if isinstance(bins, int) and bins > 0 else 0
-        want = expected_io(info, self.n_fft)
+        # Imported here: the gate's module loads onnx, which separating needs nowhere else.
+        from .contract import expected_io
+
+        # Without a readable bin count, contract v1's n_fft: the mismatch is then reported.
+        n_fft = self.n_fft or spectral_contract.N_FFT
+        want = expected_io(info.interface, len(info.stems), info.channels, info.segment, n_fft)
         if got != want:
             raise UserError(
                 f"{path}: interface {_io_text(got)} does not match its metadata "

@@ -9,6 +9,7 @@ parameters exist only for the small test-size models (same framing, hop n_fft / 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -46,9 +47,10 @@ def _reflect_pad(x: np.ndarray, left: int, right: int) -> np.ndarray:
     return np.pad(x, widths + [(left, right)], mode="reflect")
 
 
-def spec(audio: np.ndarray, n_fft: int = N_FFT) -> np.ndarray:
-    """[..., C, L] real -> [..., C, 2, n_fft/2, T] float64, the contract's `spectral` input."""
-    x = np.asarray(audio, dtype=np.float64)
+def spec(audio: np.ndarray, n_fft: int = N_FFT, dtype: type = np.float64) -> np.ndarray:
+    """[..., C, L] real -> [..., C, 2, n_fft/2, T] in `dtype`, the contract's `spectral` input.
+    float64 for the gate; float32 is what an app's native FFT computes (separate, bench)."""
+    x = np.asarray(audio, dtype=dtype)
     length = x.shape[-1]
     hop, count = n_fft // 4, frames(length, n_fft)
     outer = hop // 2 * 3
@@ -56,37 +58,64 @@ def spec(audio: np.ndarray, n_fft: int = N_FFT) -> np.ndarray:
     centred = _reflect_pad(padded, n_fft // 2, n_fft // 2)
     windows = np.lib.stride_tricks.sliding_window_view(centred, n_fft, axis=-1)[..., ::hop, :]
     windows = windows[..., FIRST_FRAME : FIRST_FRAME + count, :]
-    z = np.fft.rfft(windows * _window(n_fft), axis=-1)[..., : n_fft // 2] / math.sqrt(n_fft)
+    z = np.fft.rfft(windows * _window(n_fft).astype(dtype), axis=-1)[..., : n_fft // 2] / math.sqrt(
+        n_fft
+    )
     z = np.swapaxes(z, -1, -2)  # [..., F, T]
     return np.stack([z.real, z.imag], axis=-3)
 
 
-def ispec(spectrum: np.ndarray, length: int, n_fft: int = N_FFT) -> np.ndarray:
-    """[..., C, 2, n_fft/2, T] -> [..., C, length] float64, the inverse of `spec`."""
-    z = np.asarray(spectrum, dtype=np.float64)
-    z = z[..., 0, :, :] + 1j * z[..., 1, :, :]  # [..., F, T]
-    count = z.shape[-1]
+@functools.lru_cache(maxsize=8)
+def _synthesis(n_fft: int, total: int, dtype: type) -> tuple[np.ndarray, np.ndarray]:
+    """(√n_fft · window, 1 / the clamped window envelope of `total` frames): the inverse's
+    data-independent factors, computed once per shape (read-only)."""
     hop = n_fft // 4
-    if z.shape[-2] != n_fft // 2 or count != frames(length, n_fft):
+    parts = n_fft // hop
+    window = _window(n_fft)
+    squared = (window**2).reshape(parts, hop)
+    envelope = np.zeros((total + parts - 1, hop))
+    for k in range(parts):
+        envelope[k : k + total] += squared[k]
+    factors = tuple(
+        factor.astype(dtype)
+        for factor in (
+            window * math.sqrt(n_fft),
+            1 / np.maximum(envelope.reshape(-1), ENVELOPE_FLOOR),
+        )
+    )
+    for factor in factors:
+        factor.setflags(write=False)
+    return factors
+
+
+def ispec(
+    spectrum: np.ndarray, length: int, n_fft: int = N_FFT, dtype: type = np.float64
+) -> np.ndarray:
+    """[..., C, 2, n_fft/2, T] -> [..., C, length] in `dtype` (as for `spec`), its inverse."""
+    z = np.asarray(spectrum)
+    bins, count = z.shape[-2], z.shape[-1]
+    hop = n_fft // 4
+    if bins != n_fft // 2 or count != frames(length, n_fft):
         raise ValueError(
-            f"spectrum of {z.shape[-2]} bins x {count} frames does not match "
+            f"spectrum of {bins} bins x {count} frames does not match "
             f"{n_fft // 2} bins x {frames(length, n_fft)} frames for {length} samples"
         )
-    pad_width = [(0, 0)] * (z.ndim - 2)
-    z = np.pad(z, pad_width + [(0, 1), (FIRST_FRAME, FIRST_FRAME)])  # Nyquist bin, edge frames
     total = count + 2 * FIRST_FRAME
-    window = _window(n_fft)
-    chunks = np.fft.irfft(np.swapaxes(z, -1, -2), n=n_fft, axis=-1) * math.sqrt(n_fft) * window
+    # Frame-major, so each inverse FFT reads contiguous memory; the Nyquist bin and the two
+    # edge frames each side stay zero.
+    full = np.zeros((*z.shape[:-3], total, bins + 1), dtype=np.result_type(dtype, 1j))
+    kept = (..., slice(FIRST_FRAME, FIRST_FRAME + count), slice(0, bins))
+    full.real[kept] = np.swapaxes(z[..., 0, :, :], -1, -2)
+    full.imag[kept] = np.swapaxes(z[..., 1, :, :], -1, -2)
+    window, inverse_envelope = _synthesis(n_fft, total, np.dtype(dtype).type)
+    chunks = np.fft.irfft(full, n=n_fft, axis=-1)
+    chunks *= window
     # Overlap-add: frame t covers hops t .. t+3; sum the four quarter-frames into hop blocks.
     parts = n_fft // hop
     chunks = chunks.reshape(*chunks.shape[:-1], parts, hop)
-    blocks = np.zeros((*chunks.shape[:-3], total + parts - 1, hop))
-    envelope = np.zeros((total + parts - 1, hop))
-    squared = (window**2).reshape(parts, hop)
+    blocks = np.zeros((*chunks.shape[:-3], total + parts - 1, hop), dtype=chunks.dtype)
     for k in range(parts):
         blocks[..., k : k + total, :] += chunks[..., :, k, :]
-        envelope[k : k + total] += squared[k]
     signal = blocks.reshape(*blocks.shape[:-2], -1)
-    signal = signal / np.maximum(envelope.reshape(-1), ENVELOPE_FLOOR)
     start = n_fft // 2 + hop // 2 * 3
-    return signal[..., start : start + length]
+    return signal[..., start : start + length] * inverse_envelope[start : start + length]

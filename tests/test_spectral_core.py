@@ -323,6 +323,20 @@ def test_contract_transforms_at_a_test_size_equal_demucs():
     _close(spectral_contract.ispec(spectrum, SMALL_SEGMENT, SMALL_N_FFT), back)
 
 
+@pytest.mark.parametrize("length", [10_000, 343_980])
+def test_single_precision_transforms_stay_single_and_match_float64(length):
+    """bench's app-like path: float32 in, float32 out, within float32 rounding of the contract."""
+    for audio in _golden(length).values():
+        got = spectral_contract.spec(audio[None], dtype=np.float32)
+        want = spectral_contract.spec(audio[None])
+        assert got.dtype == np.float32 and got.shape == want.shape
+        _close(got, want)
+        spectrum = want.astype(np.float32)
+        back = spectral_contract.ispec(spectrum, length, dtype=np.float32)
+        assert back.dtype == np.float32
+        _close(back, spectral_contract.ispec(spectrum, length))
+
+
 def test_interface_option_is_checked_and_named_in_errors(tmp_path):
     with pytest.raises(UserError, match="--interface 'spectral' is not one of waveform, spectral"):
         convert("htdemucs", out_dir=tmp_path, interface="spectral")
