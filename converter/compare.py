@@ -158,7 +158,11 @@ def measure(
         threads=threads,
         cap_db=MARGIN_CAP_DB,
     )
-    return {**pair, "margin_db": margins["margin_db"]}
+    from .ep_report import app_coreml_share
+
+    share = {name: app_coreml_share(p) for name, p in files.items()}
+    log.info("compare: CoreML share %s", share)
+    return {**pair, "margin_db": margins["margin_db"], "accelerator_share": share}
 
 
 def metric_values(measured: dict) -> dict[str, dict[str, float]]:
@@ -166,7 +170,7 @@ def metric_values(measured: dict) -> dict[str, dict[str, float]]:
     from .bench import APP_CONFIG, DEFAULT_CONFIG
 
     app, default = measured["configs"][APP_CONFIG], measured["configs"][DEFAULT_CONFIG]
-    return {
+    values = {
         "gate_margin_db": measured["margin_db"],
         "latency_app_s": {n: app[n]["median_s"] for n in LABELS},
         "latency_default_s": {n: default[n]["median_s"] for n in LABELS},
@@ -174,6 +178,10 @@ def metric_values(measured: dict) -> dict[str, dict[str, float]]:
         "peak_rss_mb": {n: app[n]["peak_rss_mb"] for n in LABELS},
         "file_bytes": {n: float(measured["files"][n]["bytes"]) for n in LABELS},
     }
+    share = measured["accelerator_share"]
+    if None not in share.values():
+        values["accelerator_share"] = share
+    return values
 
 
 def judge(
@@ -247,8 +255,8 @@ def _value(value: float | None, unit: str) -> str:
         return f"{value:,.0f} B"
     if unit == "MB":
         return f"{value:.1f} MB"
-    if unit == "dB":
-        return f"{value:.1f} dB"
+    if unit in ("dB", "%"):
+        return f"{value:.1f} {unit}"
     return f"{value:.3f} {unit}".strip()
 
 

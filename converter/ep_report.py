@@ -60,6 +60,8 @@ CHECKER_FORMATS = {
     "NeuralNetwork": "coreml_supported_neuralnetwork_ops.md",
     "MLProgram": "coreml_supported_mlprogram_ops.md",
 }
+# CoreML's ModelFormat when the provider options are left at their defaults, as OpenKara does.
+APP_FORMAT = "NeuralNetwork"
 _PLACED = re.compile(r"(Node\(s\)|All nodes) placed on \[(\w+)\]\. Number of nodes: (\d+)")
 _NODE = re.compile(r"VerifyEachNodeIsAssignedToAnEp\]\s{3}(\S+)(?: \((.*)\))?\s*$")
 _COREML = re.compile(
@@ -318,6 +320,22 @@ def checker_verdicts(shaped: onnx.ModelProto) -> list[CheckerVerdict]:
             )
         )
     return verdicts
+
+
+def app_coreml_share(path: Path) -> float | None:
+    """Percent of the file's nodes ORT's checker places on CoreML in the format the app's
+    default provider options build (NeuralNetwork): the share `invoke compare` budgets. None
+    where the checker itself fails on the graph (it indexes a Transpose's optional `perm`)."""
+    from .fingerprint import read_model
+
+    model = read_model(path)
+    try:
+        verdicts = checker_verdicts(with_shapes(model, path))
+    except Exception as exc:  # the checker is ORT's tool, not ours: record, do not gate
+        log.warning("ep-report: ORT's checker failed on %s (%r); share not measured", path, exc)
+        return None
+    (verdict,) = [v for v in verdicts if v.format == APP_FORMAT]
+    return 100.0 * verdict.supported_nodes / verdict.nodes if verdict.nodes else 0.0
 
 
 # --- placements, from ORT's log -----------------------------------------------------------------

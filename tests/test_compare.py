@@ -19,7 +19,16 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from converter import bench, budgets, compare, contract_selftest, github, metadata, release
+from converter import (
+    bench,
+    budgets,
+    compare,
+    contract_selftest,
+    ep_report,
+    github,
+    metadata,
+    release,
+)
 from converter.accuracy import allowed_mse, stem_mse
 from converter.errors import UserError
 from converter.ortcheck import reference_path
@@ -200,7 +209,9 @@ def test_an_identical_candidate_passes_with_ratios_near_one(
     rows = {r["metric"]: r for r in report["metrics"]}
     assert set(rows) == {b.metric for b in budgets.BUDGETS}
     assert rows["file_bytes"]["change"] == 1.0 and rows["gate_margin_db"]["change"] == 0.0
-    assert rows["accelerator_share"]["status"] == "not measured"
+    share = rows["accelerator_share"]
+    assert share["status"] == "ok" and share["change"] == 0.0 and 0 < share["candidate"] <= 100
+    assert share["candidate"] == pytest.approx(ep_report.app_coreml_share(files["same"]))
     for metric in ("latency_app_s", "latency_default_s", "session_load_s", "peak_rss_mb"):
         assert rows[metric]["status"] == "ok"
     assert 1 / 3 < rows["latency_app_s"]["change"] < 3
@@ -339,8 +350,9 @@ def test_budgets_arithmetic_both_directions_and_the_accelerator_slot():
         pr, rel = budget.bound(budgets.PULL_REQUEST), budget.bound(budgets.RELEASE)
         assert (pr is None) == (rel is None) and (pr is None or pr >= rel)
     share = budgets.get("accelerator_share")
-    assert share.describe(budgets.RELEASE) == "not gated"
-    assert not share.breached(budgets.RELEASE, 0.0, 1.0)
+    assert share.describe(budgets.RELEASE) == "≥ previous − 1 %"
+    assert share.breached(budgets.RELEASE, 88.9, 90.0)
+    assert not share.breached(budgets.RELEASE, 89.1, 90.0)
     with pytest.raises(ValueError, match="unknown metric"):
         budgets.get("speed")
 
