@@ -48,11 +48,8 @@ from .errors import UserError
 from .facts import (
     INPUT_NAME,
     MIX_INPUT,
-    OUTPUT_NAME,
     SPECTRAL_CORE,
     SPECTRAL_INPUT,
-    SPECTRAL_OUTPUT,
-    TIME_OUTPUT,
     WAVEFORM,
     file_stem,
 )
@@ -215,22 +212,13 @@ def graph_feeds(session, audio: np.ndarray, dtype: type = np.float32) -> dict[st
 def run_segment(
     session, audio: np.ndarray, graph_s: list[float] | None = None, dtype: type = np.float32
 ) -> np.ndarray:
-    """Stems [1, S, C, L] of one segment as an app gets them; a spectral-core file's numpy
-    STFT/ISTFT included, in `dtype`: float32 by default, the precision of the graph's own
-    tensors (an app has no reason to pay for float64), float64 for the gate's margin. The
-    graph's own seconds are appended to `graph_s`."""
-    waveform = interface_of(session) == WAVEFORM
-    feeds = graph_feeds(session, audio, dtype)
-    start = time.perf_counter()
-    outputs = session.run([OUTPUT_NAME] if waveform else [SPECTRAL_OUTPUT, TIME_OUTPUT], feeds)
-    if graph_s is not None:
-        graph_s.append(time.perf_counter() - start)
-    if waveform:
-        return outputs[0]
-    from .spectral_contract import ispec
+    """Stems [1, S, C, L] of one segment as an app gets them (`ortcheck.run_stems`); a
+    spectral-core file's numpy STFT/ISTFT in `dtype`: float32 by default, the precision of the
+    graph's own tensors (an app has no reason to pay for float64), float64 for the gate's
+    margin. The graph's own seconds are appended to `graph_s`."""
+    from .ortcheck import run_stems
 
-    spectral, waves = outputs
-    return ispec(spectral, audio.shape[-1], dtype=dtype) + waves
+    return run_stems(session, audio, dtype, graph_s)
 
 
 def child_ort(path: str, config: str, runs: int, threads: int) -> dict:

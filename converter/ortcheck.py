@@ -100,21 +100,31 @@ def missing_allowed_kernels() -> list[str]:
     return sorted(COM_MICROSOFT_ALLOWED - registered)
 
 
-def run_stems(session, audio: np.ndarray) -> np.ndarray:
+def run_stems(
+    session, audio: np.ndarray, dtype: type = np.float64, graph_s: list[float] | None = None
+) -> np.ndarray:
     """Stems [1, S, C, L] of `audio` [1, C, L] from a waveform file's graph, or composed from a
-    spectral-core file as OpenKara does: spec(audio) in float64 -> float32 inputs -> the file ->
-    ispec(spectral_out) + time_out in float64. The interface is read off the input names."""
+    spectral-core file as OpenKara does: spec(audio) in `dtype` -> float32 inputs -> the file ->
+    ispec(spectral_out) + time_out in `dtype` (float64: the gate's). The interface is read off
+    the input names; the graph's own seconds are appended to `graph_s` (bench)."""
     names = [value.name for value in session.get_inputs()]
     if names == [INPUT_NAME]:
-        return session.run([OUTPUT_NAME], {INPUT_NAME: audio})[0]
+        start = time.perf_counter()
+        stems = session.run([OUTPUT_NAME], {INPUT_NAME: audio})[0]
+        if graph_s is not None:
+            graph_s.append(time.perf_counter() - start)
+        return stems
     if names == [facts.SPECTRAL_INPUT, facts.MIX_INPUT]:
         n_fft = 2 * session.get_inputs()[0].shape[3]  # 4096 but in test-size models
-        spectral = spectral_contract.spec(audio, n_fft).astype(np.float32)
+        spectral = spectral_contract.spec(audio, n_fft, dtype=dtype).astype(np.float32)
+        start = time.perf_counter()
         spectral_out, time_out = session.run(
             [facts.SPECTRAL_OUTPUT, facts.TIME_OUTPUT],
             {facts.SPECTRAL_INPUT: spectral, facts.MIX_INPUT: audio},
         )
-        return spectral_contract.ispec(spectral_out, audio.shape[-1], n_fft) + time_out
+        if graph_s is not None:
+            graph_s.append(time.perf_counter() - start)
+        return spectral_contract.ispec(spectral_out, audio.shape[-1], n_fft, dtype=dtype) + time_out
     raise ValueError(f"inputs {names} are neither interface's ({', '.join(facts.INTERFACES)})")
 
 
