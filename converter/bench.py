@@ -206,7 +206,10 @@ def graph_feeds(session, audio: np.ndarray, dtype: type = np.float32) -> dict[st
         return {INPUT_NAME: audio}
     from .spectral_contract import spec
 
-    return {SPECTRAL_INPUT: spec(audio, dtype=dtype).astype(np.float32), MIX_INPUT: audio}
+    return {
+        SPECTRAL_INPUT: spec(audio, dtype=dtype).astype(np.float32, copy=False),
+        MIX_INPUT: audio,
+    }
 
 
 def run_segment(
