@@ -79,9 +79,11 @@ def spec(audio: np.ndarray, n_fft: int = N_FFT, dtype: type = np.float64) -> np.
         centred = _reflect_pad(padded, n_fft // 2, n_fft // 2)
         windows = np.lib.stride_tricks.sliding_window_view(centred, n_fft)[::hop]
         z = np.fft.rfft(windows[FIRST_FRAME : FIRST_FRAME + count] * window, axis=-1)
-        z = z[:, :bins] / math.sqrt(n_fft)
-        out[row, 0] = z.real.T
-        out[row, 1] = z.imag.T
+        # numpy divides a complex by a real as a product with its reciprocal: the same bits
+        # here, written straight into the transposed output.
+        scale = 1 / math.sqrt(n_fft)
+        np.multiply(z.real[:, :bins].T, scale, out=out[row, 0])
+        np.multiply(z.imag[:, :bins].T, scale, out=out[row, 1])
 
     _each(len(signals), one)
     return out.reshape(*x.shape[:-1], 2, bins, count)
