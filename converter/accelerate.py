@@ -16,8 +16,10 @@ Tile and ConvTranspose in ORT's checker table (which misspells ReduceSum), so th
 operators both tables list, equal to float32 rounding (summation order) or, for Erf, to a few
 float32 ulps:
 
-- ReduceSum/ReduceMean -> [Transpose] + Reshape to 2-D + MatMul by a constant ones column
-  [+ Div by the count] + Reshape (NeuralNetwork's MatMul takes 2-D inputs, B constant);
+- ReduceSum/ReduceMean -> [Transpose] + Reshape to 2-D + MatMuls by constant ones columns in
+  the exported network's summation tree (blocks of about sqrt(length), a Slice for a
+  remainder) [+ Div by the count] + Reshape (NeuralNetwork's MatMul takes 2-D inputs, B
+  constant);
 - LayerNormalization -> those means, Sub, Mul, Add, Sqrt, Div, Mul, Add;
 - Erf -> tanh(x P(x^2) / Q(x^2)) on x clipped to +-ERF_CLIP (ERF_P, ERF_Q: a rational fit of
   atanh(erf x), relative error 6e-9 in float64, a few float32 ulps evaluated in float32);
@@ -39,7 +41,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .facts import is_ai_onnx, walk_model
+from .facts import SUM_LEAF, is_ai_onnx, sum_blocks, walk_model
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +267,7 @@ def _attr(node: onnx.NodeProto, name: str, default):
 def _sum(
     w: _Writer, nodes: list, x: str, shape: list[int], axes: list[int], name: str, mean: bool
 ) -> str:
-    """x summed (or averaged) over `axes` with keepdims, as a MatMul by a ones column."""
+    """x summed (or averaged) over `axes` with keepdims, as MatMuls by ones columns."""
     rank = len(shape)
     kept = [a for a in range(rank) if a not in axes]
     perm = kept + sorted(axes)
@@ -274,15 +276,53 @@ def _sum(
     inner = int(np.prod([shape[a] for a in axes]))
     outer = int(np.prod([shape[a] for a in kept]))
     flat = w.constant(name + "/2d_shape", np.array([outer, inner], np.int64))
-    x = w.node(nodes, "Reshape", [x, flat], name + "/2d")
-    ones = w.constant(name + "/ones", np.ones((inner, 1), np.float32))
-    x = w.node(nodes, "MatMul", [x, ones], name + "/sum")
+    x = _row_sums(w, nodes, w.node(nodes, "Reshape", [x, flat], name + "/2d"), outer, inner, name)
     if mean:
         count = w.constant(name + "/count", np.array(inner, np.float32))
         x = w.node(nodes, "Div", [x, count], name + "/mean")
     kept_shape = [1 if a in axes else d for a, d in enumerate(shape)]
     back = w.constant(name + "/keepdims_shape", np.array(kept_shape, np.int64))
     return w.node(nodes, "Reshape", [x, back], name + "/keepdims")
+
+
+def _row_sums(w: _Writer, nodes: list, x: str, outer: int, inner: int, name: str) -> str:
+    """[outer, inner] -> [outer, 1] row sums in the exported network's tree (`sum_blocks`):
+    one long MatMul by ones adds its inner dimension naively, which trained statistics expose.
+    The whole blocks are a Reshape + MatMul; a short remainder is added after its own MatMul."""
+
+    def ones(count: int, tag: str) -> str:
+        return w.constant(f"{name}/{tag}ones", np.ones((count, 1), np.float32))
+
+    if inner <= SUM_LEAF:
+        return w.node(nodes, "MatMul", [x, ones(inner, "")], name + "/sum")
+    _, block = sum_blocks(inner)
+    whole = inner // block
+    rest = inner - whole * block
+
+    def part(start: int, stop: int, tag: str) -> str:
+        if (start, stop) == (0, inner):
+            return x
+        bounds = [
+            w.constant(f"{name}/{tag}_{e}", np.array([v], np.int64))
+            for e, v in (("starts", start), ("ends", stop), ("axes", 1))
+        ]
+        return w.node(nodes, "Slice", [x, *bounds], f"{name}/{tag}")
+
+    rows = w.constant(name + "/blocks_shape", np.array([outer * whole, block], np.int64))
+    blocked = w.node(nodes, "Reshape", [part(0, whole * block, "whole"), rows], name + "/blocks")
+    sums = w.node(nodes, "MatMul", [blocked, ones(block, "block_")], name + "/block_sums")
+    back = w.constant(name + "/sums_shape", np.array([outer, whole], np.int64))
+    sums = w.node(nodes, "Reshape", [sums, back], name + "/sums")
+    total = _row_sums(w, nodes, sums, outer, whole, name + "/level")
+    if rest:
+        tail = w.node(
+            nodes,
+            "MatMul",
+            [part(whole * block, inner, "rest"), ones(rest, "rest_")],
+            name + "/rest_sum",
+        )
+        total = w.node(nodes, "Add", [total, tail], name + "/with_rest")
+    return total
 
 
 def _reduce(node, shapes, w: _Writer) -> list[onnx.NodeProto] | None:

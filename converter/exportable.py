@@ -44,38 +44,25 @@ from demucs.htdemucs import HTDemucs
 from torch import nn
 from torch.nn import functional as F
 
+from .facts import SUM_LEAF, sum_blocks
+
 ATTENTION_BLOCK_BYTES = 32 << 20
 # No reduction in the graph covers more values than this: ONNX Runtime's float32 reductions
 # (ReduceSum, MatMul's inner dimension, the norms) add naively, so their error grows with the
 # length, while PyTorch's stay near machine precision.
 SHORT_REDUCTION = 4096
-# Statistics are summed in a tree whose last level adds at most this many terms; every level
-# below adds blocks of about sqrt(length). Short rows need it too: one large term followed by
-# hundreds of equal small ones (a steady input) rounds the same way at every addition.
-LEAF = 32
-
-
-def _blocks(length: int) -> tuple[int, int]:
-    """(blocks, block) with blocks·block >= length and both near sqrt(length), preferring an
-    exact divisor (no padding)."""
-    root = math.isqrt(length)
-    for block in range(root, root // 2, -1):
-        if length % block == 0:
-            return length // block, block
-    block = root + 1
-    return -(-length // block), block
 
 
 def _tree_sum(x: torch.Tensor, squares: bool = False, dim: int = -1) -> torch.Tensor:
     """The sum (of squares, with `squares`) over axis `dim` of `x`, dropping it: sums of
     block sums of about sqrt(length) values (zero-padded to whole blocks, which adds nothing),
-    level after level until at most LEAF terms are left. Squares are Mul + ReduceSum: ORT's
+    level after level until at most SUM_LEAF terms are left. Squares are Mul + ReduceSum: ORT's
     ReduceL2 cost 10 dB on loud noise."""
     dim = dim % x.dim()
     lead, tail = [int(n) for n in x.shape[:dim]], [int(n) for n in x.shape[dim + 1 :]]
     length = int(x.shape[dim])
-    while length > LEAF:
-        blocks, block = _blocks(length)
+    while length > SUM_LEAF:
+        blocks, block = sum_blocks(length)
         if blocks * block != length:
             x = F.pad(x, [0, 0] * len(tail) + [0, blocks * block - length])
         x = x.reshape(lead + [blocks, block] + tail)

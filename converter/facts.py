@@ -8,6 +8,7 @@ same reason. Sources and rationale: docs/runtime-contract.md and docs/demucs-fac
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,24 @@ COM_MICROSOFT_ALLOWED = frozenset(
         "SkipSimplifiedLayerNormalization",
     }
 )
+
+
+# Statistics are summed in a tree whose last level adds at most this many terms; every level
+# below adds blocks of about sqrt(length). Short rows need it too: one large term followed by
+# hundreds of equal small ones (a steady input) rounds the same way at every addition. Used
+# by the exported network (`exportable._tree_sum`) and the accelerators' MatMul sums.
+SUM_LEAF = 32
+
+
+def sum_blocks(length: int) -> tuple[int, int]:
+    """(blocks, block) with blocks·block >= length and both near sqrt(length), preferring an
+    exact divisor (no padding)."""
+    root = math.isqrt(length)
+    for block in range(root, root // 2, -1):
+        if length % block == 0:
+            return length // block, block
+    block = root + 1
+    return -(-length // block), block
 
 
 def is_ai_onnx(domain: str) -> bool:

@@ -298,3 +298,42 @@ def test_ep_report_task_refuses_a_non_onnx_file_in_one_line(tmp_path):
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
     assert f"error: {bad} is not an ONNX file" in done.stderr
+
+
+@pytest.mark.parametrize("length", [346, 2758, 4096])
+def test_reductions_sum_uneven_rows_in_a_tree_not_one_long_matmul(length):
+    # A steady input after a norm: one large term, then hundreds of equal small ones. A single
+    # MatMul by ones adds them one at a time, each addition rounding the same way.
+    x = np.full((3, length), -0.137, np.float32)
+    x[:, 0] = 22.5 * math.sqrt(length)
+    x[1] *= np.float32(1.7)
+    x[2, 1::2] = 0.251
+    model = _model(
+        [helper.make_node("ReduceSum", ["x", "axes"], ["sum"], keepdims=0, name="sum")],
+        {"x": [3, length]},
+        {"sum": [3]},
+        {"axes": np.array([1], np.int64)},
+    )
+    assert accelerate.rewrite(model) == {"ReduceSum": 1}
+    assert "ReduceSum" not in {n.op_type for n in model.graph.node}
+    (got,) = _run(model, x)
+    exact = x.astype(np.float64).sum(axis=1)
+    one_at_a_time = np.cumsum(x, axis=1, dtype=np.float32)[:, -1]
+    error = np.abs(got - exact).max()
+    assert error <= np.abs(one_at_a_time - exact).max() / 8
+    assert error <= math.sqrt(length) * np.spacing(np.float32(np.abs(exact).max()))
+
+
+def test_trained_like_statistics_pass_the_gate_through_the_accelerators_rewrites(
+    small_trained_repo, tmp_path
+):
+    # Conversion runs the float64 validation gate: a single long MatMul per reduction left the
+    # small trained-like htdemucs 9 dB under PyTorch float32 on loud clipped noise.
+    written = convert(
+        "htdemucs",
+        repo=small_trained_repo,
+        out_dir=tmp_path,
+        weight_storage=storage.FLOAT32,
+        target=accelerate.ACCELERATORS,
+    )
+    assert written.is_file()
