@@ -288,7 +288,7 @@ def _sum(
 def _row_sums(w: _Writer, nodes: list, x: str, outer: int, inner: int, name: str) -> str:
     """[outer, inner] -> [outer, 1] row sums in the exported network's tree (`sum_blocks`):
     one long MatMul by ones adds its inner dimension naively, which trained statistics expose.
-    The whole blocks are a Reshape + MatMul; a short remainder is added after its own MatMul."""
+    The whole blocks are a Reshape + MatMul; a short remainder, split off, gets its own MatMul."""
 
     def ones(count: int, tag: str) -> str:
         return w.constant(f"{name}/{tag}ones", np.ones((count, 1), np.float32))
@@ -299,29 +299,22 @@ def _row_sums(w: _Writer, nodes: list, x: str, outer: int, inner: int, name: str
     whole = inner // block
     rest = inner - whole * block
 
-    def part(start: int, stop: int, tag: str) -> str:
-        if (start, stop) == (0, inner):
-            return x
-        bounds = [
-            w.constant(f"{name}/{tag}_{e}", np.array([v], np.int64))
-            for e, v in (("starts", start), ("ends", stop), ("axes", 1))
-        ]
-        return w.node(nodes, "Slice", [x, *bounds], f"{name}/{tag}")
-
+    head, tail = x, None
+    if rest:  # one Split, not two Slices: ORT 1.18's Slice fusion names every Split "splits"
+        sizes = w.constant(name + "/split_sizes", np.array([whole * block, rest], np.int64))
+        head, tail = PREFIX + name + "/whole", PREFIX + name + "/rest"
+        nodes.append(
+            helper.make_node("Split", [x, sizes], [head, tail], name=head + "_split", axis=1)
+        )
     rows = w.constant(name + "/blocks_shape", np.array([outer * whole, block], np.int64))
-    blocked = w.node(nodes, "Reshape", [part(0, whole * block, "whole"), rows], name + "/blocks")
+    blocked = w.node(nodes, "Reshape", [head, rows], name + "/blocks")
     sums = w.node(nodes, "MatMul", [blocked, ones(block, "block_")], name + "/block_sums")
     back = w.constant(name + "/sums_shape", np.array([outer, whole], np.int64))
     sums = w.node(nodes, "Reshape", [sums, back], name + "/sums")
     total = _row_sums(w, nodes, sums, outer, whole, name + "/level")
-    if rest:
-        tail = w.node(
-            nodes,
-            "MatMul",
-            [part(whole * block, inner, "rest"), ones(rest, "rest_")],
-            name + "/rest_sum",
-        )
-        total = w.node(nodes, "Add", [total, tail], name + "/with_rest")
+    if tail is not None:
+        rest_sum = w.node(nodes, "MatMul", [tail, ones(rest, "rest_")], name + "/rest_sum")
+        total = w.node(nodes, "Add", [total, rest_sum], name + "/with_rest")
     return total
 
 
