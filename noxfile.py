@@ -1,6 +1,6 @@
 """Nox sessions: lint, the test suite, the static contract gate and the per-ORT-version load tests.
 
-Thin by design: the logic lives in `converter/` (the gate) and `converter/ortcheck.py` (the
+Thin by design: the logic lives in `converter/` (the gate) and `converter/gate/ortcheck.py` (the
 load test, a standalone script); this file only builds the venvs from pinned versions.
 
     nox -s lint                                        # ruff check + ruff format --check
@@ -25,8 +25,8 @@ import nox
 
 ROOT = Path(__file__).resolve().parent
 CONSTRAINTS = "requirements/constraints.txt"
-sys.path.insert(0, str(ROOT))  # the version list and wheel rule live in converter.evidence
-from converter.evidence import contract_pins, has_wheel  # noqa: E402 - needs the path
+sys.path.insert(0, str(ROOT))  # the version list and wheel rule live in converter.gate.evidence
+from converter.gate.evidence import contract_pins, has_wheel  # noqa: E402 - needs the path
 
 nox.options.sessions = ["lint", "tests", "gate"]
 # uv builds the venvs (pinned in constraints.txt; measured in docs/performance.md); nox falls back
@@ -72,7 +72,7 @@ def contract(session: nox.Session, ort: str) -> None:
     session.install(
         "--no-deps", "--only-binary=:all:", f"onnxruntime=={ort}", f"numpy=={CONTRACT_PINS[ort]}"
     )
-    session.run("python", "converter/ortcheck.py", "--expect-ort", ort, *session.posargs)
+    session.run("python", "converter/gate/ortcheck.py", "--expect-ort", ort, *session.posargs)
 
 
 @nox.session(venv_backend="none")
@@ -82,4 +82,4 @@ def contract_summary(session: nox.Session) -> None:
     Queued by the contract sessions to run after them; needs only the standard library and numpy,
     so it runs on nox's own interpreter.
     """
-    session.run(sys.executable, "converter/ortcheck.py", "--summary", *session.posargs)
+    session.run(sys.executable, "converter/gate/ortcheck.py", "--summary", *session.posargs)

@@ -1,6 +1,6 @@
 """The facts every part of the converter must agree on, each stated once.
 
-Standard library only: `converter/ortcheck.py` runs in venvs that hold nothing but onnxruntime
+Standard library only: `converter/gate/ortcheck.py` runs in venvs that hold nothing but onnxruntime
 and numpy, and loads this file by path. The graph walk is duck-typed over ONNX protos for the
 same reason. Sources and rationale: docs/runtime-contract.md and docs/demucs-facts.md.
 """
@@ -56,7 +56,7 @@ MAX_IR_VERSION = 9
 # fusion targets that are portable C++ kernels (not `com.microsoft.nchwc`, which is x86-only, nor
 # quantized/x86-specific ones such as MatMulFpQ4). Linux x64 alone proves nothing for arm64, so
 # the load test (`ortcheck.missing_allowed_kernels`) re-checks the list on every platform and
-# version CI runs, and the static gate (`converter.contract`) refuses any other op.
+# version CI runs, and the static gate (`converter.gate.contract`) refuses any other op.
 COM_MICROSOFT = "com.microsoft"
 COM_MICROSOFT_ALLOWED = frozenset(
     {

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import onnx
 
-from . import facts
-from .facts import sha256_file  # noqa: F401 - re-exported: metadata.sha256_file
-from .spectral_contract import N_FFT, frames
+from converter import facts
+from converter.facts import sha256_file  # noqa: F401 - re-exported: metadata.sha256_file
+from converter.spectral_contract import N_FFT, frames
 
 CACHE_KEY = "openkara.model_cache_key"
 OPTIMIZED_BY = "openkara.optimized_by"
@@ -32,7 +32,7 @@ SAMPLE_RATE = "openkara.sample_rate"
 SEGMENT_SAMPLES = "openkara.segment_samples"
 AUDIO_CHANNELS = "openkara.audio_channels"
 PROVENANCE = "openkara.provenance"
-# "float16": exact float16 initializers Cast to float32 in the graph (`converter.storage`).
+# "float16": exact float16 initializers Cast to float32 in the graph (`converter.build.storage`).
 WEIGHT_STORAGE = "openkara.weight_storage"
 # facts.WAVEFORM or facts.SPECTRAL_CORE; spectral-core files also name their contract
 # (facts.SPECTRAL_CONTRACT) and stem profile, as OpenKara dispatches on these keys alone.

@@ -1,6 +1,6 @@
 """Shared fixtures: random-weight demucs repos in demucs' own format, and small converted files.
 
-Everything runs offline: the repos are written with `converter.fakerepo` (demucs'
+Everything runs offline: the repos are written with `converter.build.fakerepo` (demucs'
 `serialize_model` + `save_with_checksum` + bag YAML files) and loaded through demucs' real loader.
 """
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from converter.build.fakerepo import write_repo
 from converter.facts import PRODUCTS, SPECTRAL_CORE
-from converter.fakerepo import write_repo
 from converter.pipeline import convert
 from tests.fake_github import FakeGitHub
 

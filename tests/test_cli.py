@@ -18,7 +18,8 @@ from pathlib import Path
 import onnx
 import pytest
 
-from converter import contract_selftest, metadata
+from converter import metadata
+from converter.gate import contract_selftest
 from tests.fake_github import REPOSITORY, TOKEN
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -29,9 +29,9 @@ from converter import (
     metadata,
     release,
 )
-from converter.accuracy import allowed_mse, stem_mse
 from converter.errors import UserError
-from converter.ortcheck import reference_path
+from converter.gate.accuracy import allowed_mse, stem_mse
+from converter.gate.ortcheck import reference_path
 from tests.fake_github import REPOSITORY, TOKEN, run_cli
 from tests.test_release import write_evidence
 

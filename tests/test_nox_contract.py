@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from converter import contract_selftest, ortcheck
+from converter.gate import contract_selftest, ortcheck
 
 ROOT = Path(__file__).resolve().parent.parent
 # The list: the latest patch of every minor from 1.17 to the newest release.

@@ -15,10 +15,10 @@ from omegaconf import OmegaConf
 from onnx import TensorProto, helper, numpy_helper
 
 from converter import metadata as meta
-from converter import storage
+from converter.build import storage
+from converter.build.fakerepo import model_kwargs, write_bag
 from converter.errors import UserError
 from converter.facts import walk_model
-from converter.fakerepo import model_kwargs, write_bag
 from converter.pipeline import convert
 
 rng = np.random.default_rng(0)
