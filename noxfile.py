@@ -3,7 +3,7 @@
 Thin by design: the logic lives in `converter/` (the gate) and `converter/gate/ortcheck.py` (the
 load test, a standalone script); this file only builds the venvs from pinned versions.
 
-    nox -s lint                                        # ruff check + ruff format --check
+    nox -s lint                                        # ruff check + format --check, lint-imports
     nox -s tests [-- PYTEST ARGS]
     nox -s gate [-- FILE.onnx ...]                     # self-test, then the static gate
     nox -s contract [-- FILE.onnx ...]                 # every ORT version, default models/*.onnx
@@ -38,10 +38,12 @@ CONTRACT_PINS = contract_pins()
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff check and ruff format --check over the repository (rules in pyproject.toml)."""
-    session.install("-c", CONSTRAINTS, "ruff")
+    """ruff check, ruff format --check and lint-imports (the import contracts) over the
+    repository (rules in pyproject.toml)."""
+    session.install("-c", CONSTRAINTS, "ruff", "import-linter")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+    session.run("lint-imports")
 
 
 @nox.session

@@ -26,7 +26,9 @@ from converter.build.runtime_shapes import anchor_shapes, settle
 from converter.errors import UserError, disk_space
 from converter.facts import INPUT_NAME, INTERFACES, MIX_INPUT, WAVEFORM, file_stem
 from converter.gate import oplist
+from converter.gate.contract import gate
 from converter.gate.ortcheck import reference_path
+from converter.gate.validation import validate_file
 from converter.progress import peak_rss_mb, release_memory, step
 from converter.staging import Staging, check_targets
 
@@ -156,9 +158,6 @@ def convert(
     list; NAME per `facts.file_stem`), its exact float16 weights stored as float16 unless
     `weight_storage` is 'float32'; `target` 'accelerators' builds for CoreML/DirectML/XNNPACK;
     `outputs` receives the gate's inputs and demucs' outputs (`validation.validate_file`)."""
-    from converter.gate.contract import gate
-    from converter.gate.validation import validate_file
-
     started = time.perf_counter()
     timings: dict[str, float] = {}
     if weight_storage not in storage.STORAGES:
@@ -208,9 +207,6 @@ def validate(
     interface: str = WAVEFORM,
 ) -> None:
     """Re-run the validation and contract gates on an existing `out_dir/NAME.onnx`."""
-    from converter.gate.contract import gate
-    from converter.gate.validation import validate_file
-
     check_interface(interface)
     onnx_path, _, reference, _ = file_paths(model, out_dir, interface)
     if onnx_path.is_dir():

@@ -16,7 +16,7 @@ import pytest
 
 from converter.errors import UserError
 from converter.gate import accuracy, validation
-from converter.measure import bench, graphstats
+from converter.measure import bench, graphstats, pair_bench
 
 
 @pytest.fixture(scope="module")
@@ -258,8 +258,8 @@ def test_pair_latency_flips_the_order_every_turn(monkeypatch):
             calls.append(self.name)
             return [np.zeros((1, 4, 2, 8), np.float32)]
 
-    monkeypatch.setattr(bench, "_ort_session", lambda path, *args: Fake(path))
-    result = bench.pair_bench.child_latency({"a": "a", "b": "b"}, bench.APP_CONFIG, 2, 1)
+    monkeypatch.setattr(pair_bench, "ort_session", lambda path, *args: Fake(path))
+    result = pair_bench.child_latency({"a": "a", "b": "b"}, bench.APP_CONFIG, 2, 1)
     assert calls == ["a", "b", "b", "a"] * ((bench.WARMUPS + 2) // 2) + ["a", "b"] * (
         (bench.WARMUPS + 2) % 2
     )

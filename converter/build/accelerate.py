@@ -39,6 +39,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from converter.build.runtime_shapes import inferred
 from converter.facts import is_ai_onnx, walk_model
 
 log = logging.getLogger(__name__)
@@ -62,8 +63,6 @@ ERF_Q = (1.0, 0.15690914490418006, 0.023716400595982536, 0.0003257013212080297)
 
 def _static_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     """Every value's static shape; float32 values only for ops whose rewrite is float32."""
-    from converter.measure.ep_report import inferred
-
     shaped = inferred(model).graph
     values = (*shaped.value_info, *shaped.input, *shaped.output)
     shapes = {

@@ -20,7 +20,7 @@ import logging
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper, shape_inference
 
 from converter.facts import is_ai_onnx
 
@@ -141,3 +141,18 @@ def settle(model: onnx.ModelProto) -> int:
             settled += 1
     log.info("settled %d run-time zeros into constants: every shape becomes static", settled)
     return settled
+
+
+def inferred(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` after ONNX shape inference (values of small constants propagated), weights
+    entering as typed inputs so the hundreds of MB are not copied."""
+    light = onnx.ModelProto()
+    light.CopyFrom(model)
+    big = [t for t in light.graph.initializer if t.ByteSize() > 4096]
+    keep = [t for t in light.graph.initializer if t.ByteSize() <= 4096]
+    del light.graph.initializer[:]
+    light.graph.initializer.extend(keep)
+    light.graph.input.extend(
+        helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in big
+    )
+    return shape_inference.infer_shapes(light, data_prop=True)

@@ -12,7 +12,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from converter.errors import UserError
-from converter.facts import is_ai_onnx, walk_model
+from converter.facts import is_ai_onnx, sha256_file, walk_model
+from converter.gate.fingerprint import read_model
 
 Operators = dict[tuple[str, int], set[str]]
 
@@ -82,9 +83,6 @@ def parse_config(text: str) -> Operators:
 def files_config(paths: list[Path]) -> str:
     """The union config of the ONNX files at `paths` (a release's list), naming each file and
     its SHA-256 in the header; UserError in one line for a path that is not an ONNX file."""
-    from converter.facts import sha256_file
-    from converter.gate.fingerprint import read_model
-
     if not paths:
         raise UserError("no ONNX file given: pass one or more with --file")
     lists, header = [], ["ONNX Runtime reduced-build operator config, union of:"]

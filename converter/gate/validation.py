@@ -24,6 +24,7 @@ from converter.build.loading import LoadedBag
 from converter.errors import UserError
 from converter.facts import WAVEFORM
 from converter.gate.accuracy import FLOOR_RMS, MARGIN_DB, allowed_mse, snr_db, stem_mse
+from converter.gate.contract import expected_io
 from converter.gate.ortcheck import run_stems
 from converter.metadata import TENSOR_INTERFACE, atomic_path
 from converter.progress import release_memory
@@ -177,8 +178,6 @@ def _log_table(rows: list[StemError]) -> None:
 def check_session_interface(sess, path: Path, bag: LoadedBag) -> str:
     """The file's stamped tensor interface, after checking its I/O is that interface's for
     `bag` (names, order, static shapes); ValidationError naming both otherwise."""
-    from converter.gate.contract import expected_io
-
     interface = sess.get_modelmeta().custom_metadata_map.get(TENSOR_INTERFACE, WAVEFORM)
     channels, length = bag.models[0].audio_channels, bag.segment_samples
     want = expected_io(interface, len(bag.sources), channels, length, bag.models[0].nfft)

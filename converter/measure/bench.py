@@ -45,30 +45,27 @@ import numpy as np
 
 from converter.errors import UserError
 from converter.facts import (
-    INPUT_NAME,
-    MIX_INPUT,
     SPECTRAL_CORE,
-    SPECTRAL_INPUT,
     WAVEFORM,
     file_stem,
 )
 from converter.measure import pair_bench
+from converter.measure.segment import (
+    APP_CONFIG,
+    DEFAULT_CONFIG,
+    ORT_CONFIGS,
+    WARMUPS,
+    graph_feeds,
+    interface_of,
+    ort_session,
+    run_segment,
+    segment_input,
+    test_audio,
+)
+from converter.progress import peak_rss_mb
 
 log = logging.getLogger(__name__)
 
-WARMUPS = 2  # also the "two segments" of the peak-RSS target: load, two runs, read the peak
-# Session options compared, by label: (graph optimization on, CPU memory arena on, memory
-# pattern on). The memory pattern is ORT's one block for all activations of a run, sized from
-# the first run's trace: its best-fit layout costs more than the arena needs (docs/performance.md).
-ORT_CONFIGS = {
-    "default options": (True, True, True),
-    "graph optimization off (OpenKara, separate)": (False, True, True),
-    "optimization + memory pattern off": (False, True, False),
-    "memory arena off": (True, False, True),
-    "optimization + arena off": (False, False, True),
-}
-DEFAULT_CONFIG = "default options"
-APP_CONFIG = "graph optimization off (OpenKara, separate)"
 PROFILED_CONFIG = APP_CONFIG
 # The targets (issue 13), each at both settings apps use: ORT's defaults and optimization off.
 TARGET_CONFIGS = (APP_CONFIG, DEFAULT_CONFIG)
@@ -78,12 +75,6 @@ TARGET_SONG_RATIO = 0.5  # whole-process wall time vs demucs' CLI on a whole son
 SGEMM_SIZE = 2048
 # Before/after SGEMM throughput ratio beyond which the run is flagged as not comparable.
 SPEED_TOLERANCE = 1.15
-
-
-def _input(channels: int, length: int) -> np.ndarray:
-    return (0.1 * np.random.default_rng(0).standard_normal((1, channels, length))).astype(
-        np.float32
-    )
 
 
 def _timed(call, runs: int) -> list[float]:
@@ -105,8 +96,6 @@ def _speed_probe(size: int = 1024) -> float:
 
 def _measured(call, runs: int) -> dict:
     """WARMUPS untimed calls, the peak RSS they reached, then `runs` timed ones between probes."""
-    from converter.progress import peak_rss_mb
-
     _timed(call, WARMUPS)
     two_segments = peak_rss_mb()
     before = _speed_probe()
@@ -122,6 +111,7 @@ def _measured(call, runs: int) -> dict:
 
 
 def child_convert(model: str, repo: str | None, out_dir: str) -> dict:
+    # here, not at the top: the ORT children import this module in venvs of numpy + onnxruntime
     from converter.pipeline import convert
 
     path = convert(model, repo=Path(repo) if repo else None, out_dir=Path(out_dir))
@@ -129,6 +119,7 @@ def child_convert(model: str, repo: str | None, out_dir: str) -> dict:
 
 
 def child_torch(model: str, repo: str | None, runs: int, threads: int) -> dict:
+    # here, not at the top: the ORT children import this module in venvs of numpy + onnxruntime
     import torch
     from demucs.apply import apply_model
 
@@ -138,7 +129,7 @@ def child_torch(model: str, repo: str | None, runs: int, threads: int) -> dict:
     start = time.perf_counter()
     bag = load(model, Path(repo) if repo else None)
     load_s = time.perf_counter() - start
-    audio = torch.from_numpy(_input(bag.models[0].audio_channels, bag.segment_samples))
+    audio = torch.from_numpy(test_audio(bag.models[0].audio_channels, bag.segment_samples))
 
     def call():
         # Exactly what the validation gate compares the file with: one segment, no chunking.
@@ -149,6 +140,7 @@ def child_torch(model: str, repo: str | None, runs: int, threads: int) -> dict:
 
 
 def child_accuracy(model: str, repo: str | None, path: str) -> dict:
+    # here, not at the top: the ORT children import this module in venvs of numpy + onnxruntime
     from converter.build.loading import load
     from converter.gate.validation import snr_by_input
 
@@ -156,6 +148,7 @@ def child_accuracy(model: str, repo: str | None, path: str) -> dict:
 
 
 def child_stats(model: str, repo: str | None) -> dict:
+    # here, not at the top: the ORT children import this module in venvs of numpy + onnxruntime
     from converter.build.export import export_bag
     from converter.build.loading import load
     from converter.measure.graphstats import macs_by_part
@@ -170,60 +163,9 @@ def child_stats(model: str, repo: str | None) -> dict:
     }
 
 
-def _ort_session(
-    path: str, optimize: bool, arena: bool, pattern: bool, threads: int, profile: str | None = None
-):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    if not optimize:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.enable_cpu_mem_arena = arena
-    options.enable_mem_pattern = pattern
-    if profile:
-        options.enable_profiling = True
-        options.profile_file_prefix = profile
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-
-
-def interface_of(session) -> str:
-    """The file's tensor interface, read off its inputs: that is how it must be fed."""
-    names = {i.name for i in session.get_inputs()}
-    return SPECTRAL_CORE if {SPECTRAL_INPUT, MIX_INPUT} <= names else WAVEFORM
-
-
-def segment_input(session) -> np.ndarray:
-    """The deterministic test segment [1, C, L] that `session`'s file takes."""
-    shapes = {i.name: i.shape for i in session.get_inputs()}
-    shape = shapes[MIX_INPUT if interface_of(session) == SPECTRAL_CORE else INPUT_NAME]
-    return _input(shape[1], shape[2])
-
-
-def graph_feeds(session, audio: np.ndarray, dtype: type = np.float32) -> dict[str, np.ndarray]:
-    """The graph's inputs for `audio`: itself, or the contract's STFT of it beside the mix."""
-    if interface_of(session) == WAVEFORM:
-        return {INPUT_NAME: audio}
-    from converter.spectral_contract import spec
-
-    return {SPECTRAL_INPUT: spec(audio, dtype=dtype).astype(np.float32), MIX_INPUT: audio}
-
-
-def run_segment(
-    session, audio: np.ndarray, graph_s: list[float] | None = None, dtype: type = np.float32
-) -> np.ndarray:
-    """Stems [1, S, C, L] of one segment as an app gets them (`ortcheck.run_stems`); a
-    spectral-core file's numpy STFT/ISTFT in `dtype`: float32 by default, the precision of the
-    graph's own tensors (an app has no reason to pay for float64), float64 for the gate's
-    margin. The graph's own seconds are appended to `graph_s`."""
-    from converter.gate.ortcheck import run_stems
-
-    return run_stems(session, audio, dtype, graph_s)
-
-
 def child_ort(path: str, config: str, runs: int, threads: int) -> dict:
     start = time.perf_counter()
-    session = _ort_session(path, *ORT_CONFIGS[config], threads)
+    session = ort_session(path, *ORT_CONFIGS[config], threads)
     load_s = time.perf_counter() - start
     audio = segment_input(session)
     graph_s: list[float] = []
@@ -240,6 +182,7 @@ def profile_summary(events: list[dict], top: int) -> dict:
     Only the last run counts: the first ones pay one-off allocations that a long song does not.
     An `If` (`converter.build.partition`) is left out: its body's nodes are profiled one by one.
     """
+    # here, not at the top: the ORT children import this module in venvs of numpy + onnxruntime
     from converter.measure.graphstats import GEMM_OPS, part
 
     run = [e for e in events if e.get("name") == "model_run"][-1]
@@ -275,7 +218,7 @@ def profile_summary(events: list[dict], top: int) -> dict:
 
 def child_profile(path: str, config: str, threads: int, top: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="ort-profile-") as tmp:
-        session = _ort_session(path, *ORT_CONFIGS[config], threads, profile=str(Path(tmp) / "ort"))
+        session = ort_session(path, *ORT_CONFIGS[config], threads, profile=str(Path(tmp) / "ort"))
         feeds = graph_feeds(session, segment_input(session))
         for _ in range(WARMUPS + 1):
             session.run(None, feeds)
@@ -320,8 +263,6 @@ def run_child(kind: str, **kwargs) -> dict:
 
 
 def _child_main(kind: str, args: str, out: str) -> None:
-    from converter.progress import peak_rss_mb
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     result = CHILDREN[kind](**json.loads(args))
     result["peak_rss_mb"] = peak_rss_mb()
@@ -485,6 +426,7 @@ def bench(
     With `baseline`, another build's file of the same model (say the last release's) is timed
     against this one in the same run. `accuracy` and `storage` can be skipped: for a bag, demucs
     in float64 takes minutes per input, and the float32 twin doubles the timed runs."""
+    # here, not at the top: the ORT children import this module in venvs of numpy + onnxruntime
     from converter.metadata import write_text_atomic
 
     if runs < 1 or rounds < 1:
@@ -577,6 +519,7 @@ def bench(
 
 def file_interface(path: Path) -> str:
     """`openkara.tensor_interface` of the file (waveform when unstamped, as the seed's files)."""
+    # here, not at the top: the ORT children import this module in venvs of numpy + onnxruntime
     import onnx
 
     from converter.metadata import TENSOR_INTERFACE, read_metadata
@@ -602,6 +545,7 @@ def _waveform_beside(path: Path, model: str) -> Path | None:
 
 def _baseline(path: Path, baseline: Path, runs: int, threads: int) -> dict:
     """This build's file against `baseline`, another build's file of the same model."""
+    # here, not at the top: the ORT children import this module in venvs of numpy + onnxruntime
     import onnx
 
     from converter.metadata import MODEL_NAME, read_metadata

@@ -27,10 +27,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import onnx
-from onnx import TensorProto, helper, shape_inference
+from onnx import TensorProto, helper
 
+from converter.build.runtime_shapes import inferred
 from converter.errors import UserError
 from converter.facts import is_ai_onnx, walk_model
+from converter.gate.fingerprint import read_model
+from converter.measure.graphstats import _node_macs
 
 log = logging.getLogger(__name__)
 
@@ -167,21 +170,6 @@ def _is_static(value: onnx.ValueInfoProto) -> bool:
     return all(d.HasField("dim_value") for d in value.type.tensor_type.shape.dim)
 
 
-def inferred(model: onnx.ModelProto) -> onnx.ModelProto:
-    """`model` after ONNX shape inference (values of small constants propagated), weights
-    entering as typed inputs so the hundreds of MB are not copied."""
-    light = onnx.ModelProto()
-    light.CopyFrom(model)
-    big = [t for t in light.graph.initializer if t.ByteSize() > 4096]
-    keep = [t for t in light.graph.initializer if t.ByteSize() <= 4096]
-    del light.graph.initializer[:]
-    light.graph.initializer.extend(keep)
-    light.graph.input.extend(
-        helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in big
-    )
-    return shape_inference.infer_shapes(light, data_prop=True)
-
-
 def dynamic_values(model: onnx.ModelProto) -> list[str]:
     """Node outputs (main graph and subgraphs) whose shape ONNX shape inference cannot pin."""
     shaped = inferred(model)
@@ -287,8 +275,6 @@ def node_macs(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def _macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
-    from converter.measure.graphstats import _node_macs
-
     if node.op_type == "FusedMatMul":
         a, out = shapes[node.input[0]], shapes[node.output[0]]
         trans_a = any(x.name == "transA" and x.i for x in node.attribute)
@@ -326,8 +312,6 @@ def app_coreml_share(path: Path) -> float | None:
     """Percent of the file's nodes ORT's checker places on CoreML in the format the app's
     default provider options build (NeuralNetwork): the share `invoke compare` budgets. None
     where the checker itself fails on the graph (it indexes a Transpose's optional `perm`)."""
-    from converter.gate.fingerprint import read_model
-
     model = read_model(path)
     try:
         verdicts = checker_verdicts(with_shapes(model, path))
@@ -455,8 +439,6 @@ def placements(
 def report(path: Path, providers: list[str] | None = None) -> dict:
     """Everything `invoke ep-report FILE` prints, as a dict (also written as JSON by the task)."""
     import onnxruntime as ort
-
-    from converter.gate.fingerprint import read_model
 
     model = read_model(path)
     available = ort.get_available_providers()

@@ -19,6 +19,8 @@ from pathlib import Path
 import onnx
 from onnx import numpy_helper, shape_inference
 
+from converter.build.runtime_shapes import settle
+
 SPECTRAL_PREFIXES = ("stft/", "istft/")
 # Op types whose ORT CPU kernels are matrix products (MLAS SGEMM), fused forms included.
 GEMM_OPS = frozenset(
@@ -75,8 +77,6 @@ def part(name: str) -> str:
 def _fold_never(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of `model` whose run-time zeros are constants (`runtime_shapes.settle`): the
     shapes are the same, and shape inference needs them here."""
-    from converter.build.runtime_shapes import settle
-
     model = copy.deepcopy(model)
     settle(model)
     return model

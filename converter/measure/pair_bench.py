@@ -23,10 +23,21 @@ import numpy as np
 
 from converter.errors import UserError
 from converter.facts import SPECTRAL_CORE
+from converter.gate import ortcheck
+from converter.measure.segment import (
+    APP_CONFIG,
+    DEFAULT_CONFIG,
+    ORT_CONFIGS,
+    WARMUPS,
+    interface_of,
+    ort_session,
+    run_segment,
+    segment_input,
+)
 
 log = logging.getLogger(__name__)
 
-COMPARED_CONFIGS = ("default options", "graph optimization off (OpenKara, separate)")
+COMPARED_CONFIGS = (DEFAULT_CONFIG, APP_CONFIG)
 ROUNDS = 2
 # The bounds for the first file against the second: float16 storage against float32, or a new
 # build against its baseline.
@@ -37,6 +48,7 @@ STEMS_MSE = 1e-14
 
 def float32_twin(path: Path, out: Path) -> Path:
     """Write `path` with every weight back in float32, stamped as such; return `out`."""
+    # here, not at the top: the children run in venvs of numpy + onnxruntime only
     import onnx
 
     from converter import metadata as meta
@@ -66,10 +78,9 @@ def gzip_bytes(path: Path, level: int = 6) -> int:
 
 def child_memory(path: str, config: str, threads: int) -> dict:
     """Load `path` and run two segments: the parent reads this process's peak RSS."""
-    from converter.measure.bench import ORT_CONFIGS, _ort_session, run_segment, segment_input
 
     start = time.perf_counter()
-    session = _ort_session(path, *ORT_CONFIGS[config], threads)
+    session = ort_session(path, *ORT_CONFIGS[config], threads)
     loaded = time.perf_counter() - start
     audio = segment_input(session)
     segments = []
@@ -84,17 +95,9 @@ def child_latency(files: dict[str, str], config: str, runs: int, threads: int) -
     """Both files in one process, run alternately, the order flipped every turn so neither
     always runs first; the first file's stems compared with the second's. A spectral-core
     file's segment includes its numpy STFT/ISTFT; its graph alone is timed too."""
-    from converter.measure.bench import (
-        ORT_CONFIGS,
-        WARMUPS,
-        _ort_session,
-        interface_of,
-        run_segment,
-        segment_input,
-    )
 
     sessions = {
-        name: _ort_session(path, *ORT_CONFIGS[config], threads) for name, path in files.items()
+        name: ort_session(path, *ORT_CONFIGS[config], threads) for name, path in files.items()
     }
     first, second = sessions
     audio = segment_input(sessions[first])
@@ -122,13 +125,10 @@ def child_latency(files: dict[str, str], config: str, runs: int, threads: int) -
 def child_margin(files: dict[str, str], reference: str, threads: int, cap_db: float) -> dict:
     """Each file's validation-gate margin (dB, worst stem and input, OpenKara's setting) on the
     inputs and float64 stems recorded at conversion (`NAME.reference.npz`), within ±cap_db."""
-    from converter.gate import ortcheck
-    from converter.measure.bench import APP_CONFIG, ORT_CONFIGS, _ort_session, run_segment
-
     _, audios, truths, bounds = ortcheck.read_reference(Path(reference))
     margins = {}
     for name, path in files.items():
-        session = _ort_session(path, *ORT_CONFIGS[APP_CONFIG], threads)
+        session = ort_session(path, *ORT_CONFIGS[APP_CONFIG], threads)
         worst = cap_db
         for audio, truth, bound in zip(audios, truths, bounds, strict=True):
             stems = run_segment(session, audio, dtype=np.float64)  # the gate's transforms
@@ -149,6 +149,7 @@ CHILDREN = {"pair_memory": child_memory, "pair_latency": child_latency, "pair_ma
 
 def compare_storage(path: Path, runs: int, threads: int, run_child: Callable[..., dict]) -> dict:
     """Sizes, latency, peak RSS and stems of `path` (float16 storage) against its float32 twin."""
+    # here, not at the top: the children run in venvs of numpy + onnxruntime only
     from converter.build import storage
 
     twin = float32_twin(path, path.with_name(path.stem + ".float32.onnx"))

@@ -58,6 +58,7 @@ from converter.facts import (
     TIME_OUTPUT,
     WAVEFORM,
 )
+from converter.gate.contract import expected_io
 from converter.progress import peak_rss_mb
 from converter.staging import PREFIX, Staging, check_targets, note_on_interrupt
 
@@ -288,8 +289,6 @@ class Engine:
         bins = got[0][0][1][3] if got[0] and len(got[0][0][1]) == 5 else 0
         self.n_fft = 2 * bins if isinstance(bins, int) and bins > 0 else 0
         # Imported here: the gate's module loads onnx, which separating needs nowhere else.
-        from converter.gate.contract import expected_io
-
         # Without a readable bin count, contract v1's n_fft: the mismatch is then reported.
         n_fft = self.n_fft or spectral_contract.N_FFT
         want = expected_io(info.interface, len(info.stems), info.channels, info.segment, n_fft)

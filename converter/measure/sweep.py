@@ -24,9 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
+from converter.build.fakerepo import BAGS, write_bag, write_repo
 from converter.errors import UserError
 from converter.gate.accuracy import MARGIN_DB, allowed_mse
 from converter.measure.sweepcheck import record_path
+from converter.metadata import atomic_path
+from converter.pipeline import convert
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +66,11 @@ def cases(seeds: int, full_seeds: int) -> list[Case]:
 
 
 def stems(model: str) -> list[str]:
-    from converter.build.fakerepo import BAGS
-
     return BAGS[model][2]
 
 
 def write_case_repo(case: Case, repo: Path) -> None:
     """The trained-like repo of `case` (every model of its size and seed; PAIR cut to two)."""
-    from converter.build.fakerepo import BAGS, write_bag, write_repo
-
     names = list(SMALL_MODELS if case.size == "small" else FULL_MODELS)
     write_repo(repo, size=case.size, names=names, statistics="trained", seed=case.seed)
     if PAIR in names:
@@ -82,8 +81,6 @@ def write_case_repo(case: Case, repo: Path) -> None:
 def record(outputs: dict, stems: list[str], path: Path) -> Path:
     """Save, beside `path`, every input of the validation gate with demucs' float64 and float32
     outputs for it (`outputs` of `pipeline.convert`): what `sweepcheck` needs, without torch."""
-    from converter.metadata import atomic_path
-
     out = record_path(path)
     with atomic_path(out) as tmp:
         with open(tmp, "wb") as file:
@@ -100,8 +97,6 @@ def record(outputs: dict, stems: list[str], path: Path) -> Path:
 
 def build(out: Path, todo: list[Case]) -> dict[str, str]:
     """Convert and record every case not yet built; {file: why} for those that did not convert."""
-    from converter.pipeline import convert
-
     failed = {}
     for number, case in enumerate(todo, 1):
         path = case.file(out)

@@ -22,8 +22,22 @@ from collections.abc import Callable
 from pathlib import Path
 
 from converter.errors import UserError
-from converter.facts import WAVEFORM, file_stem
-from converter.ship import budgets
+from converter.facts import WAVEFORM, file_stem, sha256_file
+from converter.gate.ortcheck import reference_path
+from converter.measure import bench, pair_bench
+from converter.measure.ep_report import app_coreml_share
+from converter.measure.segment import APP_CONFIG, DEFAULT_CONFIG
+from converter.metadata import (
+    MODEL_NAME,
+    PROVENANCE,
+    TENSOR_INTERFACE,
+    read_metadata,
+    read_sidecar,
+    sidecar_path,
+    write_text_atomic,
+)
+from converter.ship import budgets, github
+from converter.ship.tags import parse_tag
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +62,7 @@ def _series(tag: str) -> tuple[str, tuple[int, ...], bool] | None:
 
 def find_previous(client, tag: str) -> dict | None:
     """The newest published, non-prerelease release of `tag`'s series older than `tag`."""
-    from converter.ship import release
-
-    release.parse_tag(tag)
+    parse_tag(tag)
     series, version, _ = _series(tag)
     older = []
     for found in client.paginate(f"{client.repo_path}/releases"):
@@ -70,11 +82,8 @@ def find_previous(client, tag: str) -> dict | None:
 def download(client, found: dict, name: str, folder: Path) -> tuple[Path, str]:
     """`name` of the published release `found` into `folder`, checked against its `.sha256`
     asset and GitHub's `digest`; (path, sha256). Anything missing or differing is one error."""
-    from converter.metadata import read_sidecar, sidecar_path
-    from converter.ship import release
-
     tag = found["tag_name"]
-    assets = {a["name"]: a for a in release.list_assets(client, found)}
+    assets = {a["name"]: a for a in github.list_assets(client, found)}
     missing = [n for n in (name, f"{name}.sha256") if n not in assets]
     if missing:
         raise UserError(
@@ -88,12 +97,12 @@ def download(client, found: dict, name: str, folder: Path) -> tuple[Path, str]:
         digest, listed = read_sidecar(path)
     except ValueError as exc:
         raise UserError(f"{name}.sha256 of {tag} is unusable: {exc}") from None
-    github = assets[name].get("digest") or ""
+    given = assets[name].get("digest") or ""
     problem = None
     if listed != name:
         problem = f"its .sha256 asset names {listed!r}"
-    elif github.startswith("sha256:") and github != f"sha256:{digest}":
-        problem = f"GitHub's digest {github} differs from its .sha256 asset ({digest})"
+    elif given.startswith("sha256:") and given != f"sha256:{digest}":
+        problem = f"GitHub's digest {given} differs from its .sha256 asset ({digest})"
     else:
         hasher = hashlib.sha256()
         with open(path, "wb") as file:
@@ -117,8 +126,6 @@ def download(client, found: dict, name: str, folder: Path) -> tuple[Path, str]:
 def _file_facts(path: Path) -> dict:
     """Model name, interface and checkpoint signatures from the file's metadata."""
     import onnx
-
-    from converter.metadata import MODEL_NAME, PROVENANCE, TENSOR_INTERFACE, read_metadata
 
     try:
         entries = read_metadata(onnx.load(str(path), load_external_data=False))
@@ -146,8 +153,6 @@ def measure(
     """The pair's latency, peak RSS, session load and sizes (alternated), and each file's gate
     margin on the inputs recorded at the candidate's conversion; `threads` per session
     (default: every core, as apps run)."""
-    from converter.measure import pair_bench
-
     threads = threads or os.cpu_count() or 1
     files = dict(zip(LABELS, (candidate, previous), strict=True))
     pair = pair_bench.compare(files, runs, threads, run_child)
@@ -158,8 +163,6 @@ def measure(
         threads=threads,
         cap_db=MARGIN_CAP_DB,
     )
-    from converter.measure.ep_report import app_coreml_share
-
     share = {name: app_coreml_share(p) for name, p in files.items()}
     log.info("compare: CoreML share %s", share)
     return {**pair, "margin_db": margins["margin_db"], "accelerator_share": share}
@@ -167,8 +170,6 @@ def measure(
 
 def metric_values(measured: dict) -> dict[str, dict[str, float]]:
     """metric -> {label: value} for every budgeted metric that was measured."""
-    from converter.measure.bench import APP_CONFIG, DEFAULT_CONFIG
-
     app, default = measured["configs"][APP_CONFIG], measured["configs"][DEFAULT_CONFIG]
     values = {
         "gate_margin_db": measured["margin_db"],
@@ -332,8 +333,6 @@ def check(report: dict) -> None:
 
 
 def _write(report: dict, out: Path) -> None:
-    from converter.metadata import write_text_atomic
-
     validate_report(report)
     write_text_atomic(out, json.dumps(report, indent=2, sort_keys=True) + "\n")
     log.info("wrote %s", out)
@@ -354,11 +353,6 @@ def compare(
 ) -> dict:
     """Measure `file` against the release before `tag` (or against `baseline`), judge it by
     the `kind` budgets, write the report (default: NAME.compare.json beside `file`)."""
-    from converter.facts import sha256_file
-    from converter.gate.ortcheck import reference_path
-    from converter.measure import bench
-    from converter.ship import github
-
     if kind not in budgets.KINDS:
         raise UserError(f"--budgets {kind!r}: one of {', '.join(budgets.KINDS)}")
     if (tag is None) == (baseline is None):
@@ -369,9 +363,7 @@ def compare(
         raise UserError(f"--file {file} does not exist; convert one with `invoke convert`")
     facts = _file_facts(file)
     if tag is not None:
-        from converter.ship import release
-
-        wanted = release.parse_tag(tag).model
+        wanted = parse_tag(tag).model
         if facts["model"] != wanted:
             raise UserError(f"--file {file} is model {facts['model']!r}, tag {tag} is {wanted!r}")
     reference = reference_path(file)
@@ -440,12 +432,9 @@ def report_name(model_file: str) -> str:
 
 
 def release_gate(report_path: Path, tag: str, model_file, accepted: dict[str, str] | None = None):
-    """For `invoke release`: the report on exactly `model_file`'s bytes (a release.LocalAsset),
+    """For `invoke release`: the report on exactly `model_file`'s bytes (a github.LocalAsset),
     `accepted` regressions recorded in it, judged; (the model card's section, the report as a
-    release.LocalAsset) or one error."""
-    from converter.facts import sha256_file
-    from converter.ship.release import LocalAsset
-
+    github.LocalAsset) or one error."""
     sha256 = model_file.sha256
     try:
         report = json.loads(report_path.read_text(encoding="utf-8"))
@@ -472,7 +461,7 @@ def release_gate(report_path: Path, tag: str, model_file, accepted: dict[str, st
         ]
     name = report_name(model_file.name)
     section += ["", f"The full measurement is the `{name}` asset."]
-    asset = LocalAsset(
+    asset = github.LocalAsset(
         name, report_path, report_path.stat().st_size, sha256_file(report_path), "application/json"
     )
     return "\n".join(section), asset

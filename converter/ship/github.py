@@ -12,6 +12,7 @@ exceptions (it lives only in the Authorization header; every message is redacted
 from __future__ import annotations
 
 import email.utils
+import hashlib
 import logging
 import math
 import os
@@ -559,3 +560,54 @@ def server_url(environ: dict[str, str] | None = None) -> str:
         env.get("GITHUB_SERVER_URL") or DEFAULT_SERVER_URL,
         f"{DEFAULT_SERVER_URL} (GitHub Enterprise: https://HOST)",
     )
+
+
+# --- releases: what `invoke release`, `pin-openkara` and `compare` read and upload ---------------
+
+
+@dataclass(frozen=True)
+class LocalAsset:
+    """A file to upload as a release asset, with what GitHub will be told and checked against."""
+
+    name: str
+    path: Path
+    size: int
+    sha256: str
+    content_type: str
+
+
+def download_url(server_url: str, repository: str, tag: str, name: str) -> str:
+    return f"{server_url.rstrip('/')}/{repository}/releases/download/{tag}/{name}"
+
+
+def find_release(client: Client, tag: str) -> dict | None:
+    """The release for `tag`, drafts included (`releases/tags/{tag}` hides drafts)."""
+    matches = [r for r in client.paginate(f"{client.repo_path}/releases") if r["tag_name"] == tag]
+    if not matches:
+        log.info("no release for %s yet", tag)
+        return None
+    # Two drafts for one tag only arise from runs outside the workflow's concurrency group;
+    # a published one wins, else the oldest, so every run picks the same one.
+    chosen = min(matches, key=lambda r: (r["draft"], r["id"]))
+    log.info(
+        "found %s release %s for %s%s",
+        "draft" if chosen["draft"] else "published",
+        chosen["id"],
+        tag,
+        f" (ignoring {len(matches) - 1} other drafts)" if len(matches) > 1 else "",
+    )
+    return chosen
+
+
+def list_assets(client: Client, release: dict) -> list[dict]:
+    return list(client.paginate(f"{client.repo_path}/releases/{release['id']}/assets"))
+
+
+def remote_sha256(client: Client, asset: dict) -> str:
+    """The asset's SHA-256: GitHub's `digest` when given, else by downloading and hashing."""
+    digest = asset.get("digest") or ""
+    if digest.startswith("sha256:"):
+        return digest.removeprefix("sha256:")
+    hasher = hashlib.sha256()
+    client.download_asset(asset, hasher.update)
+    return hasher.hexdigest()

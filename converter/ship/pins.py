@@ -21,6 +21,7 @@ from pathlib import Path
 from converter.errors import UserError
 from converter.facts import WAVEFORM
 from converter.ship import github
+from converter.ship.tags import parse_tag
 
 log = logging.getLogger(__name__)
 
@@ -171,11 +172,9 @@ def fetch_pin(
 ) -> Pin:
     """The pin of the PUBLISHED release `tag`: its `.sha256` asset, checked against the model
     asset's GitHub `digest` (or its downloaded bytes when GitHub gives none)."""
-    from converter.ship import release
-
-    parsed = release.parse_tag(tag)
+    parsed = parse_tag(tag)
     places(parsed.model)  # refuse htdemucs_6s before any network call
-    found = release.find_release(client, tag)
+    found = github.find_release(client, tag)
     if found is None:
         raise UserError(f"no release {tag} in {client.repository}: publish it with invoke release")
     if found["draft"]:
@@ -189,7 +188,7 @@ def fetch_pin(
             "(pass --allow-prerelease for a test branch)"
         )
     asset = f"{parsed.model}.onnx"
-    assets = {a["name"]: a for a in release.list_assets(client, found)}
+    assets = {a["name"]: a for a in github.list_assets(client, found)}
     missing = [name for name in (asset, f"{asset}.sha256") if name not in assets]
     if missing:
         raise UserError(f"release {tag} lacks {' and '.join(missing)}: it cannot be pinned")
@@ -200,13 +199,13 @@ def fetch_pin(
         raise UserError(f"{asset}.sha256 of {tag} is not a `sha256sum` line for {asset}: {text!r}")
     if not (assets[asset].get("digest") or "").startswith("sha256:"):
         log.info("GitHub gives no digest for %s; downloading it to hash it", asset)
-    actual = release.remote_sha256(client, assets[asset])
+    actual = github.remote_sha256(client, assets[asset])
     if actual != digest:
         raise UserError(
             f"{asset} of {tag} has SHA-256 {actual} on GitHub but its .sha256 asset says "
             f"{digest}: the release is wrong; do not pin it, release a new tag"
         )
-    url = release.download_url(server_url, client.repository, tag, asset)
+    url = github.download_url(server_url, client.repository, tag, asset)
     log.info("published %s: %s sha256 %s", tag, url, digest)
     return Pin(parsed.model, tag, asset, url, digest)
 
@@ -316,9 +315,7 @@ def pin_openkara(
     server_url: str | None = None,
 ) -> str:
     """Rewrite every pin of `tag`'s model in `checkout` (or, dry run, return the diff)."""
-    from converter.ship import release
-
-    parsed = release.parse_tag(tag)
+    parsed = parse_tag(tag)
     if parsed.interface != WAVEFORM:
         raise UserError(
             f"{tag} is a {parsed.interface} release: OpenKara takes those from its catalog, not "

@@ -30,6 +30,7 @@ from converter.build import storage
 from converter.errors import UserError
 from converter.facts import SPECTRAL_CORE, WAVEFORM
 from converter.gate import evidence, oplist
+from converter.gate.contract import gate
 from converter.metadata import (
     CACHE_KEY,
     MODEL_NAME,
@@ -46,7 +47,15 @@ from converter.metadata import (
     sidecar_path,
     write_text_atomic,
 )
-from converter.ship import github, pins
+from converter.ship import compare, github, pins
+from converter.ship.compare import report_name
+from converter.ship.github import (
+    LocalAsset,
+    download_url,
+    find_release,
+    list_assets,
+    remote_sha256,
+)
 from converter.ship.tags import GRAMMAR as TAG_GRAMMAR  # noqa: F401 - re-exported
 from converter.ship.tags import Tag, parse_tag
 
@@ -61,15 +70,6 @@ REPLACE = "replace (different SHA-256)"
 CLEAN_UP = "delete the unfinished upload, then upload"
 CHECK = "download and compare (no digest from GitHub)"
 REMOVE = "delete (not part of this release)"
-
-
-@dataclass(frozen=True)
-class LocalAsset:
-    name: str
-    path: Path
-    size: int
-    sha256: str
-    content_type: str
 
 
 @dataclass(frozen=True)
@@ -143,8 +143,8 @@ def build_model(tag: Tag, repo: Path | None, out_dir: Path) -> Path:
     A reused file is validated again against demucs from `repo`: its stamp says which toolchain
     built it, not from which weights, and a file from a random-weight test repo must not ship.
     """
+    # torch here, not at the top: releasing a prebuilt file needs no torch
     from converter import pipeline
-    from converter.gate.contract import gate
 
     # Waveform calls keep the seed's signature; only spectral builds name their interface.
     extra = {} if tag.interface == WAVEFORM else {"interface": tag.interface}
@@ -213,8 +213,6 @@ def local_assets(path: Path, write: bool = True) -> list[LocalAsset]:
 
 
 def contract_gate(path: Path) -> None:
-    from converter.gate.contract import gate
-
     gate(path)
 
 
@@ -279,10 +277,6 @@ def run_contract_sessions(path: Path, results_dir: Path) -> None:
         )
     log.info("load-testing %s on this platform: %s", path, " ".join(command))
     subprocess.run(command, cwd=root, check=False)
-
-
-def download_url(server_url: str, repository: str, tag: str, name: str) -> str:
-    return f"{server_url.rstrip('/')}/{repository}/releases/download/{tag}/{name}"
 
 
 def pin_section(pin: pins.Pin, cache_key: str) -> str:
@@ -399,39 +393,6 @@ def write_step_summary(text: str) -> None:
             file.write(text + "\n")
 
 
-def find_release(client: github.Client, tag: str) -> dict | None:
-    """The release for `tag`, drafts included (`releases/tags/{tag}` hides drafts)."""
-    matches = [r for r in client.paginate(f"{client.repo_path}/releases") if r["tag_name"] == tag]
-    if not matches:
-        log.info("no release for %s yet", tag)
-        return None
-    # Two drafts for one tag only arise from runs outside the workflow's concurrency group;
-    # a published one wins, else the oldest, so every run picks the same one.
-    chosen = min(matches, key=lambda r: (r["draft"], r["id"]))
-    log.info(
-        "found %s release %s for %s%s",
-        "draft" if chosen["draft"] else "published",
-        chosen["id"],
-        tag,
-        f" (ignoring {len(matches) - 1} other drafts)" if len(matches) > 1 else "",
-    )
-    return chosen
-
-
-def list_assets(client: github.Client, release: dict) -> list[dict]:
-    return list(client.paginate(f"{client.repo_path}/releases/{release['id']}/assets"))
-
-
-def remote_sha256(client: github.Client, asset: dict) -> str:
-    """The asset's SHA-256: GitHub's `digest` when given, else by downloading and hashing."""
-    digest = asset.get("digest") or ""
-    if digest.startswith("sha256:"):
-        return digest.removeprefix("sha256:")
-    hasher = hashlib.sha256()
-    client.download_asset(asset, hasher.update)
-    return hasher.hexdigest()
-
-
 def plan_assets(existing: list[dict], wanted: list[LocalAsset]) -> list[Step]:
     """Decide per asset name what brings the draft to exactly `wanted`."""
     remote = {asset["name"]: asset for asset in existing}
@@ -520,8 +481,6 @@ def verify(client: github.Client, release: dict, expected: dict[str, str]) -> li
 
 def _published_report(client: github.Client, release: dict, name: str) -> dict[str, str]:
     """The comparison report published beside `name` (`invoke compare`), as verify expects it."""
-    from converter.ship.compare import report_name
-
     return {
         a["name"]: remote_sha256(client, a)
         for a in list_assets(client, release)
@@ -672,8 +631,6 @@ def release(
     url = download_url(server, client.repository, parsed.name, wanted[0].name)
     body = model_card(parsed, metadata, wanted, url, proof)
     if compare_report is not None:  # the budgets against the release before it (issue 25)
-        from converter.ship import compare
-
         section, report = compare.release_gate(compare_report, parsed.name, wanted[0], accepted)
         body += "\n\n" + section
         wanted.append(report)
