@@ -26,7 +26,7 @@ import nox
 ROOT = Path(__file__).resolve().parent
 CONSTRAINTS = "requirements/constraints.txt"
 sys.path.insert(0, str(ROOT))  # the version list and wheel rule live in converter.gate.evidence
-from converter.gate.evidence import contract_pins, has_wheel  # noqa: E402 - needs the path
+from converter.gate.evidence import LAST_MACOS_X86_64, contract_pins, has_wheel  # noqa: E402 - needs the path
 
 nox.options.sessions = ["lint", "tests", "gate"]
 # uv builds the venvs (pinned in constraints.txt; measured in docs/performance.md); nox falls back
@@ -68,7 +68,8 @@ def contract(session: nox.Session, ort: str) -> None:
     # Queued first so the merged table ends the run even when this session fails or skips.
     session.notify("contract_summary", posargs=session.posargs)
     if not has_wheel(f"{platform.system()} {platform.machine()}", ort):
-        session.skip(f"onnxruntime {ort} has no macOS x86_64 wheel (the last is 1.23.2)")
+        last = ".".join(map(str, LAST_MACOS_X86_64))
+        session.skip(f"onnxruntime {ort} has no macOS x86_64 wheel (the last is {last})")
     # --no-deps: ORT's declared extras (protobuf, sympy, ...) are not needed to load and run a
     # model, and leaving them out proves the loader and the file need nothing but ORT + numpy.
     session.install(

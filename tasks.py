@@ -18,8 +18,8 @@ from invoke import Collection, Exit, task
 
 from converter import interrupts
 from converter.errors import UserError
-from converter.facts import INTERFACES, PRODUCTS, WAVEFORM
-from converter.ship.tags import GRAMMAR
+from converter.facts import INTERFACES, PRODUCTS, SPECTRAL_CORE, WAVEFORM
+from converter.ship.tags import GRAMMAR, either, example
 
 MODELS = f"{', '.join(PRODUCTS[:-1])} or {PRODUCTS[-1]}"
 ALL_MODELS = ",".join(PRODUCTS)
@@ -235,7 +235,8 @@ def release(
 
 @task(
     help={
-        "tag": "Published release tag whose model to pin (model-vX.Y.Z or model-ft-vX.Y.Z).",
+        "tag": "Published release tag whose model to pin "
+        f"({either([example(m) for m in ('htdemucs', 'htdemucs_ft')])}).",
         "checkout": "An OpenKara checkout whose pins to rewrite.",
         "dry_run": "Print the unified diff and change no file.",
         "allow_prerelease": "Also pin a -rc.N prerelease (never for a stable OpenKara build).",
@@ -252,8 +253,9 @@ def pin_openkara(c, tag, checkout, dry_run=False, allow_prerelease=False):
 @task(
     iterable=["tag", "runtime"],
     help={
-        "tag": "Published spectral-core release to add (model-spectral-vX.Y.Z or "
-        "model-ft-spectral-vX.Y.Z); repeat for more.",
+        "tag": "Published spectral-core release to add "
+        f"({either([example(m, SPECTRAL_CORE) for m in ('htdemucs', 'htdemucs_ft')])}); "
+        "repeat for more.",
         "base": "The catalog's previous release manifest (catalog/releases/PREV.json of "
         "openkara-models): runtimes, compatibility and supply chain are carried over from it.",
         "release_id": "The new manifest's release id, YYYY-MM-DD-NNN, after --base's.",

@@ -165,14 +165,18 @@ def sidecar_text(path: Path, digest: str) -> str:
     return f"{digest}  {path.name}\n"
 
 
+def parse_sidecar(text: str, where: str) -> tuple[str, str]:
+    """(hex digest, file name) of a `sha256sum` line; ValueError naming `where` if malformed."""
+    digest, sep, name = text.strip().partition("  ")
+    if not sep or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise ValueError(f"{where} is not a `sha256sum` line ('<64 hex>  <name>'): {text!r}")
+    return digest, name
+
+
 def read_sidecar(path: Path) -> tuple[str, str]:
     """Return (hex digest, file name) from `path`'s sidecar; ValueError if malformed."""
     side = sidecar_path(path)
-    text = side.read_text(encoding="utf-8").strip()
-    digest, sep, name = text.partition("  ")
-    if not sep or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-        raise ValueError(f"{side} is not a `sha256sum` line ('<64 hex>  <name>'): {text!r}")
-    return digest, name
+    return parse_sidecar(side.read_text(encoding="utf-8"), str(side))
 
 
 @contextlib.contextmanager

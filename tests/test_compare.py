@@ -19,19 +19,13 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from converter import (
-    bench,
-    budgets,
-    compare,
-    contract_selftest,
-    ep_report,
-    github,
-    metadata,
-    release,
-)
+from converter import metadata
 from converter.errors import UserError
+from converter.gate import contract_selftest
 from converter.gate.accuracy import allowed_mse, stem_mse
 from converter.gate.ortcheck import reference_path
+from converter.measure import bench, ep_report
+from converter.ship import budgets, compare, github, release
 from tests.fake_github import REPOSITORY, TOKEN, run_cli
 from tests.test_release import write_evidence
 

@@ -33,6 +33,7 @@ from converter.facts import (
     INPUT_NAME,
     INTERFACES,
     MIX_INPUT,
+    IR_VERSION,
     OPSET,
     OUTPUT_NAME,
     SPECTRAL_CORE,
@@ -238,8 +239,8 @@ def export_bag(
         mix_name = INPUT
         with step("export: STFT", timings):
             stft = Stft(first.nfft, length)
-            stft_proto = trace(stft, (audio,), ["audio"], ["mag"])
-        mag_name = _embed(graph, stft_proto, "stft/", {"audio": INPUT})["mag"]
+            stft_proto = trace(stft, (audio,), [INPUT_NAME], ["mag"])
+        mag_name = _embed(graph, stft_proto, "stft/", {INPUT_NAME: INPUT})["mag"]
         del stft_proto
 
     spec_outputs, wave_outputs = {}, {}
@@ -250,8 +251,8 @@ def export_bag(
             continue
         network = Network(model, [c.stem for c in contributions], [c.scale for c in contributions])
         with step(f"export: model {m + 1}/{len(bag.models)} ({bag.signatures[m]})", timings):
-            proto = trace(network, (audio, mag), ["mix", "mag"], ["spec", "wave"])
-            names = _embed(graph, proto, f"m{m}/", {"mix": mix_name, "mag": mag_name})
+            proto = trace(network, (audio, mag), [MIX_INPUT, "mag"], ["spec", "wave"])
+            names = _embed(graph, proto, f"m{m}/", {MIX_INPUT: mix_name, "mag": mag_name})
             del proto
         spec_outputs[m], wave_outputs[m] = names["spec"], names["wave"]
 
@@ -276,5 +277,5 @@ def export_bag(
         opset_imports=[helper.make_opsetid("", OPSET)],
         producer_name="openkara-demucs-onnx",
     )
-    model.ir_version = 8  # what the TorchScript exporter writes for opset 17; ORT 1.17 reads ≤ 9
+    model.ir_version = IR_VERSION
     return model

@@ -33,14 +33,12 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from converter.build import partition
-from converter.facts import walk_model
+from converter.facts import WEIGHT_STORAGES, walk_model
 from converter.build.runtime_shapes import zero_nodes
 
 log = logging.getLogger(__name__)
 
-FLOAT16 = "float16"
-FLOAT32 = "float32"
-STORAGES = (FLOAT16, FLOAT32)
+FLOAT16, FLOAT32 = STORAGES = WEIGHT_STORAGES  # their one home: converter.facts
 DEFAULT = FLOAT16
 
 PREFIX = "weight_storage/"

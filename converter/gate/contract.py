@@ -25,12 +25,13 @@ import onnx
 from onnx import TensorProto
 
 from converter import metadata
-from converter.build import storage
 from converter.errors import UserError
 from converter.facts import (
     COM_MICROSOFT,
     COM_MICROSOFT_ALLOWED,
     COM_MICROSOFT_OPSET,
+    DEFAULT_MODELS,
+    HOW_TO_MAKE_A_MODEL,
     INPUT_NAME,
     INTERFACES,
     MAX_IR_VERSION,
@@ -43,12 +44,12 @@ from converter.facts import (
     SPECTRAL_OUTPUT,
     TIME_OUTPUT,
     WAVEFORM,
+    WEIGHT_STORAGES,
     is_ai_onnx,
     walk_model,
     walk_nodes,
 )
 from converter.gate.fingerprint import read_model
-from converter.gate.ortcheck import DEFAULT_MODELS, HOW_TO_MAKE_A_MODEL
 from converter.spectral_contract import N_FFT, frames
 
 log = logging.getLogger(__name__)
@@ -171,12 +172,12 @@ def _metadata_violations(meta: dict[str, str]) -> list[Violation]:
         if meta.get(key) and _positive_int(meta, key) is None:
             found.append(Violation("metadata", f"{key}={meta[key]!r} is not a positive integer"))
     storage_kind = meta.get(metadata.WEIGHT_STORAGE)
-    if storage_kind and storage_kind not in storage.STORAGES:
+    if storage_kind and storage_kind not in WEIGHT_STORAGES:
         found.append(
             Violation(
                 "metadata",
                 f"{metadata.WEIGHT_STORAGE}={storage_kind!r} is not one of "
-                f"{', '.join(storage.STORAGES)}",
+                f"{', '.join(WEIGHT_STORAGES)}",
             )
         )
     if meta.get(metadata.STEMS):

@@ -20,11 +20,12 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from converter import metadata, spectral_contract
-from converter.build import storage
 from converter.facts import (
     COM_MICROSOFT,
     COM_MICROSOFT_OPSET,
+    FLOAT32_STORAGE,
     INPUT_NAME,
+    IR_VERSION,
     MIX_INPUT,
     OPSET,
     OUTPUT_NAME,
@@ -80,7 +81,7 @@ def tiny_model(
         ],
         producer_name="openkara-demucs-onnx contract self-test",
     )
-    model.ir_version = 8
+    model.ir_version = IR_VERSION
     metadata.stamp(model, _tiny_metadata(stems, segment, channels))
     return model
 
@@ -96,7 +97,7 @@ def _tiny_metadata(stems: tuple[str, ...], segment: int, channels: int) -> dict[
         metadata.PROVENANCE: json.dumps(
             {"built_by": "converter.gate.contract_selftest.tiny_model"}
         ),
-        metadata.WEIGHT_STORAGE: storage.FLOAT32,
+        metadata.WEIGHT_STORAGE: FLOAT32_STORAGE,
         metadata.TENSOR_INTERFACE: WAVEFORM,
     }
 
@@ -155,7 +156,7 @@ def tiny_spectral_model(
         ],
         producer_name="openkara-demucs-onnx contract self-test",
     )
-    model.ir_version = 8
+    model.ir_version = IR_VERSION
     entries = _tiny_metadata(stems, segment, channels)
     entries[metadata.PROVENANCE] = json.dumps(
         {"built_by": "converter.gate.contract_selftest.tiny_spectral_model", "n_fft": n_fft}

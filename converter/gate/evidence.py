@@ -16,11 +16,12 @@ from collections import defaultdict
 from pathlib import Path
 
 from converter.errors import UserError
+from converter.facts import REPO_ROOT, version_key
 from converter.shapes import shape_problem
 
 log = logging.getLogger(__name__)
 
-CONTRACT_PINS = Path(__file__).resolve().parents[2] / "requirements" / "contract.txt"
+CONTRACT_PINS = REPO_ROOT / "requirements" / "contract.txt"
 # 1.23.2 is the last ONNX Runtime release with macOS x86_64 wheels.
 LAST_MACOS_X86_64 = (1, 23, 2)
 # `platform.system() platform.machine()` as ortcheck records it -> the runner that proves it.
@@ -45,10 +46,6 @@ def contract_pins(path: Path = CONTRACT_PINS) -> dict[str, str]:
         if requirements:
             pins[requirements["onnxruntime"]] = requirements["numpy"]
     return pins
-
-
-def version_key(version: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in version.split(".") if part.isdigit())
 
 
 def has_wheel(platform: str, ort: str) -> bool:

@@ -71,12 +71,8 @@ sha256_file = facts.sha256_file
 REFERENCE_SUFFIX = ".reference.npz"
 RESULTS_SUBDIR = "contract-results"
 SUMMARY_NAME = "contract-summary.json"
-DEFAULT_MODELS = "models/*.onnx"
-
-HOW_TO_MAKE_A_MODEL = (
-    "convert one first: `invoke convert --model htdemucs` (offline: `invoke fake-repo --out "
-    "/tmp/demucs-repo --size small && invoke convert --model htdemucs --repo /tmp/demucs-repo`)"
-)
+DEFAULT_MODELS = facts.DEFAULT_MODELS
+HOW_TO_MAKE_A_MODEL = facts.HOW_TO_MAKE_A_MODEL
 
 
 def reference_path(model: Path) -> Path:
@@ -151,14 +147,43 @@ def margin_db(output: np.ndarray, reference: np.ndarray, max_mse: np.ndarray) ->
     return float("inf") if ratio == 0 else -10 * float(np.log10(ratio))
 
 
-def load_session(path: Path, optimize: bool):
-    """A CPU-EP session, graph optimization disabled (OpenKara) or at ORT's default level."""
+def session_options(
+    optimize: bool = False,
+    arena: bool = True,
+    pattern: bool = True,
+    threads: int = 0,
+    profile: str | None = None,
+):
+    """The one place session options are built: OpenKara's (graph optimization off: the files
+    are optimized offline) unless `optimize` (ORT's default level), with the knobs `invoke bench`
+    compares (memory arena, memory pattern), `threads` (0: ORT's choice) and a profile prefix."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    options.enable_cpu_mem_arena = arena
+    options.enable_mem_pattern = pattern
+    if profile:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile
+    return options
+
+
+def open_session(model: Path | str | bytes, **options):
+    """A CPU-EP session of `model` (path or serialized bytes), `session_options(**options)`."""
+    import onnxruntime as ort
+
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(
+        source, session_options(**options), providers=["CPUExecutionProvider"]
+    )
+
+
+def load_session(path: Path, optimize: bool):
+    """A CPU-EP session, graph optimization disabled (OpenKara) or at ORT's default level."""
+    return open_session(path, optimize=optimize)
 
 
 def read_reference(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
@@ -260,12 +285,8 @@ def merge_results(results_dir: Path) -> tuple[list[dict], dict[str, list[str]]]:
                 rows.append(row)
             else:
                 log.info("dropping stale result: ORT %s, %s changed or gone", row["ort"], model)
-    rows.sort(key=lambda row: (_version_key(row["ort"]), row["path"]))
+    rows.sort(key=lambda row: (facts.version_key(row["ort"]), row["path"]))
     return rows, missing
-
-
-def _version_key(version: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in version.split(".") if part.isdigit())
 
 
 def _display_path(path: str) -> str:

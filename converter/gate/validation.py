@@ -25,7 +25,7 @@ from converter.errors import UserError
 from converter.facts import WAVEFORM
 from converter.gate.accuracy import FLOOR_RMS, MARGIN_DB, allowed_mse, snr_db, stem_mse
 from converter.gate.contract import expected_io
-from converter.gate.ortcheck import run_stems
+from converter.gate.ortcheck import open_session, run_stems
 from converter.metadata import TENSOR_INTERFACE, atomic_path
 from converter.progress import release_memory
 
@@ -85,12 +85,7 @@ def session(path: Path):
     run to run (it doubled over two htdemucs runs), which would dominate the peak of a bag
     conversion.
     """
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.enable_cpu_mem_arena = False
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return open_session(path, arena=False)
 
 
 @dataclass(frozen=True)
@@ -270,12 +265,10 @@ def _worst_snr(out: np.ndarray, truth: np.ndarray) -> float:
 def snr_by_input(path: Path, bag: LoadedBag) -> list[dict]:
     """Worst-stem SNR (dB) against demucs in float64, per fixed input: the file at ORT's
     default options and with graph optimization off, and demucs in float32 (`invoke bench`)."""
-    import onnxruntime as ort
-
     channels, length = bag.models[0].audio_channels, bag.segment_samples
     sessions = {
         "optimization off": session(path),
-        "default options": ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]),
+        "default options": open_session(path, optimize=True),
     }
     rows = []
     for signal, audio in fixed_inputs(channels, length, bag.samplerate).items():

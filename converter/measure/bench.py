@@ -45,10 +45,14 @@ import numpy as np
 
 from converter.errors import UserError
 from converter.facts import (
+    IR_VERSION,
+    OPSET,
+    REPO_ROOT,
     SPECTRAL_CORE,
     WAVEFORM,
     file_stem,
 )
+from converter.gate.ortcheck import open_session
 from converter.measure import pair_bench
 from converter.measure.segment import (
     APP_CONFIG,
@@ -252,7 +256,7 @@ def run_child(kind: str, **kwargs) -> dict:
                 json.dumps(kwargs),
                 str(result),
             ],
-            cwd=Path(__file__).resolve().parents[2],
+            cwd=REPO_ROOT,
         )
         wall = time.perf_counter() - start
         if done.returncode != 0 or not result.is_file():
@@ -279,7 +283,6 @@ def sgemm_gflops(threads: int, size: int = SGEMM_SIZE, repeats: int = 5) -> dict
     best this machine can do. The best of a few runs after the warm-ups (thread start-up) is the
     sustained peak.
     """
-    import onnxruntime as ort
     from onnx import TensorProto, helper
 
     rng = np.random.default_rng(0)
@@ -292,13 +295,9 @@ def sgemm_gflops(threads: int, size: int = SGEMM_SIZE, repeats: int = 5) -> dict
         [square(name, TensorProto.FLOAT, [size, size]) for name in ("a", "b")],
         [square("c", TensorProto.FLOAT, [size, size])],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    session = open_session(model.SerializeToString(), optimize=True, threads=threads)
     calls = {"numpy": lambda: a @ b, "onnxruntime": lambda: session.run(["c"], {"a": a, "b": b})}
     for call in calls.values():
         _timed(call, WARMUPS)
@@ -645,7 +644,7 @@ def timed_process(command: list[str]) -> dict:
     """Wall seconds and peak RSS (its own, children included) of one whole process."""
     log.info("bench: %s", " ".join(command))
     start = time.perf_counter()
-    process = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[2])
+    process = subprocess.Popen(command, cwd=REPO_ROOT)
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - start
     process.returncode = os.waitstatus_to_exitcode(status)

@@ -33,6 +33,7 @@ from converter.build.runtime_shapes import inferred
 from converter.errors import UserError
 from converter.facts import is_ai_onnx, walk_model
 from converter.gate.fingerprint import read_model
+from converter.gate.ortcheck import open_session
 from converter.measure.graphstats import _node_macs
 
 log = logging.getLogger(__name__)
@@ -189,14 +190,9 @@ def ort_shapes(path: Path) -> dict[str, tuple[int, list[int]]]:
     """{value: (element type, shape)} of every node output, from one profiled CPU-EP run with
     graph optimization off: ORT knows the shapes ONNX inference cannot (com.microsoft ops)."""
     import numpy as np
-    import onnxruntime as ort
 
     with tempfile.TemporaryDirectory(prefix="ep-report-") as tmp:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.enable_profiling = True
-        options.profile_file_prefix = str(Path(tmp) / "profile")
-        session = ort.InferenceSession(str(path), options, providers=[CPU])
+        session = open_session(path, profile=str(Path(tmp) / "profile"))
         feeds = {
             i.name: np.zeros([d if isinstance(d, int) else 1 for d in i.shape], np.float32)
             for i in session.get_inputs()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from converter.facts import INPUT_NAME, MIX_INPUT, SPECTRAL_CORE, SPECTRAL_INPUT, WAVEFORM
-from converter.gate.ortcheck import run_stems
+from converter.gate.ortcheck import open_session, run_stems
 from converter.spectral_contract import spec
 
 WARMUPS = 2  # also the "two segments" of the peak-RSS target: load, two runs, read the peak
@@ -37,18 +37,9 @@ def test_audio(channels: int, length: int) -> np.ndarray:
 def ort_session(
     path: str, optimize: bool, arena: bool, pattern: bool, threads: int, profile: str | None = None
 ):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    if not optimize:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.enable_cpu_mem_arena = arena
-    options.enable_mem_pattern = pattern
-    if profile:
-        options.enable_profiling = True
-        options.profile_file_prefix = profile
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return open_session(
+        path, optimize=optimize, arena=arena, pattern=pattern, threads=threads, profile=profile
+    )
 
 
 def interface_of(session) -> str:

@@ -59,6 +59,7 @@ from converter.facts import (
     WAVEFORM,
 )
 from converter.gate.contract import expected_io
+from converter.gate.ortcheck import open_session
 from converter.progress import peak_rss_mb
 from converter.staging import PREFIX, Staging, check_targets, note_on_interrupt
 
@@ -251,7 +252,6 @@ class Engine:
     of stems summed, `groups`) out, whatever the file's tensor interface."""
 
     def __init__(self, path: Path):
-        import onnxruntime as ort
 
         check_input(
             path,
@@ -259,14 +259,10 @@ class Engine:
             "pass the .onnx file with --model",
             "convert one with `invoke convert`",
         )
-        options = ort.SessionOptions()
         # OpenKara skips ORT's optimizer for files optimized offline (all converted files are);
         # the metadata can only be read from a session, so that is the first one tried.
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
-            self.session = ort.InferenceSession(
-                str(path), options, providers=["CPUExecutionProvider"]
-            )
+            self.session = open_session(path)
         except Exception as exc:  # ORT raises its own Fail/InvalidProtobuf/... types
             raise UserError(f"{path} is not an ONNX model onnxruntime can load: {exc}") from None
         metadata = self.session.get_modelmeta().custom_metadata_map
@@ -275,11 +271,8 @@ class Engine:
             log.info("%s is pre-optimized: graph optimization disabled, as in OpenKara", path.name)
         else:
             log.info("%s is not marked pre-optimized: ORT's default optimization", path.name)
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             del self.session
-            self.session = ort.InferenceSession(
-                str(path), options, providers=["CPUExecutionProvider"]
-            )
+            self.session = open_session(path, optimize=True)
         info = self.info
         got = (
             [(v.name, list(v.shape)) for v in self.session.get_inputs()],

@@ -35,6 +35,7 @@ import onnx
 from converter.errors import UserError
 from converter.facts import (
     MIX_INPUT,
+    REPO_ROOT,
     SPECTRAL_CONTRACT,
     SPECTRAL_CORE,
     SPECTRAL_INPUT,
@@ -540,7 +541,7 @@ def producer_fields(repository: str, commit: str | None, environ=os.environ) -> 
     HEAD), the workflow and run when in GitHub Actions."""
     commit = commit or environ.get("GITHUB_SHA")
     if not commit:
-        root = Path(__file__).resolve().parents[2]
+        root = REPO_ROOT
         done = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=False
         )

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from converter.errors import UserError
-from converter.facts import WAVEFORM, file_stem, sha256_file
+from converter.facts import REPO_ROOT, WAVEFORM, file_stem, sha256_file
 from converter.gate.ortcheck import reference_path
 from converter.measure import bench, pair_bench
 from converter.measure.ep_report import app_coreml_share
@@ -42,7 +42,7 @@ from converter.ship.tags import parse_tag
 log = logging.getLogger(__name__)
 
 REPORT_VERSION = 1
-SCHEMA = Path(__file__).resolve().parents[2] / "schemas" / "compare-report-v1.json"
+SCHEMA = REPO_ROOT / "schemas" / "compare-report-v1.json"
 LABELS = ("candidate", "previous")
 DEFAULT_RUNS = 5
 # A margin is capped both ways: an exact output would be infinite, and JSON has no infinity.

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from converter.errors import UserError
 from converter.facts import WAVEFORM
+from converter.metadata import parse_sidecar
 from converter.ship import github
 from converter.ship.tags import parse_tag
 
@@ -194,8 +195,11 @@ def fetch_pin(
         raise UserError(f"release {tag} lacks {' and '.join(missing)}: it cannot be pinned")
     text = bytearray()
     client.download_asset(assets[f"{asset}.sha256"], text.extend)
-    digest, _, name = text.decode("utf-8", "replace").strip().partition("  ")
-    if name != asset or not re.fullmatch(r"[0-9a-f]{64}", digest):
+    try:
+        digest, name = parse_sidecar(text.decode("utf-8", "replace"), f"{asset}.sha256 of {tag}")
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if name != asset:
         raise UserError(f"{asset}.sha256 of {tag} is not a `sha256sum` line for {asset}: {text!r}")
     if not (assets[asset].get("digest") or "").startswith("sha256:"):
         log.info("GitHub gives no digest for %s; downloading it to hash it", asset)

@@ -28,7 +28,7 @@ import onnx
 
 from converter.build import storage
 from converter.errors import UserError
-from converter.facts import SPECTRAL_CORE, WAVEFORM
+from converter.facts import REPO_ROOT, SPECTRAL_CORE, WAVEFORM
 from converter.gate import evidence, oplist
 from converter.gate.contract import gate
 from converter.metadata import (
@@ -256,7 +256,7 @@ def run_contract_sessions(path: Path, results_dir: Path) -> None:
 
     A failing session is not an error here: the evidence check names what failed.
     """
-    root = Path(__file__).resolve().parents[2]
+    root = REPO_ROOT
     command = [
         sys.executable,
         "-m",

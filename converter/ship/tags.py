@@ -21,11 +21,23 @@ _TAG = re.compile(
     rf"model-(?P<flavour>ft-|6s-)?(?P<spectral>spectral-)?"
     rf"v{_NUMBER}\.{_NUMBER}\.{_NUMBER}(?P<rc>-rc\.{_NUMBER})?"
 )
+
+
+def example(model: str, interface: str = WAVEFORM) -> str:
+    """The tag pattern of `model`'s `interface` releases, e.g. model-ft-spectral-vX.Y.Z."""
+    flavour = {name: prefix for prefix, name in _FLAVOURS.items()}[model]
+    return f"model-{flavour}{'spectral-' if interface == SPECTRAL_CORE else ''}vX.Y.Z"
+
+
+def either(words: list[str]) -> str:
+    """ "a, b or c"."""
+    return f"{', '.join(words[:-1])} or {words[-1]}" if len(words) > 1 else words[0]
+
+
 GRAMMAR = (
-    "model-vX.Y.Z (htdemucs), model-ft-vX.Y.Z (htdemucs_ft) or model-6s-vX.Y.Z (htdemucs_6s) "
-    "for waveform files; model-spectral-vX.Y.Z, model-ft-spectral-vX.Y.Z or "
-    "model-6s-spectral-vX.Y.Z for spectral-core files; each optionally followed by -rc.N for a "
-    "prerelease"
+    f"{either([f'{example(m)} ({m})' for m in _FLAVOURS.values()])} for waveform files; "
+    f"{either([example(m, SPECTRAL_CORE) for m in _FLAVOURS.values()])} for spectral-core "
+    "files; each optionally followed by -rc.N for a prerelease"
 )
 # What the release workflow's `on.push.tags` filter must let through; the build job's first
 # step refuses whatever else matches it (tests/test_workflows.py keeps the two in step).

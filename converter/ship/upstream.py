@@ -24,6 +24,7 @@ from packaging.utils import (
 from packaging.version import InvalidVersion, Version
 
 from converter.errors import UserError
+from converter.facts import REPO_ROOT
 from converter.shapes import shape_problem
 from converter.ship import github
 from converter.ship.github import redact, redact_text
@@ -31,7 +32,7 @@ from converter.ship.github import redact, redact_text
 log = logging.getLogger(__name__)
 
 PACKAGE = "demucs"
-CONSTRAINTS = Path(__file__).resolve().parents[2] / "requirements" / "constraints.txt"
+CONSTRAINTS = REPO_ROOT / "requirements" / "constraints.txt"
 LABEL = "upstream-update"
 LABEL_COLOR = "fbca04"
 SIMPLE_JSON = "application/vnd.pypi.simple.v1+json"
