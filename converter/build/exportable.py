@@ -24,7 +24,7 @@ The demucs modules are called with their weights; what is restated, and why:
   weights, and 12 dB on rows of one large and many equal small terms (docs/accuracy.md).
 - the decoder's and the transformer's inputs get shapes ONNX Runtime only learns at run time
   (`_unplanned`), so its planner cannot hand them the buffers of same-shaped tensors freed long
-  before and hold those buffers in between (0.9 GB less peak RSS for htdemucs).
+  before and hold those buffers in between (peak RSS: CHANGELOG.md, 0.4.0).
 
 Each restatement is exact up to float rounding and checked against demucs' module in
 `tests/test_exportable.py`. Everything else is the demucs arithmetic in demucs' order, for eval
@@ -411,7 +411,7 @@ def _unplanned(x: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
     computed from it. ORT's planner gives a new tensor the dead buffer of an earlier one with
     the same static shape and keeps that buffer allocated in between: each decoder tensor took
     the buffer of its mirror in the encoder, which then stayed allocated through the
-    transformer (0.7 GB for htdemucs, in the arena and again in the memory pattern). The sizes
+    transformer, in the arena and again in the memory pattern (CHANGELOG.md, 0.4.0). The sizes
     get an integer zero computed from the input (as in `converter.build.runtime_shapes`), so neither
     the exporter nor ORT folds them."""
     zero = (anchor < -math.inf).long()

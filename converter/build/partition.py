@@ -28,7 +28,7 @@ from converter.build.runtime_shapes import never
 log = logging.getLogger(__name__)
 
 PREFIX = "partition/"
-MAX_NODES = 500  # per body: planning cost grows with its square (measured in docs/performance.md)
+MAX_NODES = 500  # per body: planning cost grows with its square (measured: CHANGELOG.md, 0.5.0)
 _CONDITION = PREFIX + "always"
 _VALUES_READ = 1024  # initializers up to this size keep their values for shape inference
 

@@ -6,7 +6,7 @@ constants whenever it optimizes the graph, which every app session does at ORT's
 With every intermediate shape known up front, ORT plans static buffer reuse, and its memory
 pattern (a single block sized from the first run, allocated on the second beside what the arena
 already holds) grows with it: folded, a session's peak memory more than tripled at the same
-speed (figures in docs/performance.md).
+speed (figures: CHANGELOG.md, 0.2.0).
 
 So the converter adds a zero that depends on the input audio to every Shape output. The value
 is exactly the same shape; what changes is that no optimizer can prove it, in our offline pass
