@@ -37,7 +37,9 @@ def pytest_collection_modifyitems(config, items):
     """Mark `unit` every test that builds no model, installs nothing and is not `slow`."""
     for item in items:
         heavy = MODEL_FIXTURES.intersection(getattr(item, "fixturenames", ()))
-        if not heavy and not any(item.get_closest_marker(m) for m in ("slow", "index", "models")):
+        if not heavy and not any(
+            item.get_closest_marker(m) for m in ("slow", "index", "integration")
+        ):
             item.add_marker(pytest.mark.unit)
 
 

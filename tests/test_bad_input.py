@@ -25,6 +25,9 @@ from onnx import TensorProto, helper
 from converter import staging
 from converter.errors import UserError
 
+# Not the fast tier: it runs the tasks as subprocesses (seconds each).
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parent.parent
 RATE = 44100
 STEMS = ("drums", "bass", "other", "vocals")

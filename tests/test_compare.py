@@ -371,6 +371,7 @@ def test_accepting_needs_a_known_metric_and_a_reason(published, client, files, t
         run(files, "same", client, tmp_path, accepted={"file_bytes": " "})
 
 
+@pytest.mark.integration  # converts or runs the CLI without a model fixture
 def test_cli_compares_against_the_release_before_it_without_torch(published, files, tmp_path):
     """As the release workflow runs it: real child processes, release budgets, no torch."""
     root = Path(__file__).resolve().parent.parent

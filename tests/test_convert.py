@@ -119,6 +119,7 @@ def test_one_hot_bag_takes_each_stem_from_its_own_model(small_repo, small_models
     assert accuracy.snr_db(power, np.mean((got - average) ** 2)) < 20
 
 
+@pytest.mark.integration  # converts or runs the CLI without a model fixture
 def test_mixed_weight_bag_follows_demucs_rule(tmp_path):
     """Two models, weights not one-hot: stem s = sum_m w[m][s] out_m / sum_m w[m][s]."""
     repo = tmp_path / "repo"

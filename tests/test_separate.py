@@ -207,6 +207,7 @@ def test_failed_run_leaves_previous_stems_and_no_partial_files(small_models, tmp
     assert {p: p.read_bytes() for p in paths.values()} == before
 
 
+@pytest.mark.integration  # converts or runs the CLI without a model fixture
 def test_long_song_streams_in_bounded_memory_and_tail_is_exact():
     """A 10-minute song: an identity-like engine must give the input back (every frame covered
     with weights summing to one, tail included), without ever holding the whole output."""

@@ -180,6 +180,7 @@ def test_spectral_and_waveform_stems_agree_within_the_gate_on_every_input(
         assert (accuracy.stem_mse(composed, direct) <= bound).all(), signal
 
 
+@pytest.mark.integration  # converts or runs the CLI without a model fixture
 def test_non_one_hot_bag_mixes_both_outputs_with_demucs_weights(tmp_path):
     """Two models, weights not one-hot: the conversion's gate compares with demucs' bag."""
     repo = tmp_path / "repo"
