@@ -86,6 +86,7 @@ def platform_name() -> str:
 
 def missing_allowed_kernels() -> list[str]:
     """Allow-listed `com.microsoft` ops that have no CPU kernel in the running ORT build."""
+    # onnxruntime here: `invoke contract` (onnx + numpy only) imports this module
     from onnxruntime.capi import _pybind_state
 
     registered = {
@@ -157,6 +158,7 @@ def session_options(
     """The one place session options are built: OpenKara's (graph optimization off: the files
     are optimized offline) unless `optimize` (ORT's default level), with the knobs `invoke bench`
     compares (memory arena, memory pattern), `threads` (0: ORT's choice) and a profile prefix."""
+    # onnxruntime here: `invoke contract` (onnx + numpy only) imports this module
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -173,6 +175,7 @@ def session_options(
 
 def open_session(model: Path | str | bytes, **options):
     """A CPU-EP session of `model` (path or serialized bytes), `session_options(**options)`."""
+    # onnxruntime here: `invoke contract` (onnx + numpy only) imports this module
     import onnxruntime as ort
 
     source = model if isinstance(model, bytes) else str(model)
@@ -363,6 +366,7 @@ def resolve_models(names: list[str]) -> list[Path]:
 
 def run_version(models: list[Path], results_dir: Path, expect: str | None) -> int:
     """Load-test `models` on the installed ORT; record and print its rows; 1 if any failed."""
+    # onnxruntime here: `invoke contract` (onnx + numpy only) imports this module
     import onnxruntime as ort
 
     version = ort.__version__

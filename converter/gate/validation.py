@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from converter.build.loading import LoadedBag
 from converter.errors import UserError
@@ -198,8 +199,6 @@ def validate_file(
     ORT versions (ortcheck). `outputs` receives every input and demucs' float64 and float32
     output for it (the seed sweep records them rather than running demucs again).
     """
-    from tqdm import tqdm
-
     channels, length = bag.models[0].audio_channels, bag.segment_samples
     inputs = fixed_inputs(channels, length, bag.samplerate)
     # All PyTorch runs first: their activations are freed before ONNX Runtime allocates its

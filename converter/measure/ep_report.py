@@ -26,6 +26,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
@@ -189,8 +190,6 @@ def dynamic_values(model: onnx.ModelProto) -> list[str]:
 def ort_shapes(path: Path) -> dict[str, tuple[int, list[int]]]:
     """{value: (element type, shape)} of every node output, from one profiled CPU-EP run with
     graph optimization off: ORT knows the shapes ONNX inference cannot (com.microsoft ops)."""
-    import numpy as np
-
     with tempfile.TemporaryDirectory(prefix="ep-report-") as tmp:
         session = open_session(path, profile=str(Path(tmp) / "profile"))
         feeds = {

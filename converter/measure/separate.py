@@ -42,6 +42,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
+import soxr
+from tqdm import tqdm
 
 from converter import __version__, spectral_contract
 from converter import metadata as meta
@@ -421,9 +424,6 @@ class Decoded:
         self.present = self.declared  # source frames, until the decoding ends early
 
     def restart(self) -> None:
-        import soundfile as sf
-        import soxr
-
         if self.sound is not None:
             self.sound.close()
             log.info("decoding %s again from the start", self.path.name)
@@ -469,8 +469,6 @@ class Decoded:
         self.used += count
 
     def _pull(self) -> None:
-        import soundfile as sf
-
         try:
             block = self.sound.read(STREAM_BLOCK_FRAMES, dtype="float32", always_2d=True)
         except (sf.LibsndfileError, RuntimeError) as exc:
@@ -500,8 +498,6 @@ class Seeking:
         self.inspected = False
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        import soundfile as sf
-
         try:
             self.sound.seek(start)
             frames = self.sound.read(stop - start, dtype="float32", always_2d=True)
@@ -529,8 +525,6 @@ def inspect_damage(path: Path, declared: int) -> int:
     so is a gap (audio that resumes after a missing stretch, as a damaged OGG page leaves: every
     later stem would be early); a file that just ends early returns where it ends.
     """
-    import soundfile as sf
-
     fine = PROBE_FRAMES[-1]
     with sf.SoundFile(path) as sound:
         rate, done = sound.samplerate, 0
@@ -554,8 +548,6 @@ def inspect_damage(path: Path, declared: int) -> int:
 
 def _resumes(sound, done: int, declared: int) -> bool:
     """Whether audio can be read at a timestamp past the `done` frames decoded in a row."""
-    import soundfile as sf
-
     probe = min(PROBE_FRAMES[-1], declared - done)
     try:
         sound.seek(declared - probe)
@@ -566,8 +558,6 @@ def _resumes(sound, done: int, declared: int) -> bool:
 
 def _first_gap(path: Path, done: int) -> int | None:
     """The first frame where decoding in a row and reading at that timestamp disagree."""
-    import soundfile as sf
-
     start, stop = 0, done
     for size in PROBE_FRAMES:
         with sf.SoundFile(path) as straight, sf.SoundFile(path) as seeking:
@@ -633,8 +623,6 @@ def check_finite(frames: np.ndarray, start: int, rate: int, path: Path) -> None:
 @contextlib.contextmanager
 def open_track(path: Path, samplerate: int, channels: int) -> Iterator[Track]:
     """Open `path` as a normalized Track, read from disk or decoded as a stream as needed."""
-    import soundfile as sf
-
     try:
         sound = sf.SoundFile(path)
     except (sf.LibsndfileError, RuntimeError) as exc:
@@ -776,8 +764,6 @@ def stream(
 
     `sums[i]`: how many stems output i adds up (the track's mean comes back once per stem).
     """
-    from tqdm import tqdm
-
     bases = [o - max_shift for o in offsets] if offsets else [0]
     chunks = plan(track.length, segment, overlap, bases)
     log.info(
@@ -921,8 +907,6 @@ def separate(
     if karaoke:
         log.info("karaoke: vocals and accompaniment (the sum of %s)", ", ".join(info.stems))
 
-    import soundfile as sf
-
     staging = Staging(targets, "--out-dir", out_dir, exclusive=True)
     with staging:
         existing, source = previous_set(folder, targets)
@@ -972,8 +956,6 @@ def write_stems(
     model: Path,
 ) -> None:
     """Stream the separation into the staged WAVs, one per output of `engine`."""
-    import soundfile as sf
-
     info = engine.info
     names = list(finals)
     with contextlib.ExitStack() as files:

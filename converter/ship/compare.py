@@ -21,6 +21,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import onnx
+
 from converter.errors import UserError
 from converter.facts import REPO_ROOT, WAVEFORM, file_stem, sha256_file
 from converter.gate.ortcheck import reference_path
@@ -125,8 +127,6 @@ def download(client, found: dict, name: str, folder: Path) -> tuple[Path, str]:
 
 def _file_facts(path: Path) -> dict:
     """Model name, interface and checkpoint signatures from the file's metadata."""
-    import onnx
-
     try:
         entries = read_metadata(onnx.load(str(path), load_external_data=False))
     except Exception as exc:  # protobuf's DecodeError and onnx's own errors share no base
