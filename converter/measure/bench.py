@@ -283,6 +283,7 @@ def sgemm_gflops(threads: int, size: int = SGEMM_SIZE, repeats: int = 5) -> dict
     best this machine can do. The best of a few runs after the warm-ups (thread start-up) is the
     sustained peak.
     """
+    # here, not at the top: the ORT children import this module in venvs of numpy + onnxruntime
     from onnx import TensorProto, helper
 
     rng = np.random.default_rng(0)
@@ -580,6 +581,7 @@ def write_test_song(path: Path, seconds: float, samplerate: int = 44100, seed: i
     Speed does not depend on what the audio sounds like; this only gives both separators a
     real, music-like file of a chosen length.
     """
+    # here, not at the top: the ORT children import this module in venvs of numpy + onnxruntime
     import soundfile as sf
 
     rng = np.random.default_rng(seed)
@@ -658,6 +660,7 @@ def timed_process(command: list[str]) -> dict:
 
 def _check_song(song: Path | None, seconds: float) -> None:
     """Refuse a song that is not audio, or a length that is no length, before any timing."""
+    # here, not at the top: the ORT children import this module in venvs of numpy + onnxruntime
     import soundfile as sf
 
     if song is None:
@@ -692,6 +695,7 @@ def bench_song(
 ) -> dict:
     """Time `invoke separate` against demucs' own CLI on one song, alternating; write
     `out_dir/MODEL-song.json`. Without `song`, a `seconds`-long test song is written."""
+    # here, not at the top: the ORT children import this module in venvs of numpy + onnxruntime
     import soundfile as sf
 
     from converter.metadata import write_text_atomic

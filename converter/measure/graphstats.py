@@ -30,6 +30,7 @@ GEMM_OPS = frozenset(
 
 def simplified(model: onnx.ModelProto) -> onnx.ModelProto:
     """`model` after ORT's BASIC level (constant folding; standard ops only)."""
+    # onnxruntime here: `invoke release` imports this module (through compare) without it
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory(prefix="graphstats-") as tmp:

@@ -83,6 +83,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, required=True, help="JSON file for the rows")
     parser.add_argument("models", type=Path, nargs="+", help="NAME.onnx files of a sweep")
     args = parser.parse_args(argv)
+    # after parsing: `--help` works in a venv whose onnxruntime fails to import
     import onnxruntime as ort
 
     results = {"ort": ort.__version__, "files": {}}

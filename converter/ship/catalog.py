@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import jsonschema
 import onnx
 
 from converter.errors import UserError
@@ -184,8 +185,6 @@ def fetch_schema(client: github.Client, repo: str, ref: str, path: str = SCHEMA_
 
 def validate(document: dict, schema: dict, what: str) -> None:
     """Validate with the schema's own draft (jsonschema); one line naming the first problem."""
-    import jsonschema
-
     try:
         cls = jsonschema.validators.validator_for(schema)
         cls.check_schema(schema)

@@ -21,6 +21,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import jsonschema
 import onnx
 
 from converter.errors import UserError
@@ -309,8 +310,6 @@ def table(report: dict) -> str:
 
 def validate_report(report: dict) -> None:
     """Raise UserError unless `report` matches schemas/compare-report-v1.json."""
-    import jsonschema
-
     schema = json.loads(SCHEMA.read_text(encoding="utf-8"))
     error = jsonschema.exceptions.best_match(
         jsonschema.Draft202012Validator(schema).iter_errors(report)
