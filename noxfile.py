@@ -48,7 +48,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The pytest suite with the pinned toolchain (`-- -m 'not slow and not index'`: quick)."""
+    """The pytest suite with the pinned toolchain (`-- -m unit`: the fast tier)."""
     session.install("-c", CONSTRAINTS, "-r", "requirements/dev.in")
     session.run("pytest", *session.posargs)
 
