@@ -18,7 +18,7 @@ The demucs modules are called with their weights; what is restated, and why:
   conv and a shuffle; 1-D convs run as 2-D ones;
 - transformer tokens go in memory order and LayerScales ride on the projections;
 - every statistic (the input normalization, the transformer's `norm_out`, the DConv norms
-  over long rows, every DConv's GLU means and covariance over time, short rows included) is a
+  over long rows, every DConv's GLU mean and variance over time, short rows included) is a
   tree of short sums of centred data (`_tree_sum`, `_long_sum`, `_mean_var`): ONNX Runtime's
   float32 reductions accumulate naively and cost 35-50 dB against PyTorch on trained-like
   weights, and 12 dB on rows of one large and many equal small terms (docs/accuracy.md).
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from demucs.demucs import DConv
 from demucs.hdemucs import HDecLayer, HEncLayer
@@ -212,22 +213,11 @@ def _attention(
     return _scaled_linear(mha.out_proj, gamma, out.transpose(1, 2).reshape(batch, len_q, dim))
 
 
-def _glu_moments(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Channel means [rows, d, 1] and centred covariance [rows, d, d] of [rows, d, T] `g`,
-    both tree sums over T (`_tree_sum`): the covariance as per-block products, whose sum over
-    blocks is a tree sum too. One MatMul over T frames loses ~100 ulp when a row is one large
-    value and T - 1 equal small ones (a width-1 branch on a steady input)."""
-    rows, channels, frames = (int(n) for n in g.shape)
-    mean = _long_sum(g, 1) / frames
-    centered = g - mean
-    if frames <= LEAF:
-        return mean, torch.matmul(centered, centered.transpose(1, 2)) / frames
-    blocks, block = _blocks(frames)
-    if blocks * block != frames:
-        centered = F.pad(centered, (0, blocks * block - frames))
-    centered = centered.reshape(rows, channels, blocks, block).transpose(1, 2)
-    per_block = torch.matmul(centered, centered.transpose(2, 3))  # [rows, blocks, d, d]
-    return mean, _tree_sum(per_block, dim=1) / frames
+def _gram_root(weight: torch.Tensor) -> torch.Tensor:
+    """A constant [d, d] R with RᵀR = WᵀW for [n, d] `weight` W (QR in float64): |R c|² is
+    the sum over W's rows of (W_r c)², at d values per frame instead of n."""
+    matrix = weight.detach().double().cpu().numpy()
+    return torch.tensor(np.linalg.qr(matrix, mode="r"), dtype=weight.dtype)
 
 
 def _normalized_glu(
@@ -237,20 +227,23 @@ def _normalized_glu(
     GroupNorm(1, 2C), without materializing `conv(g)` or taking a pass over it.
 
     The conv output is 2C/d = 16 times larger than `g`. Its per-row mean and (biased) variance
-    follow exactly from `g`'s channel means m and centered covariance Σ, both [d]-sized:
-    mean_c = W_c m + b_c, and var = mean over c of (W_c Σ W_cᵀ + (mean_c - μ)²), the within-
-    plus between-channel parts, so nothing cancels. Normalization, affine and LayerScale are
-    then per-(row, channel) factors that fold into the conv's weights, giving each row its own
-    [2C, d + 1] matrix (the last column is the bias, against a row of ones). What is left on
-    the large tensors is the GLU itself: two products, a Sigmoid and a Mul.
+    follow exactly from `g`'s channel means m and centred values c = g - m: mean_c = W_c m + b_c,
+    and var = (Σ_t |R c_t|² / T + Σ_c (mean_c - μ)²) / 2C, the within- plus between-channel
+    parts (RᵀR = WᵀW, `_gram_root`), both tree sums of squares, so nothing cancels and no sum
+    runs over T in one accumulator (one MatMul over T lost ~100 ulp on a steady width-1 row).
+    Normalization, affine and LayerScale are then per-(row, channel) factors that fold into the
+    conv's weights, giving each row its own [2C, d + 1] matrix (the last column is the bias,
+    against a row of ones). What is left on the large tensors is the GLU itself: two products,
+    a Sigmoid and a Mul.
     """
     weight, bias = conv.weight[:, :, 0], conv.bias  # [2C, d], [2C]
-    mean, cov = _glu_moments(g)
+    frames = int(g.shape[-1])
+    mean = _long_sum(g, 1) / frames  # [rows, d, 1]
+    within = _long_sum(torch.matmul(_gram_root(weight), g - mean), 2, squares=True)[..., 0]
     channel_means = torch.matmul(weight, mean)[..., 0] + bias  # [rows, 2C]
-    within = (torch.matmul(weight, cov) * weight).sum(dim=2)  # W_c Σ W_cᵀ: [rows, 2C]
     count = int(channel_means.shape[1])
     mu = _long_sum(channel_means, 1) / count
-    var = _long_sum(within + (channel_means - mu) ** 2, 1) / count
+    var = (within / frames + _long_sum(channel_means - mu, 1, squares=True)) / count
     fold = torch.cat([scale, torch.ones_like(scale)])  # LayerScale acts on the value half only
     factor = norm.weight * fold / torch.sqrt(var + norm.eps)  # [rows, 2C]
     shift = factor * (bias - mu) + norm.bias * fold

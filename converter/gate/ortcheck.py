@@ -113,7 +113,7 @@ def run_stems(
         return stems
     if names == [facts.SPECTRAL_INPUT, facts.MIX_INPUT]:
         n_fft = 2 * session.get_inputs()[0].shape[3]  # 4096 but in test-size models
-        spectral = spectral_contract.spec(audio, n_fft, dtype=dtype).astype(np.float32)
+        spectral = spectral_contract.spec(audio, n_fft, dtype=dtype).astype(np.float32, copy=False)
         start = time.perf_counter()
         spectral_out, time_out = session.run(
             [facts.SPECTRAL_OUTPUT, facts.TIME_OUTPUT],
@@ -121,7 +121,9 @@ def run_stems(
         )
         if graph_s is not None:
             graph_s.append(time.perf_counter() - start)
-        return spectral_contract.ispec(spectral_out, audio.shape[-1], n_fft, dtype=dtype) + time_out
+        stems = spectral_contract.ispec(spectral_out, audio.shape[-1], n_fft, dtype=dtype)
+        stems += time_out
+        return stems
     raise ValueError(f"inputs {names} are neither interface's ({', '.join(facts.INTERFACES)})")
 
 

@@ -59,7 +59,10 @@ def graph_feeds(session, audio: np.ndarray, dtype: type = np.float32) -> dict[st
     """The graph's inputs for `audio`: itself, or the contract's STFT of it beside the mix."""
     if interface_of(session) == WAVEFORM:
         return {INPUT_NAME: audio}
-    return {SPECTRAL_INPUT: spec(audio, dtype=dtype).astype(np.float32), MIX_INPUT: audio}
+    return {
+        SPECTRAL_INPUT: spec(audio, dtype=dtype).astype(np.float32, copy=False),
+        MIX_INPUT: audio,
+    }
 
 
 def run_segment(
