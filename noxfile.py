@@ -1,9 +1,9 @@
 """Nox sessions: lint, the test suite, the static contract gate and the per-ORT-version load tests.
 
-Thin by design: the logic lives in `converter/` (the gate) and `converter/ortcheck.py` (the
+Thin by design: the logic lives in `converter/` (the gate) and `converter/gate/ortcheck.py` (the
 load test, a standalone script); this file only builds the venvs from pinned versions.
 
-    nox -s lint                                        # ruff check + ruff format --check
+    nox -s lint                                        # ruff check + format --check, lint-imports
     nox -s tests [-- PYTEST ARGS]
     nox -s gate [-- FILE.onnx ...]                     # self-test, then the static gate
     nox -s contract [-- FILE.onnx ...]                 # every ORT version, default models/*.onnx
@@ -25,8 +25,8 @@ import nox
 
 ROOT = Path(__file__).resolve().parent
 CONSTRAINTS = "requirements/constraints.txt"
-sys.path.insert(0, str(ROOT))  # the version list and wheel rule live in converter.evidence
-from converter.evidence import contract_pins, has_wheel  # noqa: E402 - needs the path
+sys.path.insert(0, str(ROOT))  # the version list and wheel rule live in converter.gate.evidence
+from converter.gate.evidence import LAST_MACOS_X86_64, contract_pins, has_wheel  # noqa: E402 - needs the path
 
 nox.options.sessions = ["lint", "tests", "gate"]
 # uv builds the venvs (pinned in constraints.txt; measured in docs/performance.md); nox falls back
@@ -38,15 +38,17 @@ CONTRACT_PINS = contract_pins()
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff check and ruff format --check over the repository (rules in pyproject.toml)."""
-    session.install("-c", CONSTRAINTS, "ruff")
+    """ruff check, ruff format --check and lint-imports (the import contracts) over the
+    repository (rules in pyproject.toml)."""
+    session.install("-c", CONSTRAINTS, "ruff", "import-linter")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+    session.run("lint-imports")
 
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The pytest suite with the pinned toolchain (`-- -m 'not slow and not index'`: quick)."""
+    """The pytest suite with the pinned toolchain (`-- -m unit`: the fast tier)."""
     session.install("-c", CONSTRAINTS, "-r", "requirements/dev.in")
     session.run("pytest", *session.posargs)
 
@@ -66,13 +68,14 @@ def contract(session: nox.Session, ort: str) -> None:
     # Queued first so the merged table ends the run even when this session fails or skips.
     session.notify("contract_summary", posargs=session.posargs)
     if not has_wheel(f"{platform.system()} {platform.machine()}", ort):
-        session.skip(f"onnxruntime {ort} has no macOS x86_64 wheel (the last is 1.23.2)")
+        last = ".".join(map(str, LAST_MACOS_X86_64))
+        session.skip(f"onnxruntime {ort} has no macOS x86_64 wheel (the last is {last})")
     # --no-deps: ORT's declared extras (protobuf, sympy, ...) are not needed to load and run a
     # model, and leaving them out proves the loader and the file need nothing but ORT + numpy.
     session.install(
         "--no-deps", "--only-binary=:all:", f"onnxruntime=={ort}", f"numpy=={CONTRACT_PINS[ort]}"
     )
-    session.run("python", "converter/ortcheck.py", "--expect-ort", ort, *session.posargs)
+    session.run("python", "converter/gate/ortcheck.py", "--expect-ort", ort, *session.posargs)
 
 
 @nox.session(venv_backend="none")
@@ -82,4 +85,4 @@ def contract_summary(session: nox.Session) -> None:
     Queued by the contract sessions to run after them; needs only the standard library and numpy,
     so it runs on nox's own interpreter.
     """
-    session.run(sys.executable, "converter/ortcheck.py", "--summary", *session.posargs)
+    session.run(sys.executable, "converter/gate/ortcheck.py", "--summary", *session.posargs)

@@ -18,8 +18,8 @@ from invoke import Collection, Exit, task
 
 from converter import interrupts
 from converter.errors import UserError
-from converter.facts import INTERFACES, PRODUCTS, WAVEFORM
-from converter.tags import GRAMMAR
+from converter.facts import INTERFACES, PRODUCTS, SPECTRAL_CORE, WAVEFORM
+from converter.ship.tags import GRAMMAR, either, example
 
 MODELS = f"{', '.join(PRODUCTS[:-1])} or {PRODUCTS[-1]}"
 ALL_MODELS = ",".join(PRODUCTS)
@@ -74,7 +74,7 @@ def _accepted(metrics: list[str] | None, reason: str | None) -> dict[str, str]:
 
 ACCEPT_HELP = {
     "accept_regression": "Ship despite this metric's budget breach (repeatable; metrics in "
-    "converter/budgets.py); recorded with --reason in the report and the model card.",
+    "converter/ship/budgets.py); recorded with --reason in the report and the model card.",
     "reason": "Why the accepted regression ships (required with --accept-regression).",
 }
 
@@ -138,7 +138,7 @@ def fingerprint(c, file):
 
     Needs only onnx: run it on a downloaded release asset without the conversion toolchain.
     """
-    from converter.fingerprint import fingerprint_report
+    from converter.gate.fingerprint import fingerprint_report
 
     line, matches = fingerprint_report(Path(file))
     print(line)
@@ -159,7 +159,7 @@ def fingerprint(c, file):
 @_cli
 def fake_repo(c, out, size="full", models=ALL_MODELS, statistics="init", seed=None):
     """Write random-weight checkpoints in demucs' own repo format (offline testing)."""
-    from converter.fakerepo import write_repo
+    from converter.build.fakerepo import write_repo
 
     write_repo(
         Path(out),
@@ -182,7 +182,7 @@ def fake_repo(c, out, size="full", models=ALL_MODELS, statistics="init", seed=No
 @_cli
 def sweep(c, out, seeds="20", full="3", python=None):
     """Convert trained-like models of many seeds; worst file-vs-PyTorch gap per model and input."""
-    from converter.sweep import sweep as run
+    from converter.measure.sweep import sweep as run
 
     run(Path(out), _number("seeds", seeds, int), _number("full", full, int), python)
 
@@ -218,7 +218,7 @@ def release(
 
     Needs GITHUB_TOKEN and GITHUB_REPOSITORY (GITHUB_API_URL optional), as GitHub Actions sets.
     """
-    from converter.release import release as run
+    from converter.ship.release import release as run
 
     print(
         run(
@@ -235,7 +235,8 @@ def release(
 
 @task(
     help={
-        "tag": "Published release tag whose model to pin (model-vX.Y.Z or model-ft-vX.Y.Z).",
+        "tag": "Published release tag whose model to pin "
+        f"({either([example(m) for m in ('htdemucs', 'htdemucs_ft')])}).",
         "checkout": "An OpenKara checkout whose pins to rewrite.",
         "dry_run": "Print the unified diff and change no file.",
         "allow_prerelease": "Also pin a -rc.N prerelease (never for a stable OpenKara build).",
@@ -244,7 +245,7 @@ def release(
 @_cli
 def pin_openkara(c, tag, checkout, dry_run=False, allow_prerelease=False):
     """Rewrite every pin of a published release's model in an OpenKara checkout, or none."""
-    from converter.pins import pin_openkara as run
+    from converter.ship.pins import pin_openkara as run
 
     print(run(tag, Path(checkout), dry_run=dry_run, allow_prerelease=allow_prerelease))
 
@@ -252,8 +253,9 @@ def pin_openkara(c, tag, checkout, dry_run=False, allow_prerelease=False):
 @task(
     iterable=["tag", "runtime"],
     help={
-        "tag": "Published spectral-core release to add (model-spectral-vX.Y.Z or "
-        "model-ft-spectral-vX.Y.Z); repeat for more.",
+        "tag": "Published spectral-core release to add "
+        f"({either([example(m, SPECTRAL_CORE) for m in ('htdemucs', 'htdemucs_ft')])}); "
+        "repeat for more.",
         "base": "The catalog's previous release manifest (catalog/releases/PREV.json of "
         "openkara-models): runtimes, compatibility and supply chain are carried over from it.",
         "release_id": "The new manifest's release id, YYYY-MM-DD-NNN, after --base's.",
@@ -295,7 +297,7 @@ def catalog(
     Needs GITHUB_TOKEN and GITHUB_REPOSITORY (GITHUB_API_URL optional); reads the releases and
     the schema through the API, downloads and checks every asset; onnx only, no torch.
     """
-    from converter import catalog as cat
+    from converter.ship import catalog as cat
 
     if not base or not release_id:
         raise UserError("--base and --release-id are required (see `invoke --help catalog`)")
@@ -324,7 +326,7 @@ def check_upstream(c):
     Reads the pin from requirements/constraints.txt and the index from pip's configuration;
     needs GITHUB_TOKEN and GITHUB_REPOSITORY.
     """
-    from converter.upstream import check
+    from converter.ship.upstream import check
 
     print(check())
 
@@ -342,8 +344,8 @@ def operators(c, file=None, out=None):
 
     Needs only onnx: the list an app's reduced runtime is rebuilt from (docs/spectral-core.md).
     """
+    from converter.gate.oplist import files_config
     from converter.metadata import write_text_atomic
-    from converter.oplist import files_config
 
     text = files_config([Path(name) for name in file or []])
     if out:
@@ -368,10 +370,10 @@ def contract(c, file=None, self_test=False):
 
     Needs only onnx and numpy, like `invoke fingerprint`.
     """
-    from converter import contract as gate
+    from converter.gate import contract as gate
 
     if self_test:
-        from converter.contract_selftest import self_test as run_self_test
+        from converter.gate.contract_selftest import self_test as run_self_test
 
         print("\n".join(run_self_test()))
         print("contract self-test: every rule refuses its violation; the compliant models pass")
@@ -408,7 +410,7 @@ def separate(
     karaoke=False,
 ):
     """Separate a song into stems with a converted file (numpy + onnxruntime only, no torch)."""
-    from converter.separate import separate as run
+    from converter.measure.separate import separate as run
 
     run(
         Path(song),
@@ -459,7 +461,7 @@ def bench(
     out_dir="bench-results",
 ):
     """PyTorch vs onnxruntime per segment (speed, RSS, load, accuracy), or whole songs vs demucs."""
-    from converter import bench as b
+    from converter.measure import bench as b
 
     rounds_n, profile_n = _number("rounds", rounds, int), _number("profile", profile, int)
     if song or song_seconds is not None:
@@ -499,7 +501,7 @@ def bench(
 @_cli
 def ep_report(c, file, json=None, static=False):
     """What CoreML, DirectML, XNNPACK and the CPU EP take of FILE, opened as OpenKara does."""
-    from converter import ep_report as report
+    from converter.measure import ep_report as report
 
     result = report.report(Path(file), providers=[] if static else None)
     if json:
@@ -539,7 +541,7 @@ def compare(
 ):
     """Measure a candidate beside the release before it (or --baseline) and judge it by the
     budgets; print one table, write a JSON report; exit 1 on a breach not accepted."""
-    from converter import compare as run
+    from converter.ship import compare as run
 
     report = run.compare(
         Path(file),
@@ -550,7 +552,7 @@ def compare(
         runs=_number("runs", runs, int),
         out=_path(out),
     )
-    from converter.release import write_step_summary
+    from converter.ship.release import write_step_summary
 
     text = run.table(report)
     print(text)

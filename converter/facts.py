@@ -1,6 +1,6 @@
 """The facts every part of the converter must agree on, each stated once.
 
-Standard library only: `converter/ortcheck.py` runs in venvs that hold nothing but onnxruntime
+Standard library only: `converter/gate/ortcheck.py` runs in venvs that hold nothing but onnxruntime
 and numpy, and loads this file by path. The graph walk is duck-typed over ONNX protos for the
 same reason. Sources and rationale: docs/runtime-contract.md and docs/demucs-facts.md.
 """
@@ -48,6 +48,8 @@ def file_stem(model: str, interface: str = WAVEFORM) -> str:
 # ORT 1.17 (the floor) runs opset <= 20 and IR <= 9; opset 17 is what torch's TorchScript
 # exporter writes and what every supported version implements identically on the CPU EP.
 OPSET = 17
+# The IR version the TorchScript exporter writes for opset 17 (a file's, and every test graph's).
+IR_VERSION = 8
 COM_MICROSOFT_OPSET = 1
 MAX_IR_VERSION = 9
 
@@ -57,7 +59,7 @@ MAX_IR_VERSION = 9
 # fusion targets that are portable C++ kernels (not `com.microsoft.nchwc`, which is x86-only, nor
 # quantized/x86-specific ones such as MatMulFpQ4). Linux x64 alone proves nothing for arm64, so
 # the load test (`ortcheck.missing_allowed_kernels`) re-checks the list on every platform and
-# version CI runs, and the static gate (`converter.contract`) refuses any other op.
+# version CI runs, and the static gate (`converter.gate.contract`) refuses any other op.
 COM_MICROSOFT = "com.microsoft"
 COM_MICROSOFT_ALLOWED = frozenset(
     {
@@ -115,6 +117,28 @@ def walk_model(model: Any) -> Iterator[tuple[str, Any]]:
     yield from walk_nodes(model.graph.node)
     for function in model.functions:
         yield from walk_nodes(function.node, f"function {function.domain}:{function.name}")
+
+
+# The repository checkout this package lies in (requirements/, schemas/, noxfile.py).
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Where the gate and the load test look for files by default, and how to make one.
+DEFAULT_MODELS = "models/*.onnx"
+HOW_TO_MAKE_A_MODEL = (
+    "convert one first: `invoke convert --model htdemucs` (offline: `invoke fake-repo --out "
+    "/tmp/demucs-repo --size small && invoke convert --model htdemucs --repo /tmp/demucs-repo`)"
+)
+
+# How weights are stored (`invoke convert --weight-storage`, `openkara.weight_storage`): float16
+# where exact, behind a Cast (the default), or every initializer float32 (docs/weight-storage.md).
+FLOAT16_STORAGE = "float16"
+FLOAT32_STORAGE = "float32"
+WEIGHT_STORAGES = (FLOAT16_STORAGE, FLOAT32_STORAGE)
+
+
+def version_key(version: str) -> tuple[int, ...]:
+    """ "1.23.2" -> (1, 23, 2): versions compared as numbers, not text."""
+    return tuple(int(part) for part in version.split(".") if part.isdigit())
 
 
 def sha256_file(path: Path) -> str:

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import onnx
 
-from . import facts
-from .facts import sha256_file  # noqa: F401 - re-exported: metadata.sha256_file
-from .spectral_contract import N_FFT, frames
+from converter import facts
+from converter.facts import sha256_file  # noqa: F401 - re-exported: metadata.sha256_file
+from converter.spectral_contract import N_FFT, frames
 
 CACHE_KEY = "openkara.model_cache_key"
 OPTIMIZED_BY = "openkara.optimized_by"
@@ -32,7 +32,7 @@ SAMPLE_RATE = "openkara.sample_rate"
 SEGMENT_SAMPLES = "openkara.segment_samples"
 AUDIO_CHANNELS = "openkara.audio_channels"
 PROVENANCE = "openkara.provenance"
-# "float16": exact float16 initializers Cast to float32 in the graph (`converter.storage`).
+# "float16": exact float16 initializers Cast to float32 in the graph (`converter.build.storage`).
 WEIGHT_STORAGE = "openkara.weight_storage"
 # facts.WAVEFORM or facts.SPECTRAL_CORE; spectral-core files also name their contract
 # (facts.SPECTRAL_CONTRACT) and stem profile, as OpenKara dispatches on these keys alone.
@@ -165,14 +165,18 @@ def sidecar_text(path: Path, digest: str) -> str:
     return f"{digest}  {path.name}\n"
 
 
+def parse_sidecar(text: str, where: str) -> tuple[str, str]:
+    """(hex digest, file name) of a `sha256sum` line; ValueError naming `where` if malformed."""
+    digest, sep, name = text.strip().partition("  ")
+    if not sep or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise ValueError(f"{where} is not a `sha256sum` line ('<64 hex>  <name>'): {text!r}")
+    return digest, name
+
+
 def read_sidecar(path: Path) -> tuple[str, str]:
     """Return (hex digest, file name) from `path`'s sidecar; ValueError if malformed."""
     side = sidecar_path(path)
-    text = side.read_text(encoding="utf-8").strip()
-    digest, sep, name = text.partition("  ")
-    if not sep or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-        raise ValueError(f"{side} is not a `sha256sum` line ('<64 hex>  <name>'): {text!r}")
-    return digest, name
+    return parse_sidecar(side.read_text(encoding="utf-8"), str(side))
 
 
 @contextlib.contextmanager

@@ -15,18 +15,22 @@ from pathlib import Path
 
 import onnx
 
-from . import __version__, accelerate, oplist, partition, storage
-from . import metadata as meta
-from .errors import UserError, disk_space
-from .export import OPSET, export_bag
-from .exportable import fold_factors
-from .facts import INPUT_NAME, INTERFACES, MIX_INPUT, WAVEFORM, file_stem
-from .loading import LoadedBag, load
-from .optimize import LEVEL, optimize
-from .ortcheck import reference_path
-from .progress import peak_rss_mb, release_memory, step
-from .runtime_shapes import anchor_shapes, settle
-from .staging import Staging, check_targets
+from converter import __version__
+from converter import metadata as meta
+from converter.build import accelerate, partition, storage
+from converter.build.export import OPSET, export_bag
+from converter.build.exportable import fold_factors
+from converter.build.loading import LoadedBag, load
+from converter.build.optimize import LEVEL, optimize
+from converter.build.runtime_shapes import anchor_shapes, settle
+from converter.errors import UserError, disk_space
+from converter.facts import INPUT_NAME, INTERFACES, MIX_INPUT, WAVEFORM, file_stem
+from converter.gate import oplist
+from converter.gate.contract import gate
+from converter.gate.ortcheck import reference_path
+from converter.gate.validation import validate_file
+from converter.progress import peak_rss_mb, release_memory, step
+from converter.staging import Staging, check_targets
 
 log = logging.getLogger(__name__)
 
@@ -154,9 +158,6 @@ def convert(
     list; NAME per `facts.file_stem`), its exact float16 weights stored as float16 unless
     `weight_storage` is 'float32'; `target` 'accelerators' builds for CoreML/DirectML/XNNPACK;
     `outputs` receives the gate's inputs and demucs' outputs (`validation.validate_file`)."""
-    from .contract import gate
-    from .validation import validate_file
-
     started = time.perf_counter()
     timings: dict[str, float] = {}
     if weight_storage not in storage.STORAGES:
@@ -206,9 +207,6 @@ def validate(
     interface: str = WAVEFORM,
 ) -> None:
     """Re-run the validation and contract gates on an existing `out_dir/NAME.onnx`."""
-    from .contract import gate
-    from .validation import validate_file
-
     check_interface(interface)
     onnx_path, _, reference, _ = file_paths(model, out_dir, interface)
     if onnx_path.is_dir():

@@ -22,7 +22,7 @@ import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from .errors import UserError
+from converter.errors import UserError
 
 log = logging.getLogger(__name__)
 

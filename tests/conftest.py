@@ -1,7 +1,11 @@
 """Shared fixtures: random-weight demucs repos in demucs' own format, and small converted files.
 
-Everything runs offline: the repos are written with `converter.fakerepo` (demucs'
+Everything runs offline: the repos are written with `converter.build.fakerepo` (demucs'
 `serialize_model` + `save_with_checksum` + bag YAML files) and loaded through demucs' real loader.
+
+The fast tier: every test that needs none of the fixtures below that write or convert models, and
+is neither `slow` nor `index`, is marked `unit` here, so `python -m pytest -m unit` is the edit
+loop (DEVELOPERS.md) and a new test joins it by what it uses, not by a marker someone must add.
 """
 
 from __future__ import annotations
@@ -11,10 +15,32 @@ from pathlib import Path
 
 import pytest
 
+from converter.build.fakerepo import write_repo
 from converter.facts import PRODUCTS, SPECTRAL_CORE
-from converter.fakerepo import write_repo
 from converter.pipeline import convert
 from tests.fake_github import FakeGitHub
+
+# Fixtures that write checkpoints or convert models (seconds to minutes each): not the fast tier.
+MODEL_FIXTURES = frozenset(
+    {
+        "small_repo",
+        "small_models",
+        "small_spectral_models",
+        "small_trained_repo",
+        "small_trained_models",
+        "full_repo",
+    }
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark `unit` every test that builds no model, installs nothing and is not `slow`."""
+    for item in items:
+        heavy = MODEL_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+        if not heavy and not any(
+            item.get_closest_marker(m) for m in ("slow", "index", "integration")
+        ):
+            item.add_marker(pytest.mark.unit)
 
 
 @pytest.fixture(scope="session")

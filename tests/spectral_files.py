@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from converter import contract, contract_selftest, metadata, oplist, spectral_contract
+from converter import metadata, spectral_contract
 from converter.facts import (
     MIX_INPUT,
     OPSET,
@@ -26,6 +26,7 @@ from converter.facts import (
     WAVEFORM,
     file_stem,
 )
+from converter.gate import contract, contract_selftest, oplist
 
 STEMS = ("drums", "bass", "other", "vocals")
 SEGMENT = 343980

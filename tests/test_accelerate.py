@@ -13,9 +13,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from converter import accelerate, ep_report, storage
+from converter.build import accelerate, storage
 from converter.errors import UserError
 from converter.facts import SUM_LEAF, sum_blocks, walk_model
+from converter.measure import ep_report
 from converter.pipeline import convert
 
 ROOT = Path(__file__).resolve().parents[1]

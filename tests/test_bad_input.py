@@ -25,6 +25,9 @@ from onnx import TensorProto, helper
 from converter import staging
 from converter.errors import UserError
 
+# Not the fast tier: it runs the tasks as subprocesses (seconds each).
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parent.parent
 RATE = 44100
 STEMS = ("drums", "bass", "other", "vocals")
@@ -378,7 +381,7 @@ def test_fake_repo_on_a_full_disk_leaves_no_partial_checkpoint_and_a_rerun_compl
 ):
     import errno
 
-    from converter import fakerepo
+    from converter.build import fakerepo
 
     def half_then_full(self, data):
         with open(self, "wb") as file:
@@ -472,7 +475,7 @@ def tiny(tmp_path: Path, **metadata: str) -> Path:
 
 
 def test_a_second_run_into_a_folder_being_written_is_refused(tmp_path):
-    from converter import separate as sep
+    from converter.measure import separate as sep
 
     model, out = tiny(tmp_path), tmp_path / "out"
     (out / "song").mkdir(parents=True)
@@ -487,7 +490,7 @@ def test_a_second_run_into_a_folder_being_written_is_refused(tmp_path):
 
 
 def test_another_song_of_the_same_name_does_not_take_its_stems(tmp_path):
-    from converter import separate as sep
+    from converter.measure import separate as sep
 
     model, out = tiny(tmp_path), tmp_path / "out"
     sep.separate(tiny_song(tmp_path / "song.wav"), model, out)
@@ -498,7 +501,7 @@ def test_another_song_of_the_same_name_does_not_take_its_stems(tmp_path):
 
 
 def test_overwrite_replaces_the_whole_stem_set(tmp_path):
-    from converter import separate as sep
+    from converter.measure import separate as sep
 
     model, out, path = tiny(tmp_path), tmp_path / "out", tiny_song(tmp_path / "song.wav")
     sep.separate(path, model, out, karaoke=True)
@@ -509,7 +512,7 @@ def test_overwrite_replaces_the_whole_stem_set(tmp_path):
 
 
 def test_a_song_named_dots_stays_inside_out_dir(tmp_path):
-    from converter import separate as sep
+    from converter.measure import separate as sep
 
     out = tmp_path / "a" / "out"
     paths = sep.separate(tiny_song(tmp_path / "...wav", format="WAV"), tiny(tmp_path), out)
@@ -530,7 +533,7 @@ def test_a_song_named_dots_stays_inside_out_dir(tmp_path):
 def test_metadata_edited_against_its_provenance_is_refused(edit, message, tmp_path):
     import json
 
-    from converter import separate as sep
+    from converter.measure import separate as sep
 
     recorded = {"stems": list(STEMS), "sample_rate": RATE, "audio_channels": 2, **edit}
     model = tiny(tmp_path, **{"openkara.provenance": json.dumps(recorded)})
@@ -540,7 +543,7 @@ def test_metadata_edited_against_its_provenance_is_refused(edit, message, tmp_pa
 
 
 def test_stem_count_against_the_graph_is_refused(tmp_path):
-    from converter import separate as sep
+    from converter.measure import separate as sep
 
     model = tiny(tmp_path, **{"openkara.stems": "drums,bass,vocals"})
     with pytest.raises(UserError, match="does not match its metadata"):
@@ -548,7 +551,7 @@ def test_stem_count_against_the_graph_is_refused(tmp_path):
 
 
 def test_an_ogg_that_loses_audio_in_the_middle_is_refused_where_it_does(tmp_path):
-    from converter import separate as sep
+    from converter.measure import separate as sep
 
     path = tiny_song(tmp_path / "song.ogg", 6.0, format="OGG", subtype="VORBIS")
     data = path.read_bytes()
@@ -562,7 +565,7 @@ def test_an_ogg_that_loses_audio_in_the_middle_is_refused_where_it_does(tmp_path
 
 @pytest.mark.parametrize("suffix, subtype", [(".flac", "PCM_16"), (".mp3", "MPEG_LAYER_III")])
 def test_a_broken_compressed_file_is_reported_where_it_breaks(suffix, subtype, tmp_path):
-    from converter import separate as sep
+    from converter.measure import separate as sep
 
     path = tiny_song(tmp_path / f"song{suffix}", 6.0, subtype=subtype)
     data = bytearray(path.read_bytes())
@@ -579,7 +582,7 @@ def test_a_full_disk_is_one_error_and_nothing_half_written(tmp_path, monkeypatch
 
     import soundfile as sf
 
-    from converter import separate as sep
+    from converter.measure import separate as sep
 
     model, out, path = tiny(tmp_path), tmp_path / "out", tiny_song(tmp_path / "song.wav", 2.0)
     sep.separate(path, model, out)
@@ -607,7 +610,7 @@ def test_a_full_disk_is_one_error_and_nothing_half_written(tmp_path, monkeypatch
     ],
 )
 def test_huge_numbers_and_names_are_one_line(args, metadata, message, tmp_path):
-    from converter import separate as sep
+    from converter.measure import separate as sep
 
     with pytest.raises(UserError, match=re.escape(message)):
         sep.separate(tiny_song(tmp_path / "s.wav"), tiny(tmp_path, **metadata), tmp_path, **args)
@@ -684,8 +687,9 @@ def copy_converted(small_models, out: Path) -> dict[str, bytes]:
 
 
 def test_a_failed_validate_keeps_the_good_reference(small_models, tmp_path):
-    from converter import fakerepo, pipeline
-    from converter.validation import ValidationError
+    from converter import pipeline
+    from converter.build import fakerepo
+    from converter.gate.validation import ValidationError
 
     out, other = tmp_path / "models", tmp_path / "other"
     before = copy_converted(small_models, out)
@@ -733,7 +737,8 @@ def test_validate_on_a_full_disk_keeps_the_reference(small_models, small_repo, t
 def stamped_file(path: Path, **entries: str) -> str:
     """The self-test's compliant file at `path`, `entries` then edited and its sidecar
     regenerated (what a user editing the metadata would do); returns the key it still carries."""
-    from converter import contract_selftest, metadata
+    from converter import metadata
+    from converter.gate import contract_selftest
 
     model = contract_selftest.tiny_model()
     for prop in model.metadata_props:
@@ -743,7 +748,8 @@ def stamped_file(path: Path, **entries: str) -> str:
 
 
 def test_the_cache_key_covers_every_entry_but_itself_and_the_provenance():
-    from converter import contract_selftest, metadata
+    from converter import metadata
+    from converter.gate import contract_selftest
 
     model = contract_selftest.tiny_model()
     key = metadata.fingerprint(model)
@@ -779,7 +785,8 @@ def test_edited_metadata_fails_fingerprint_and_contract(entries, tmp_path):
 
 
 def test_a_key_over_the_graph_alone_says_to_convert_again(tmp_path):
-    from converter import contract_selftest, metadata
+    from converter import metadata
+    from converter.gate import contract_selftest
 
     old = metadata.graph_fingerprint(contract_selftest.tiny_model())
     path = tmp_path / "tiny.onnx"
@@ -908,7 +915,7 @@ def test_a_package_index_that_is_silent_or_foreign_is_one_line(
 
 
 def test_the_default_deadline_leaves_a_silent_api_under_three_minutes():
-    from converter import github
+    from converter.ship import github
 
     # One call, then the task ends: each task's first call is the one a silent API stops.
     assert github.deadline_s({}) + github.CONNECT_READ_TIMEOUT_S[0] < 180

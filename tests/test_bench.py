@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from converter import accuracy, bench, graphstats, validation
 from converter.errors import UserError
+from converter.gate import accuracy, validation
+from converter.measure import bench, graphstats, pair_bench
 
 
 @pytest.fixture(scope="module")
@@ -257,8 +258,8 @@ def test_pair_latency_flips_the_order_every_turn(monkeypatch):
             calls.append(self.name)
             return [np.zeros((1, 4, 2, 8), np.float32)]
 
-    monkeypatch.setattr(bench, "_ort_session", lambda path, *args: Fake(path))
-    result = bench.pair_bench.child_latency({"a": "a", "b": "b"}, bench.APP_CONFIG, 2, 1)
+    monkeypatch.setattr(pair_bench, "ort_session", lambda path, *args: Fake(path))
+    result = pair_bench.child_latency({"a": "a", "b": "b"}, bench.APP_CONFIG, 2, 1)
     assert calls == ["a", "b", "b", "a"] * ((bench.WARMUPS + 2) // 2) + ["a", "b"] * (
         (bench.WARMUPS + 2) % 2
     )
@@ -267,11 +268,15 @@ def test_pair_latency_flips_the_order_every_turn(monkeypatch):
 
 
 def test_bench_children_run_without_onnx_or_torch():
-    """The contract venvs hold only onnxruntime and numpy; `python -m converter.bench ort ...`
-    must run there to measure a file on each ORT version (docs/runtime-contract.md)."""
+    """The contract venvs hold only onnxruntime and numpy; `python -m converter.measure.bench
+    ort ...` must run there to measure a file on each ORT version (docs/runtime-contract.md)."""
     blocked = "import sys; sys.modules['onnx'] = sys.modules['torch'] = None; "
     done = subprocess.run(
-        [sys.executable, "-c", blocked + "import converter.bench, converter.pair_bench"],
+        [
+            sys.executable,
+            "-c",
+            blocked + "import converter.measure.bench, converter.measure.pair_bench",
+        ],
         cwd=Path(__file__).resolve().parent.parent,
         capture_output=True,
         text=True,

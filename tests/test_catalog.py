@@ -14,10 +14,11 @@ import jsonschema
 import onnx
 import pytest
 
-from converter import catalog, github, oplist
 from converter.errors import UserError
 from converter.facts import WAVEFORM
+from converter.gate import oplist
 from converter.metadata import CACHE_KEY, TENSOR_INTERFACE, read_metadata, sha256_file, sidecar_path
+from converter.ship import catalog, github
 from tests.fake_github import REPOSITORY, TOKEN, FakeGitHub, run_cli
 from tests.spectral_files import INPUT_SEMANTICS, OUTPUT_SEMANTICS, write_release_file
 

@@ -18,8 +18,12 @@ from pathlib import Path
 import onnx
 import pytest
 
-from converter import contract_selftest, metadata
+from converter import metadata
+from converter.gate import contract_selftest
 from tests.fake_github import REPOSITORY, TOKEN
+
+# Not the fast tier: it runs every task as a subprocess (seconds each).
+pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -19,19 +19,13 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from converter import (
-    bench,
-    budgets,
-    compare,
-    contract_selftest,
-    ep_report,
-    github,
-    metadata,
-    release,
-)
-from converter.accuracy import allowed_mse, stem_mse
+from converter import metadata
 from converter.errors import UserError
-from converter.ortcheck import reference_path
+from converter.gate import contract_selftest
+from converter.gate.accuracy import allowed_mse, stem_mse
+from converter.gate.ortcheck import reference_path
+from converter.measure import bench, ep_report
+from converter.ship import budgets, compare, github, release
 from tests.fake_github import REPOSITORY, TOKEN, run_cli
 from tests.test_release import write_evidence
 
@@ -377,6 +371,7 @@ def test_accepting_needs_a_known_metric_and_a_reason(published, client, files, t
         run(files, "same", client, tmp_path, accepted={"file_bytes": " "})
 
 
+@pytest.mark.integration  # converts or runs the CLI without a model fixture
 def test_cli_compares_against_the_release_before_it_without_torch(published, files, tmp_path):
     """As the release workflow runs it: real child processes, release budgets, no torch."""
     root = Path(__file__).resolve().parent.parent

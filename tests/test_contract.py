@@ -1,4 +1,4 @@
-"""The static runtime-contract gate (converter.contract) and the load-test helpers it shares.
+"""The static runtime-contract gate (converter.gate.contract) and the load-test helpers it shares.
 
 Built on hand-made models (`contract_selftest.tiny_model`) so the suite stays fast; the
 per-ORT-version load tests through nox are in test_nox_contract.py.
@@ -18,8 +18,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from converter import contract, contract_selftest, metadata, optimize, ortcheck
+from converter import metadata
+from converter.build import optimize
 from converter.errors import UserError
+from converter.gate import contract, contract_selftest, ortcheck
 
 ROOT = Path(__file__).resolve().parent.parent
 

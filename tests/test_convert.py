@@ -13,22 +13,22 @@ import onnx
 import pytest
 import torch
 
-from converter import accuracy, validation
 from converter import metadata as meta
+from converter.build.export import bag_plan
+from converter.build.fakerepo import model_kwargs, write_bag, write_checkpoint
 from converter.errors import UserError
-from converter.export import bag_plan
 from converter.facts import walk_model
-from converter.fakerepo import model_kwargs, write_bag, write_checkpoint
-from converter.fingerprint import fingerprint_report
-from converter.metadata import toolchain_versions
-from converter.pipeline import convert, validate
-from converter.validation import (
+from converter.gate import accuracy, validation
+from converter.gate.fingerprint import fingerprint_report
+from converter.gate.validation import (
     CONTRACT_INPUTS,
     ValidationError,
     fixed_inputs,
     reference,
     session,
 )
+from converter.metadata import toolchain_versions
+from converter.pipeline import convert, validate
 
 STEMS = {
     "htdemucs": ["drums", "bass", "other", "vocals"],
@@ -78,7 +78,7 @@ def test_ft_provenance_lists_every_member_and_the_weights(small_models):
 
 
 def test_reference_npz_holds_demucs_float64_output_and_the_gate(small_models, small_repo):
-    from converter.loading import load
+    from converter.build.loading import load
 
     path = small_models["htdemucs"]
     recorded = np.load(path.with_name("htdemucs.reference.npz"))
@@ -101,7 +101,7 @@ def test_one_hot_bag_takes_each_stem_from_its_own_model(small_repo, small_models
     """Stem k of htdemucs_ft must equal model k's stem k alone (not an average of the bag)."""
     from demucs.apply import apply_model
 
-    from converter.loading import load
+    from converter.build.loading import load
 
     bag = load("htdemucs_ft", small_repo)
     audio = validation.fixed_inputs(2, bag.segment_samples, 44100)["0.1 noise"]
@@ -119,6 +119,7 @@ def test_one_hot_bag_takes_each_stem_from_its_own_model(small_repo, small_models
     assert accuracy.snr_db(power, np.mean((got - average) ** 2)) < 20
 
 
+@pytest.mark.integration  # converts or runs the CLI without a model fixture
 def test_mixed_weight_bag_follows_demucs_rule(tmp_path):
     """Two models, weights not one-hot: stem s = sum_m w[m][s] out_m / sum_m w[m][s]."""
     repo = tmp_path / "repo"
@@ -180,7 +181,7 @@ def test_validate_reruns_the_gate_on_an_existing_file(small_repo, small_models, 
 
 
 def test_validation_names_stem_input_and_numbers_on_failure(small_repo, small_models, monkeypatch):
-    from converter.loading import load
+    from converter.build.loading import load
 
     bag = load("htdemucs", small_repo)
     real = validation.reference
@@ -218,7 +219,7 @@ def _corrupt_one_weight(source: Path, target: Path) -> str:
 def test_gate_refuses_a_file_with_one_corrupted_weight(
     small_trained_repo, small_trained_models, tmp_path
 ):
-    from converter.loading import load
+    from converter.build.loading import load
 
     name = _corrupt_one_weight(small_trained_models["htdemucs"], tmp_path / "htdemucs.onnx")
     bag = load("htdemucs", small_trained_repo)

@@ -1,6 +1,6 @@
-"""The restated demucs layers in `converter.exportable` against demucs' own modules: the algebra
-in float64, the accuracy of ONNX Runtime's float32 against demucs' float32, both judged by demucs
-in float64."""
+"""The restated demucs layers in `converter.build.exportable` against demucs' own modules: the
+algebra in float64, the accuracy of ONNX Runtime's float32 against demucs' float32, both judged by
+demucs in float64."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import torch
 from demucs.demucs import DConv
 from demucs.transformer import MyGroupNorm
 
-from converter.export import trace
-from converter.exportable import (
+from converter.build.export import trace
+from converter.build.exportable import (
     SHORT_REDUCTION,
     Network,
     _conv_tr_freq,
@@ -25,7 +25,7 @@ from converter.exportable import (
     _normalize,
     _standardize,
 )
-from converter.spectral import Stft
+from converter.build.spectral import Stft
 
 
 def _random_dconv(channels: int, **kwargs) -> DConv:
@@ -216,7 +216,7 @@ def test_input_normalization_as_accurate_as_demucs(shape, seed):
 def test_no_reduction_in_the_network_adds_more_than_a_short_run_of_values(small_repo):
     """Every sum ONNX Runtime takes (reductions, norms, MatMul inner dimensions) covers at most
     SHORT_REDUCTION values, so none accumulates naively over a long axis."""
-    from converter.loading import load
+    from converter.build.loading import load
 
     bag = load("htdemucs", small_repo)
     model, length = bag.models[0], bag.segment_samples

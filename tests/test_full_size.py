@@ -7,10 +7,10 @@ import numpy as np
 import onnx
 import pytest
 
-from converter import contract
 from converter import metadata as meta
+from converter.build.loading import load
 from converter.facts import SPECTRAL_CORE
-from converter.loading import load
+from converter.gate import contract
 from converter.pipeline import convert
 
 pytestmark = pytest.mark.slow

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from converter import github
 from converter.errors import UserError
+from converter.ship import github
 from tests import loopback
 from tests.fake_github import REPOSITORY, TOKEN, Fault
 

@@ -1,4 +1,4 @@
-"""demucs' own loader behind `converter.loading`, and its errors for bad input."""
+"""demucs' own loader behind `converter.build.loading`, and its errors for bad input."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
+from converter.build.loading import load
 from converter.errors import UserError
-from converter.loading import load
 
 
 def test_loads_a_local_repo_and_records_checkpoint_digests(small_repo):

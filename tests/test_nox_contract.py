@@ -14,14 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from converter import contract_selftest, ortcheck
+from converter.facts import version_key
+from converter.gate import contract_selftest, ortcheck
+from converter.gate.evidence import contract_pins
 
 ROOT = Path(__file__).resolve().parent.parent
-# The list: the latest patch of every minor from 1.17 to the newest release.
-VERSIONS = (
-    "1.17.3 1.18.1 1.19.2 1.20.1 1.21.1 1.22.1 1.23.2 1.24.4 "
-    "1.25.1 1.26.0 1.27.0 1.28.0 1.29.0 1.30.0 1.31.1 1.32.0"
-).split()
+# Their one home is requirements/contract.txt; the test checks its rule, not a copy of it.
+VERSIONS = list(contract_pins())
 
 
 def _nox(*args: str, envdir: Path) -> subprocess.CompletedProcess:
@@ -51,6 +50,9 @@ def test_one_session_per_pinned_version_selectable_by_name(tmp_path):
     pins = (ROOT / "requirements/contract.txt").read_text().split("\n")
     pairs = [line.split() for line in pins if line.startswith("onnxruntime==")]
     assert [ort.removeprefix("onnxruntime==") for ort, _ in pairs] == VERSIONS
+    # One version per minor, every minor from 1.17 (the floor) on, in order.
+    minors = [version_key(v)[:2] for v in VERSIONS]
+    assert minors == [(1, minor) for minor in range(17, 17 + len(VERSIONS))]
     # ORT 1.17/1.18 are built against numpy 1 (1.17 fails to import under numpy 2).
     numpy = {ort.removeprefix("onnxruntime=="): np for ort, np in pairs}
     assert numpy["1.17.3"] == numpy["1.18.1"] == "numpy==1.26.4"

@@ -1,4 +1,5 @@
-"""The graph split into `If` bodies (`converter.partition`): exact, undoable, and kept by ORT."""
+"""The graph split into `If` bodies (`converter.build.partition`): exact, undoable, and kept
+by ORT."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import onnxruntime as ort
 import pytest
 
 from converter import metadata as meta
-from converter import partition
+from converter.build import partition
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from converter import github, interrupts, pins
+from converter import interrupts
 from converter.errors import UserError
+from converter.ship import github, pins
 from tests.fake_github import REPOSITORY, TOKEN, FakeGitHub, run_cli
 
 SERVER = "https://github.com"

@@ -16,9 +16,9 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from converter import contract_selftest, evidence, github, oplist, release, tags
 from converter.errors import UserError
 from converter.facts import SPECTRAL_CORE, WAVEFORM
+from converter.gate import contract_selftest, evidence, oplist
 from converter.metadata import (
     CACHE_KEY,
     MODEL_NAME,
@@ -30,6 +30,7 @@ from converter.metadata import (
     sidecar_path,
     stamp,
 )
+from converter.ship import github, release, tags
 from tests.fake_github import REPOSITORY, TOKEN, FakeGitHub, Fault, run_cli
 from tests.spectral_files import app_like_check, write_release_file
 
@@ -546,7 +547,7 @@ def test_local_assets_refuse_a_stale_sidecar(tmp_path):
 def test_real_build_converts_once_then_reuses_the_file(small_repo, client, fake, tmp_path, caplog):
     """The default build step with the real pipeline (small random-weight repo): the second
     release of the same model reuses the file built by the same toolchain, after validating it."""
-    caplog.set_level(logging.INFO, logger="converter.release")
+    caplog.set_level(logging.INFO, logger="converter.ship.release")
     out = tmp_path / "models"
     release.release(
         "model-v1.0.0", repo=small_repo, out_dir=out, client=client, load_test=passing_load_test

@@ -10,10 +10,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from converter import partition, storage
+from converter.build import partition, storage
+from converter.build.runtime_shapes import PREFIX, anchor_shapes
 from converter.facts import walk_model
-from converter.graphstats import simplified
-from converter.runtime_shapes import PREFIX, anchor_shapes
+from converter.measure.graphstats import simplified
 
 
 def _flatten_by_shape() -> onnx.ModelProto:
@@ -89,7 +89,7 @@ def test_converted_file_gives_load_time_folding_nothing_to_fold(small_models):
     """At ORT's default options, as apps open it, no shape of the graph becomes a constant."""
     shipped = onnx.load(small_models["htdemucs"])
     folded = simplified(shipped)
-    # ORT turns the else branches' empty Constants (`converter.partition`) into initializers.
+    # ORT turns the else branches' empty Constants (`converter.build.partition`) into initializers.
     placeholder = re.compile(re.escape(partition.PREFIX) + r"\d+/unused/")
     new = {n for n in _initializers(folded) - _initializers(shipped) if not placeholder.match(n)}
     # Only the float16 weights' Casts (and factor x scale products) fold back, as they should.

@@ -21,9 +21,9 @@ import soundfile as sf
 import soxr
 from onnx import TensorProto, helper
 
-from converter import separate as sep
+from converter.build.loading import load
 from converter.errors import UserError
-from converter.loading import load
+from converter.measure import separate as sep
 
 ROOT = Path(__file__).resolve().parent.parent
 RATE = 44100
@@ -136,7 +136,7 @@ def test_same_seed_same_result_other_seed_differs(small_models, tmp_path):
 def test_does_not_import_torch(small_models, tmp_path):
     song = write_song(tmp_path / "song.wav", music(1.0))
     code = (
-        "import sys\nfrom pathlib import Path\nfrom converter.separate import separate\n"
+        "import sys\nfrom pathlib import Path\nfrom converter.measure.separate import separate\n"
         f"separate(Path({str(song)!r}), Path({str(small_models['htdemucs'])!r}), "
         f"Path({str(tmp_path)!r}))\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
@@ -207,6 +207,7 @@ def test_failed_run_leaves_previous_stems_and_no_partial_files(small_models, tmp
     assert {p: p.read_bytes() for p in paths.values()} == before
 
 
+@pytest.mark.integration  # converts or runs the CLI without a model fixture
 def test_long_song_streams_in_bounded_memory_and_tail_is_exact():
     """A 10-minute song: an identity-like engine must give the input back (every frame covered
     with weights summing to one, tail included), without ever holding the whole output."""

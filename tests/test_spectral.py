@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from converter.export import trace
-from converter.graphstats import constant_bytes_by_part, macs_by_part, simplified
-from converter.spectral import Istft, Stft, dft_factors
+from converter.build.export import trace
+from converter.build.spectral import Istft, Stft, dft_factors
+from converter.measure.graphstats import constant_bytes_by_part, macs_by_part, simplified
 
 
 def torch_spec(x: torch.Tensor, n_fft: int) -> torch.Tensor:

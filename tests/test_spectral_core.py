@@ -20,8 +20,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from converter import accuracy, contract, contract_selftest, oplist, ortcheck, spectral_contract
 from converter import metadata as meta
+from converter import spectral_contract
+from converter.build.fakerepo import model_kwargs, write_bag, write_checkpoint
+from converter.build.loading import load
 from converter.errors import UserError
 from converter.facts import (
     MIX_INPUT,
@@ -32,10 +34,9 @@ from converter.facts import (
     TIME_OUTPUT,
     is_ai_onnx,
 )
-from converter.fakerepo import model_kwargs, write_bag, write_checkpoint
-from converter.loading import load
+from converter.gate import accuracy, contract, contract_selftest, oplist, ortcheck
+from converter.gate.validation import fixed_inputs, reference, session
 from converter.pipeline import convert, validate
-from converter.validation import fixed_inputs, reference, session
 
 STEMS = {
     "htdemucs": ["drums", "bass", "other", "vocals"],
@@ -179,6 +180,7 @@ def test_spectral_and_waveform_stems_agree_within_the_gate_on_every_input(
         assert (accuracy.stem_mse(composed, direct) <= bound).all(), signal
 
 
+@pytest.mark.integration  # converts or runs the CLI without a model fixture
 def test_non_one_hot_bag_mixes_both_outputs_with_demucs_weights(tmp_path):
     """Two models, weights not one-hot: the conversion's gate compares with demucs' bag."""
     repo = tmp_path / "repo"
@@ -204,7 +206,7 @@ def test_non_one_hot_bag_mixes_both_outputs_with_demucs_weights(tmp_path):
 
 
 def _graph_operators(model: onnx.ModelProto) -> set[tuple[str, int, str]]:
-    """(domain, opset, op) of every node, walked here independently of converter.oplist."""
+    """(domain, opset, op) of every node, walked here independently of converter.gate.oplist."""
     versions = {
         ("ai.onnx" if is_ai_onnx(i.domain) else i.domain): i.version for i in model.opset_import
     }

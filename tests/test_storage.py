@@ -15,10 +15,10 @@ from omegaconf import OmegaConf
 from onnx import TensorProto, helper, numpy_helper
 
 from converter import metadata as meta
-from converter import storage
+from converter.build import storage
+from converter.build.fakerepo import model_kwargs, write_bag
 from converter.errors import UserError
 from converter.facts import walk_model
-from converter.fakerepo import model_kwargs, write_bag
 from converter.pipeline import convert
 
 rng = np.random.default_rng(0)
@@ -191,6 +191,7 @@ def test_unknown_storage_is_one_clear_error(small_repo, tmp_path):
         convert("htdemucs", repo=small_repo, out_dir=tmp_path, weight_storage="bfloat16")
 
 
+@pytest.mark.integration  # converts or runs the CLI without a model fixture
 def test_a_float32_checkpoint_converts_validates_and_keeps_its_weights_float32(tmp_path, caplog):
     """A float32 fine-tune: nothing is rounded; only tensors that are exact in float16 (norms'
     ones and zeros at initialization) are stored as float16."""

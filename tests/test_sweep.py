@@ -1,5 +1,5 @@
-"""The seed sweep (`converter.sweep`, `converter/sweepcheck.py`): the files of many random draws
-against demucs at both ORT settings, the worst gap per model and input."""
+"""The seed sweep (`converter.measure.sweep`, `converter/measure/sweepcheck.py`): the files of many
+random draws against demucs at both ORT settings, the worst gap per model and input."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from converter import sweep
-from converter.contract_selftest import write_tiny
-from converter.ortcheck import reference_path
-from converter.sweepcheck import SETTINGS, record_path
+from converter.gate.contract_selftest import write_tiny
+from converter.gate.ortcheck import reference_path
+from converter.measure import sweep
+from converter.measure.sweepcheck import SETTINGS, record_path
 
 
 def _tiny_case(out: Path, error: float) -> Path:

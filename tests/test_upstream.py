@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from packaging.version import Version
 
-from converter import github, upstream
 from converter.errors import UserError
+from converter.ship import github, upstream
 from tests import loopback
 from tests.fake_github import REPOSITORY, TOKEN, Fault
 

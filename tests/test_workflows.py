@@ -17,7 +17,8 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-from converter import evidence, tags
+from converter.gate import evidence
+from converter.ship import tags
 
 ROOT = Path(__file__).resolve().parent.parent
 GITHUB = ROOT / ".github"
@@ -188,7 +189,7 @@ def release_yml() -> dict:
     return load(GITHUB / "workflows" / "release.yml")
 
 
-# One tag of every shape the grammar accepts (converter/tags.py), and some it refuses.
+# One tag of every shape the grammar accepts (converter/ship/tags.py), and some it refuses.
 GRAMMAR_TAGS = [
     f"model-{flavour}{spectral}v1.2.3{rc}"
     for flavour in ("", "ft-", "6s-")
@@ -209,19 +210,19 @@ def test_release_runs_on_model_tags_one_run_per_tag_without_caches(release_yml):
 
 
 def test_the_tag_is_read_by_the_package_before_any_install(release_yml, tmp_path):
-    """... and the build job's first step asks converter.tags (the grammar's one home), which
+    """... and the build job's first step asks converter.ship.tags (the grammar's one home), which
     refuses the rest in one line before anything is installed."""
     build = release_yml["jobs"]["build"]["steps"]
     assert build[0]["uses"].startswith("actions/checkout@")
     step = build[1]
     assert step["id"] == "tag" and "uses" not in step
     command = shlex.split(step["run"].split("|")[0])
-    assert command == ["python3", "-m", "converter.tags", "$GITHUB_REF_NAME"]
+    assert command == ["python3", "-m", "converter.ship.tags", "$GITHUB_REF_NAME"]
     assert "tee -a" in step["run"] and "$GITHUB_OUTPUT" in step["run"]
     assert step["shell"] == "bash"  # GitHub runs an explicit bash with -o pipefail
     for tag, code in [("model-ft-spectral-v1.0.0", 0), ("model-latest", 1)]:
         done = subprocess.run(
-            [sys.executable, "-S", "-m", "converter.tags", tag],
+            [sys.executable, "-S", "-m", "converter.ship.tags", tag],
             cwd=ROOT,
             capture_output=True,
             text=True,

@@ -1,0 +1,1 @@
+"""Ship: a gated file to GitHub releases, the catalog and OpenKara's pins (tags, budgets)."""
