@@ -18,7 +18,7 @@ from invoke import Collection, Exit, task
 
 from converter import interrupts
 from converter.errors import UserError
-from converter.facts import INTERFACES, PRODUCTS, SPECTRAL_CORE, WAVEFORM
+from converter.facts import ACCELERATORS_TARGET, INTERFACES, PRODUCTS, SPECTRAL_CORE, WAVEFORM
 from converter.ship.tags import GRAMMAR, either, example
 
 MODELS = f"{', '.join(PRODUCTS[:-1])} or {PRODUCTS[-1]}"
@@ -254,8 +254,10 @@ def pin_openkara(c, tag, checkout, dry_run=False, allow_prerelease=False):
     iterable=["tag", "runtime"],
     help={
         "tag": "Published spectral-core release to add "
-        f"({either([example(m, SPECTRAL_CORE) for m in ('htdemucs', 'htdemucs_ft')])}); "
-        "repeat for more.",
+        f"({either([example(m, SPECTRAL_CORE) for m in ('htdemucs', 'htdemucs_ft')])}: the "
+        "CPU file, marked for the cpu provider; "
+        f"{example('htdemucs', SPECTRAL_CORE, ACCELERATORS_TARGET)}: the accelerators' file, "
+        "marked for coreml, directml and xnnpack); repeat for more.",
         "base": "The catalog's previous release manifest (catalog/releases/PREV.json of "
         "openkara-models): runtimes, compatibility and supply chain are carried over from it.",
         "release_id": "The new manifest's release id, YYYY-MM-DD-NNN, after --base's.",
@@ -266,11 +268,12 @@ def pin_openkara(c, tag, checkout, dry_run=False, allow_prerelease=False):
         "thedavidweng/openkara-models).",
         "schema_ref": "Branch, tag or commit of --schema-repo to read the schema at (default: "
         "main).",
-        "runtime": "Runtime artifact id of --base our entries declare; repeat for more "
-        "(default: every runtime of --base that loads a spectral-core model).",
+        "runtime": "Runtime artifact id of --base our entries may declare; repeat for more "
+        "(default: every runtime of --base that loads a spectral-core model); each entry goes "
+        "on those running a provider of its file's target.",
         "allow_prerelease": "Also take -rc.N prereleases (a candidate catalog, never stable).",
         "supersede": "Deprecate --base's spectral-core entries of the same models in favour "
-        "of ours.",
+        "of ours of the same target (cpu or accelerators).",
         "created_at": "The manifest's created_at, UTC RFC 3339 (default: now).",
         "commit": "This repository's commit the releases came from (default: GITHUB_SHA, else "
         "the checkout's HEAD).",

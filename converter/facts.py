@@ -28,6 +28,12 @@ OUTPUT_NAME = "stems"
 WAVEFORM = "waveform"
 SPECTRAL_CORE = "spectral-core"
 INTERFACES = (WAVEFORM, SPECTRAL_CORE)
+# `invoke convert --target`: the CPU EP's graph (anchored shapes, the If split, com.microsoft
+# fusions) or the accelerators' (static shapes, no control flow, standard ops only), for
+# CoreML, DirectML and XNNPACK; stamped as `metadata.TARGET`, named by the release tag.
+CPU_TARGET = "cpu"
+ACCELERATORS_TARGET = "accelerators"
+TARGETS = (CPU_TARGET, ACCELERATORS_TARGET)
 SPECTRAL_CONTRACT = "openkara.spectral-contract/v1"
 
 # Spectral-core I/O, as OpenKara checks them at load: spectral [1, C, 2 (re, im), F, T] and

@@ -41,6 +41,10 @@ SPECTRAL_CONTRACT = "openkara.spectral_contract"
 STEM_PROFILE = "openkara.stem_profile"
 INPUT_SEMANTICS = "openkara.input_semantics"
 OUTPUT_SEMANTICS = "openkara.output_semantics"
+# facts.ACCELERATORS_TARGET on files built with `--target accelerators`; absent on the CPU EP's
+# files (their bytes unchanged), as `stamped_target` reads it. Keyed: the catalog marks a file's
+# execution providers by it (converter/ship/catalog.py).
+TARGET = "openkara.target"
 
 # What the cache key does not cover: itself, and the record of how the file was made.
 UNKEYED = frozenset({CACHE_KEY, PROVENANCE})
@@ -143,6 +147,11 @@ def _replace(model: onnx.ModelProto, entries: list[tuple[str, str]]) -> None:
 
 def read_metadata(model: onnx.ModelProto) -> dict[str, str]:
     return {prop.key: prop.value for prop in model.metadata_props}
+
+
+def stamped_target(entries: Mapping[str, str]) -> str:
+    """The file's `--target`; files without the key are the CPU EP's (facts.CPU_TARGET)."""
+    return entries.get(TARGET, facts.CPU_TARGET)
 
 
 def stamp(model: onnx.ModelProto, entries: Mapping[str, str]) -> None:

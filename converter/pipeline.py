@@ -98,6 +98,7 @@ def metadata_entries(
         meta.AUDIO_CHANNELS: str(bag.models[0].audio_channels),
         meta.WEIGHT_STORAGE: weight_storage,
         meta.PROVENANCE: json.dumps(provenance, sort_keys=True, separators=(",", ":")),
+        **({} if target == accelerate.CPU else {meta.TARGET: target}),
     }
 
 

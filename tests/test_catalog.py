@@ -15,9 +15,16 @@ import onnx
 import pytest
 
 from converter.errors import UserError
-from converter.facts import WAVEFORM
+from converter.facts import ACCELERATORS_TARGET, WAVEFORM
 from converter.gate import oplist
-from converter.metadata import CACHE_KEY, TENSOR_INTERFACE, read_metadata, sha256_file, sidecar_path
+from converter.metadata import (
+    CACHE_KEY,
+    TARGET,
+    TENSOR_INTERFACE,
+    read_metadata,
+    sha256_file,
+    sidecar_path,
+)
 from converter.ship import catalog, github
 from tests.fake_github import REPOSITORY, TOKEN, FakeGitHub, run_cli
 from tests.spectral_files import INPUT_SEMANTICS, OUTPUT_SEMANTICS, write_release_file
@@ -30,6 +37,8 @@ CREATED = "2026-12-03T10:00:00Z"
 RUNTIME = "ort-test-x86_64-unknown-linux-gnu"
 WAVEFORM_ONLY_RUNTIME = "ort-test-waveform-only"
 HT, FT = "model-spectral-v1.0.0", "model-ft-spectral-v1.0.0"
+ACC = "model-spectral-accelerators-v1.0.0"
+LINUX = "x86_64-unknown-linux-gnu"
 
 
 def _model(artifact_id: str, variant: str, interface: str) -> dict:
@@ -64,15 +73,30 @@ def _model(artifact_id: str, variant: str, interface: str) -> dict:
     }
 
 
-def _runtime(artifact_id: str, supported: list[str]) -> dict:
+def _runtime(
+    artifact_id: str,
+    supported: list[str],
+    providers: tuple[str, ...] = ("cpu", "xnnpack"),
+    triple: str = LINUX,
+) -> dict:
     return {
         "artifact_id": artifact_id,
         "kind": "runtime",
-        "target_triple": "x86_64-unknown-linux-gnu",
+        "target_triple": triple,
         "runtime": {
-            "execution_providers": ["cpu", "xnnpack"],
+            "execution_providers": list(providers),
             "supported_model_artifact_ids": supported,
         },
+    }
+
+
+def _edge(model: str, runtime: str, provider: str, triple: str = LINUX) -> dict:
+    return {
+        "model_artifact_id": model,
+        "runtime_artifact_id": runtime,
+        "target_triple": triple,
+        "execution_provider": provider,
+        "status": "supported",
     }
 
 
@@ -103,13 +127,8 @@ def base_manifest() -> dict:
             "bundles": [],
         },
         "compatibility": [
-            {
-                "model_artifact_id": "old.spectral",
-                "runtime_artifact_id": RUNTIME,
-                "target_triple": "x86_64-unknown-linux-gnu",
-                "execution_provider": "xnnpack",
-                "status": "supported",
-            }
+            _edge("old.spectral", RUNTIME, "cpu"),
+            _edge("old.spectral", RUNTIME, "xnnpack"),
         ],
         "supply_chain": {"sbom": ref, "license": ref, "notice": ref, "provenance": ref},
         "gates": {"quality_report": ref},
@@ -294,6 +313,171 @@ def test_runtime_choice_supersede_and_schema_options(client, fake, base, tmp_pat
     assert not [s for s in fake.seen[seen:] if "/contents/" in s.path]
 
 
+MAC, WIN = "ort-test-aarch64-apple-darwin", "ort-test-x86_64-pc-windows-msvc"
+WIN_CPU = "ort-test-x86_64-pc-windows-msvc-cpu"
+# Runtimes as openkara-models' catalog lists them: each target's accelerator beside the CPU EP,
+# and one CPU-only build.
+PROVIDER_RUNTIMES = [
+    (MAC, ("cpu", "coreml"), "aarch64-apple-darwin"),
+    (WIN, ("cpu", "directml"), "x86_64-pc-windows-msvc"),
+    (WIN_CPU, ("cpu",), "x86_64-pc-windows-msvc"),
+]
+
+
+def provider_base() -> dict:
+    """`base_manifest` with the runtimes of `PROVIDER_RUNTIMES` loading its spectral model."""
+    manifest = base_manifest()
+    old = entry(manifest, "old.spectral")
+    for rid, providers, triple in PROVIDER_RUNTIMES:
+        manifest["artifacts"]["runtimes"].append(_runtime(rid, ["old.spectral"], providers, triple))
+        old["model"]["compatible_runtime_ids"].append(rid)
+        manifest["compatibility"] += [_edge("old.spectral", rid, p, triple) for p in providers]
+    return manifest
+
+
+def assert_invariants(manifest: dict, ids: list[str]) -> None:
+    """openkara-models' cross-field rules for edges (docs/catalog-contract.md, "Invariants
+    enforced" 4 and 7; docs/releasing.md names the script): every edge's provider is one its
+    runtime runs and its target the runtime's; a model of `ids` and a runtime declare each other
+    exactly when a supported edge joins them."""
+    runtimes = {r["artifact_id"]: r for r in manifest["artifacts"]["runtimes"]}
+    pairs = set()
+    for edge in manifest["compatibility"]:
+        runtime = runtimes[edge["runtime_artifact_id"]]
+        assert edge["execution_provider"] in runtime["runtime"]["execution_providers"], edge
+        assert edge["target_triple"] == runtime["target_triple"], edge
+        pairs.add((edge["model_artifact_id"], edge["runtime_artifact_id"]))
+    for aid in ids:
+        model = entry(manifest, aid)
+        declared = set(model["model"]["compatible_runtime_ids"])
+        listing = {
+            rid
+            for rid, runtime in runtimes.items()
+            if aid in runtime["runtime"]["supported_model_artifact_ids"]
+        }
+        assert declared == listing, aid
+        assert declared == {rid for mid, rid in pairs if mid == aid}, aid
+
+
+def edges_of(manifest: dict, artifact_id: str) -> list[tuple[str, str]]:
+    return sorted(
+        (edge["runtime_artifact_id"], edge["execution_provider"])
+        for edge in manifest["compatibility"]
+        if edge["model_artifact_id"] == artifact_id
+    )
+
+
+def publish_accelerators(fake: FakeGitHub, tmp_path: Path, tag: str = ACC, **kwargs) -> Path:
+    """The accelerators' file as convert stamps it: float32 weights, `openkara.target`."""
+    kwargs = {"seed": 1, "weight_storage": "float32", TARGET: ACCELERATORS_TARGET, **kwargs}
+    return publish(fake, tmp_path, tag, "htdemucs", **kwargs)
+
+
+def test_cpu_and_accelerators_files_are_marked_by_provider(client, fake, tmp_path):
+    base = tmp_path / "base.json"
+    base.write_text(json.dumps(provider_base()))
+    cpu = publish(fake, tmp_path, HT, "htdemucs")
+    accelerators = publish_accelerators(fake, tmp_path)
+    path = run(client, base, tmp_path / "out", tags=(HT, ACC), supersede=True)
+
+    manifest = json.loads(path.read_text())
+    jsonschema.Draft202012Validator(SCHEMA).validate(manifest)
+    cpu_id, acc_id = f"htdemucs.spectral.fp32.{HT}", f"htdemucs.spectral.fp32.{ACC}"
+    assert_invariants(manifest, ["old.spectral", cpu_id, acc_id])
+    # the CPU EP's file: the cpu provider of every runtime that loads spectral-core models
+    assert entry(manifest, cpu_id)["model"]["compatible_runtime_ids"] == [
+        RUNTIME,
+        MAC,
+        WIN,
+        WIN_CPU,
+    ]
+    assert edges_of(manifest, cpu_id) == sorted(
+        [(RUNTIME, "cpu"), (MAC, "cpu"), (WIN, "cpu"), (WIN_CPU, "cpu")]
+    )
+    # the accelerators' file: each runtime's accelerator, none on the CPU-only build
+    assert entry(manifest, acc_id)["model"]["compatible_runtime_ids"] == [RUNTIME, MAC, WIN]
+    assert edges_of(manifest, acc_id) == sorted(
+        [(RUNTIME, "xnnpack"), (MAC, "coreml"), (WIN, "directml")]
+    )
+    runtimes = {r["artifact_id"]: r["runtime"] for r in manifest["artifacts"]["runtimes"]}
+    assert runtimes[WIN_CPU]["supported_model_artifact_ids"] == ["old.spectral", cpu_id]
+    assert runtimes[MAC]["supported_model_artifact_ids"] == ["old.spectral", cpu_id, acc_id]
+    # two files, each its own release's bytes
+    ours = entry(manifest, acc_id)
+    assert ours["archive_digest"] == sha256_file(accelerators) != sha256_file(cpu)
+    assert ours["download_url"] == (
+        f"{SERVER}/{REPOSITORY}/releases/download/{ACC}/{accelerators.name}"
+    )
+    assert ours["model"]["cache_key"] == read_metadata(onnx.load(str(accelerators)))[CACHE_KEY]
+    assert (ours["variant"], ours["profile"], ours["model"]["precision"]) == (
+        "htdemucs",
+        "balanced",
+        "fp32",
+    )
+    # --supersede: the base's entry (cpu and accelerator edges) gives way to the CPU file
+    assert entry(manifest, "old.spectral")["deprecation"]["replacement_artifact_id"] == cpu_id
+    lines = catalog.summary(path).splitlines()
+    assert lines[1].startswith(f"- {cpu_id} (cpu): {SERVER}/")
+    assert lines[2].startswith(f"- {acc_id} (coreml, directml, xnnpack): {SERVER}/")
+
+    # the next release supersedes each of ours by the new file of its own target only
+    publish(fake, tmp_path, "model-spectral-v1.1.0", "htdemucs", seed=2)
+    publish_accelerators(fake, tmp_path, "model-spectral-accelerators-v1.1.0", seed=3)
+    steps = [
+        ("model-spectral-v1.1.0", cpu_id, acc_id),
+        ("model-spectral-accelerators-v1.1.0", acc_id, cpu_id),
+    ]
+    for number, (tag, replaced, kept) in enumerate(steps, start=2):
+        nxt = json.loads(
+            run(
+                client,
+                path,
+                tmp_path / "out",
+                tags=(tag,),
+                supersede=True,
+                release_id=f"2026-12-03-00{number}",
+            ).read_text()
+        )
+        new_id = f"htdemucs.spectral.fp32.{tag}"
+        assert entry(nxt, replaced)["deprecation"]["replacement_artifact_id"] == new_id
+        assert entry(nxt, kept)["deprecation"]["deprecated"] is False
+        assert_invariants(nxt, [cpu_id, acc_id, new_id])
+
+
+def cpu_only_base() -> dict:
+    """A catalog whose runtimes run the CPU EP only."""
+    manifest = base_manifest()
+    for runtime in manifest["artifacts"]["runtimes"]:
+        runtime["runtime"]["execution_providers"] = ["cpu"]
+    manifest["compatibility"] = [_edge("old.spectral", RUNTIME, "cpu")]
+    return manifest
+
+
+def test_an_accelerators_file_without_an_accelerator_runtime_is_one_line(fake, tmp_path):
+    publish_accelerators(fake, tmp_path)
+    base = tmp_path / "base.json"
+    base.write_text(json.dumps(cpu_only_base()))
+    out = tmp_path / "out"
+    seen = len(fake.seen)
+    done = run_cli(
+        fake,
+        *("catalog", "--tag", ACC, "--base", str(base), "--release-id", "2026-12-03-001"),
+        *("--out", str(out), "--commit", COMMIT),
+        cwd=ROOT,
+    )
+    assert done.returncode == 1 and done.stdout == ""
+    errors = [text for text in done.stderr.splitlines() if text.startswith("error:")]
+    assert errors == [
+        "error: no chosen runtime runs coreml, directml or xnnpack, the providers of a --target "
+        f"accelerators file ({RUNTIME}: cpu); name runtimes that do with --runtime ID, or use a "
+        "--base that has them"
+    ], done.stderr
+    assert "Traceback" not in done.stderr
+    assert not out.exists() or list(out.iterdir()) == []
+    # refused before any download
+    assert not [s for s in fake.seen[seen:] if "/assets" in s.path or "/download/" in s.path]
+
+
 def _corrupt_digest(fake, tmp_path):
     publish(fake, tmp_path, HT, "htdemucs")
     (asset,) = [a for a in fake.assets.values() if a["name"] == "htdemucs.spectral.onnx"]
@@ -360,6 +544,23 @@ REFUSALS = {
         {},
         f"tag {HT} does not resolve to a commit through the API",
     ),
+    "CPU file under an accelerators tag": (
+        lambda fake, tmp: publish(fake, tmp, ACC, "htdemucs"),
+        {"tags": (ACC,)},
+        f"{ACC}: htdemucs.spectral.onnx was built for --target cpu (openkara.target=None) but "
+        "the tag releases accelerators files",
+    ),
+    "accelerators file under a CPU tag": (
+        lambda fake, tmp: publish_accelerators(fake, tmp, HT),
+        {},
+        f"{HT}: htdemucs.spectral.onnx was built for --target accelerators "
+        "(openkara.target='accelerators') but the tag releases cpu files",
+    ),
+    "accelerators file, no runtime with an accelerator": (
+        lambda fake, tmp: publish_accelerators(fake, tmp),
+        {"tags": (HT, ACC), "runtimes": [WAVEFORM_ONLY_RUNTIME], "base_manifest": cpu_only_base},
+        "no chosen runtime runs coreml, directml or xnnpack, the providers of a --target acc",
+    ),
     "waveform tag": (
         lambda fake, tmp: None,
         {"tags": ("model-v1.0.0",)},
@@ -402,6 +603,9 @@ def test_refusals_are_one_line_and_write_nothing(
     prepare(fake, tmp_path)
     out = tmp_path / "out"
     writes = len(fake.writes())
+    if "base_manifest" in options:
+        options = dict(options)
+        base.write_text(json.dumps(options.pop("base_manifest")()))
     with pytest.raises(UserError) as refused:
         run(client, base, out, **options)
     message = str(refused.value)
@@ -466,7 +670,7 @@ def test_cli_writes_the_manifest_without_model_code(fake, base, tmp_path):
     url = f"{SERVER}/{REPOSITORY}/releases/download/{HT}/{path.name}"
     assert done.stdout.splitlines() == [
         f"wrote {written} (generation 8):",
-        f"- htdemucs.spectral.fp32.{HT}: {url} ({path.stat().st_size:,} bytes, sha256 "
+        f"- htdemucs.spectral.fp32.{HT} (cpu): {url} ({path.stat().st_size:,} bytes, sha256 "
         f"{sha256_file(path)})",
     ]
     # a refusal on the command line: one line, no traceback, nothing written
@@ -475,7 +679,7 @@ def test_cli_writes_the_manifest_without_model_code(fake, base, tmp_path):
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert errors == [
         "error: model-v1.0.0 is a waveform release: OpenKara's catalog takes spectral-core files "
-        "only (tags model-spectral-v*, model-ft-spectral-v*)"
+        "only (tags model-spectral-v*, model-ft-spectral-v*, model-spectral-accelerators-vX.Y.Z)"
     ]
     assert "Traceback" not in done.stderr and not (tmp_path / "out2").exists()
 

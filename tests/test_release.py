@@ -17,12 +17,13 @@ import pytest
 from onnx import numpy_helper
 
 from converter.errors import UserError
-from converter.facts import SPECTRAL_CORE, WAVEFORM
+from converter.facts import ACCELERATORS_TARGET, CPU_TARGET, SPECTRAL_CORE, WAVEFORM
 from converter.gate import contract_selftest, evidence, oplist
 from converter.metadata import (
     CACHE_KEY,
     MODEL_NAME,
     PROVENANCE,
+    TARGET,
     TENSOR_INTERFACE,
     WEIGHT_STORAGE,
     read_metadata,
@@ -180,16 +181,26 @@ def assert_published_once(
             SPECTRAL_CORE,
             "htdemucs_6s.spectral.onnx",
         ),
+        (
+            "model-spectral-accelerators-v1.0.0",
+            "htdemucs",
+            False,
+            SPECTRAL_CORE,
+            "htdemucs.spectral.onnx",
+        ),
+        ("model-ft-accelerators-v1.0.0-rc.1", "htdemucs_ft", True, WAVEFORM, "htdemucs_ft.onnx"),
     ],
 )
 def test_tag_grammar(tag, model, prerelease, interface, file):
     parsed = release.parse_tag(tag)
-    assert parsed == release.Tag(tag, model, prerelease, interface)
+    target = ACCELERATORS_TARGET if "-accelerators-" in tag else CPU_TARGET
+    assert parsed == release.Tag(tag, model, prerelease, interface, target)
     assert parsed.file_name == file
     # the workflow's view of the same tag, from the one grammar
     assert tags.outputs(tag).splitlines() == [
         f"model={model}",
         f"interface={interface}",
+        f"target={target}",
         f"file={file}",
         f"prerelease={str(prerelease).lower()}",
     ]
@@ -210,6 +221,9 @@ def test_tag_grammar(tag, model, prerelease, interface, file):
         "model-spectral-spectral-v1.0.0",
         "model-spectral-1.0.0",
         "model-waveform-v1.0.0",
+        "model-accelerators-spectral-v1.0.0",
+        "model-spectral-cpu-v1.0.0",
+        "model-spectral-accel-v1.0.0",
     ],
 )
 def test_bad_tags_are_refused_before_any_work(run, fake, tag):
@@ -532,6 +546,22 @@ def test_reuse_check(tmp_path):
     assert not reuse and f"onnx 0.0.1 (installed: {TOOLCHAIN['onnx']})" in why
     full = write_model(tmp_path / "full", "htdemucs", weight_storage="float32")
     assert release.reuse_check(full, "htdemucs")[1].endswith("as float32; releases ship float16")
+    # the accelerators' file: stamped for its target, float32 weights
+    accel = write_release_file(
+        tmp_path / "accel",
+        "htdemucs",
+        toolchain=TOOLCHAIN,
+        weight_storage="float32",
+        **{TARGET: ACCELERATORS_TARGET},
+    )
+    assert release.reuse_check(accel, "htdemucs", SPECTRAL_CORE, ACCELERATORS_TARGET)[0]
+    assert release.reuse_check(accel, "htdemucs", SPECTRAL_CORE)[1].endswith(
+        "was built for --target accelerators, not cpu"
+    )
+    cpu = write_release_file(tmp_path / "cpu", "htdemucs", toolchain=TOOLCHAIN)
+    assert release.reuse_check(cpu, "htdemucs", SPECTRAL_CORE, ACCELERATORS_TARGET)[1].endswith(
+        "was built for --target cpu, not accelerators"
+    )
     sidecar_path(path).write_text("f" * 64 + "  htdemucs.onnx\n")
     assert not release.reuse_check(path, "htdemucs")[0]
     assert not release.reuse_check(tmp_path / "missing.onnx", "htdemucs")[0]
@@ -733,18 +763,27 @@ def test_a_stale_operator_list_is_refused_before_anything_is_created(client, fak
 @pytest.mark.parametrize(
     ("tag", "stamped", "message"),
     [
-        (SPECTRAL_TAG, WAVEFORM, "is a waveform file .* but tag model-ft-spectral-v1.0.0"),
-        ("model-ft-v1.0.0", SPECTRAL_CORE, "is a spectral-core file .* but tag model-ft-v1.0.0"),
+        (SPECTRAL_TAG, {TENSOR_INTERFACE: WAVEFORM}, "is a waveform file .* but tag model-ft-spe"),
+        ("model-ft-v1.0.0", {TENSOR_INTERFACE: SPECTRAL_CORE}, "is a spectral-core file .* but"),
+        (
+            "model-ft-spectral-accelerators-v1.0.0",
+            {},
+            "was built for --target cpu but tag model-ft-spectral-accelerators-v1.0.0 releases "
+            "accelerators files",
+        ),
+        (
+            SPECTRAL_TAG,
+            {TARGET: ACCELERATORS_TARGET},
+            f"was built for --target accelerators but tag {SPECTRAL_TAG} releases cpu files",
+        ),
     ],
 )
 def test_a_file_of_the_other_interface_is_refused(client, fake, tmp_path, tag, stamped, message):
-    """The file's stamp must match the tag's interface, both ways in."""
+    """The file's stamp must match the tag's interface and target, both ways in."""
     out = tmp_path / "models"
     interface = release.parse_tag(tag).interface
-    # the right name for the tag, the wrong interface in its metadata
-    path = write_release_file(
-        out, "htdemucs_ft", interface, toolchain=TOOLCHAIN, **{TENSOR_INTERFACE: stamped}
-    )
+    # the right name for the tag, the wrong interface or target in its metadata
+    path = write_release_file(out, "htdemucs_ft", interface, toolchain=TOOLCHAIN, **stamped)
     write_evidence(tmp_path / "matrix", path)
     with pytest.raises(UserError, match=message):
         release.release(

@@ -43,15 +43,14 @@ from onnx import helper, numpy_helper
 
 from converter.build.runtime_shapes import inferred
 from converter.facts import SUM_LEAF, is_ai_onnx, sum_blocks, walk_model
+from converter.facts import TARGETS as TARGETS  # re-exported: convert's --target check
 
 log = logging.getLogger(__name__)
 
 PREFIX = "accelerate/"
 # `invoke convert --target`: the CPU EP's graph (anchored shapes, the If split, com.microsoft
 # fusions) or the accelerators' (static shapes, no control flow, standard ops only).
-CPU = "cpu"
-ACCELERATORS = "accelerators"
-TARGETS = (CPU, ACCELERATORS)
+CPU, ACCELERATORS = TARGETS  # one home: facts.TARGETS
 # A zero block of a Pad up to this size is stored (CoreML NeuralNetwork has no Tile); larger
 # ones are tiled from a single zero at run time.
 ZERO_BLOCK_BYTES = 256 << 10

@@ -27,6 +27,7 @@ from onnx import TensorProto
 from converter import metadata
 from converter.errors import UserError
 from converter.facts import (
+    ACCELERATORS_TARGET,
     COM_MICROSOFT,
     COM_MICROSOFT_ALLOWED,
     COM_MICROSOFT_OPSET,
@@ -42,6 +43,7 @@ from converter.facts import (
     SPECTRAL_CORE,
     SPECTRAL_INPUT,
     SPECTRAL_OUTPUT,
+    TARGETS,
     TIME_OUTPUT,
     WAVEFORM,
     WEIGHT_STORAGES,
@@ -62,6 +64,7 @@ RULES = (
     "io",
     "metadata",
     "cache_key",
+    "target",
     "sidecar",
     "checker",
 )
@@ -202,9 +205,33 @@ def _metadata_violations(meta: dict[str, str]) -> list[Violation]:
                 f"{metadata.TENSOR_INTERFACE}={interface!r} is not one of {', '.join(INTERFACES)}",
             )
         )
+    target = meta.get(metadata.TARGET)
+    if target is not None and target not in TARGETS:
+        found.append(
+            Violation(
+                "metadata", f"{metadata.TARGET}={target!r} is not one of {', '.join(TARGETS)}"
+            )
+        )
     if interface == SPECTRAL_CORE:
         found += _spectral_metadata_violations(meta)
     return found
+
+
+# What the accelerators' providers cannot run: CoreML skips control-flow bodies, and CoreML and
+# XNNPACK have no com.microsoft kernels (docs/runtime-contract.md).
+CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
+
+
+def _target_violations(model: onnx.ModelProto, meta: dict[str, str]) -> list[Violation]:
+    """A file stamped for the accelerators (the catalog gives it their providers) holds no
+    control flow and standard operators only."""
+    if metadata.stamped_target(meta) != ACCELERATORS_TARGET:
+        return []
+    return [
+        Violation("target", f"{_node_label(where, node)} in a file stamped {ACCELERATORS_TARGET}")
+        for where, node in walk_model(model)
+        if not is_ai_onnx(node.domain) or node.op_type in CONTROL_FLOW
+    ]
 
 
 def _n_fft(meta: dict[str, str]) -> int:
@@ -354,6 +381,7 @@ def violations(model: onnx.ModelProto, path: Path | None = None) -> list[Violati
     found = _domain_violations(model) + _import_violations(model)
     found += _io_violations(model, meta) + _metadata_violations(meta)
     found += _cache_key_violations(model, meta)
+    found += _target_violations(model, meta)
     if path is not None:
         found += _sidecar_violations(path)
     return found + _checker_violations(model)

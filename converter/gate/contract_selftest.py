@@ -21,6 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from converter import metadata, spectral_contract
 from converter.facts import (
+    ACCELERATORS_TARGET,
     COM_MICROSOFT,
     COM_MICROSOFT_OPSET,
     FLOAT32_STORAGE,
@@ -372,6 +373,13 @@ SELF_TEST_CASES: dict[
     "stale_cache_key": ("cache_key", _with_stale_cache_key, None),
     "wrong_sidecar": ("sidecar", None, _break_sidecar),
     "wrong_shape": ("io", _with_dynamic_time_axis, None),
+    "unknown_target": ("metadata", _with_entry(metadata.TARGET, "gpu"), None),
+    # the stand-in's com.microsoft Gelu, in a file the catalog would give CoreML and XNNPACK
+    "accelerators_with_com_microsoft": (
+        "target",
+        _with_entry(metadata.TARGET, ACCELERATORS_TARGET),
+        None,
+    ),
 }
 
 # The same for the spectral-core stand-in (`tiny_spectral_model`).

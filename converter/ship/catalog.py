@@ -7,7 +7,9 @@ a file. This module writes such a manifest for our releases: it reads each PUBLI
 through the API, downloads its assets (bounded, streamed), checks every byte against the
 `.sha256` asset and GitHub's `digest`, reads the entry's facts from the file itself (onnx only,
 no torch), carries the runtimes, compatibility edges and supply-chain records over from the
-previous manifest (`--base`), validates the result against the published JSON schema and
+previous manifest (`--base`), marks each entry by execution provider (compatibility edges:
+the CPU EP's file for `cpu`, the accelerators' file for `coreml`/`directml`/`xnnpack`, as the
+file's `openkara.target` says), validates the result against the published JSON schema and
 writes it atomically. Field meanings: openkara-models' docs/catalog-contract.md; ours:
 docs/releasing.md.
 """
@@ -35,6 +37,8 @@ import onnx
 
 from converter.errors import UserError
 from converter.facts import (
+    ACCELERATORS_TARGET,
+    CPU_TARGET,
     MIX_INPUT,
     REPO_ROOT,
     SPECTRAL_CONTRACT,
@@ -53,17 +57,19 @@ from converter.metadata import (
     SAMPLE_RATE,
     SEGMENT_SAMPLES,
     STEM_PROFILE,
+    TARGET,
     TENSOR_INTERFACE,
     fingerprint,
     read_metadata,
     read_sidecar,
     sidecar_path,
+    stamped_target,
     write_text_atomic,
 )
 from converter.metadata import SPECTRAL_CONTRACT as SPECTRAL_CONTRACT_KEY
 from converter.ship import github
 from converter.ship.release import download_url, find_release
-from converter.ship.tags import Tag, parse_tag
+from converter.ship.tags import Tag, either, example, parse_tag
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +85,11 @@ STEM_PROFILES = ("four-stem",)
 # Inputs, outputs and compute are float32; float16 weight storage is exact and Cast to float32
 # in the graph (docs/weight-storage.md), so the catalog's precision is fp32.
 PRECISION = "fp32"
-# Our load tests prove the CPU execution provider only (docs/runtime-contract.md).
-EXECUTION_PROVIDER = "cpu"
+# The execution providers (the schema's `execution_provider` names) each target's file is marked
+# for: the CPU EP's file (what our load tests prove) for `cpu`; the accelerators' file (no control
+# flow, static shapes, standard ops, float32 weights) for the providers OpenKara registers first
+# where they exist, which take almost nothing of the CPU file (docs/runtime-contract.md).
+PROVIDERS = {CPU_TARGET: ("cpu",), ACCELERATORS_TARGET: ("coreml", "directml", "xnnpack")}
 MAX_MODEL_BYTES = 4 << 30
 MAX_TEXT_BYTES = 1 << 20
 
@@ -102,6 +111,19 @@ class Verified:
     operators: Download
 
 
+@dataclass(frozen=True)
+class Ours:
+    """One entry we add and the providers it is marked for: runtime id -> providers."""
+
+    entry: dict
+    target: str
+    marks: dict[str, list[str]]
+
+    @property
+    def artifact_id(self) -> str:
+        return self.entry["artifact_id"]
+
+
 # -- inputs --------------------------------------------------------------------------------
 
 
@@ -113,7 +135,8 @@ def parse_tags(tags: Iterable[str]) -> list[Tag]:
         if tag.interface != SPECTRAL_CORE:
             raise UserError(
                 f"{name} is a {tag.interface} release: OpenKara's catalog takes spectral-core "
-                "files only (tags model-spectral-v*, model-ft-spectral-v*)"
+                "files only (tags model-spectral-v*, model-ft-spectral-v*, "
+                f"{example('htdemucs', SPECTRAL_CORE, ACCELERATORS_TARGET)})"
             )
         if tag.model not in PROFILES:
             raise UserError(
@@ -350,6 +373,12 @@ def file_facts(verified: Verified) -> dict:
             f"{tag.name}: {path.name} is not a spectral-core file as the catalog needs it: "
             f"{'; '.join(problems)}"
         )
+    if stamped_target(meta) != tag.target:
+        raise UserError(
+            f"{tag.name}: {path.name} was built for --target {stamped_target(meta)} "
+            f"({TARGET}={meta.get(TARGET)!r}) but the tag releases {tag.target} files; the "
+            "catalog would mark it for the wrong execution providers"
+        )
     if fingerprint(model) != meta[CACHE_KEY]:
         raise UserError(f"{tag.name}: {path.name}'s {CACHE_KEY} does not match its graph")
     listed = verified.operators.path.read_text(encoding="utf-8", errors="replace")
@@ -427,8 +456,8 @@ def model_entry(
 
 
 def spectral_runtimes(base: dict, wanted: list[str]) -> list[dict]:
-    """The runtimes our entries declare: `wanted`, else every runtime of `base` that loads a
-    spectral-core model today. Each must run the CPU execution provider (what we load-test)."""
+    """The runtimes our entries may declare: `wanted`, else every runtime of `base` that loads
+    a spectral-core model today."""
     runtimes = {r["artifact_id"]: r for r in base["artifacts"]["runtimes"]}
     if wanted:
         unknown = [rid for rid in wanted if rid not in runtimes]
@@ -437,38 +466,69 @@ def spectral_runtimes(base: dict, wanted: list[str]) -> list[dict]:
                 f"--runtime {', '.join(unknown)} is not a runtime of --base; it has "
                 f"{', '.join(runtimes) or 'none'}"
             )
-        chosen = list(dict.fromkeys(wanted))
-    else:
-        spectral = {
-            m["artifact_id"]
-            for m in base["artifacts"]["models"]
-            if m["model"]["tensor_interface"] == SPECTRAL_CORE
-        }
-        chosen = [
-            rid
-            for rid, runtime in runtimes.items()
-            if spectral & set(runtime["runtime"]["supported_model_artifact_ids"])
-        ]
-        if not chosen:
-            raise UserError(
-                "--base has no runtime that loads a spectral-core model: name the runtimes "
-                "with --runtime ID"
-            )
-        log.info("runtimes that load spectral-core models in --base: %s", ", ".join(chosen))
-    no_cpu = [
+        return [runtimes[rid] for rid in dict.fromkeys(wanted)]
+    spectral = {
+        m["artifact_id"]
+        for m in base["artifacts"]["models"]
+        if m["model"]["tensor_interface"] == SPECTRAL_CORE
+    }
+    chosen = [
         rid
-        for rid in chosen
-        if EXECUTION_PROVIDER not in runtimes[rid]["runtime"]["execution_providers"]
+        for rid, runtime in runtimes.items()
+        if spectral & set(runtime["runtime"]["supported_model_artifact_ids"])
     ]
-    if no_cpu:
-        raise UserError(f"runtime {', '.join(no_cpu)} has no CPU execution provider")
+    if not chosen:
+        raise UserError(
+            "--base has no runtime that loads a spectral-core model: name the runtimes "
+            "with --runtime ID"
+        )
+    log.info("runtimes that load spectral-core models in --base: %s", ", ".join(chosen))
     return [runtimes[rid] for rid in chosen]
+
+
+def provider_marks(runtimes: list[dict], target: str) -> dict[str, list[str]]:
+    """Runtime id -> the providers of it that `target`'s file is marked for (`PROVIDERS`),
+    for every chosen runtime that has one; refused when none has."""
+    wanted = PROVIDERS[target]
+    marks = {
+        r["artifact_id"]: [p for p in r["runtime"]["execution_providers"] if p in wanted]
+        for r in runtimes
+    }
+    for rid in [rid for rid, providers in marks.items() if not providers]:
+        log.info("runtime %s runs none of %s: no %s entry on it", rid, ", ".join(wanted), target)
+        del marks[rid]
+    if not marks:
+        have = "; ".join(
+            f"{r['artifact_id']}: {', '.join(r['runtime']['execution_providers'])}"
+            for r in runtimes
+        )
+        raise UserError(
+            f"no chosen runtime runs {either(list(wanted))}, the providers of a --target "
+            f"{target} file ({have}); name runtimes that do with --runtime ID, or use a --base "
+            "that has them"
+        )
+    log.info(
+        "%s files marked for: %s",
+        target,
+        "; ".join(f"{rid} ({', '.join(ps)})" for rid, ps in marks.items()),
+    )
+    return marks
+
+
+def base_target(manifest: dict, artifact_id: str) -> str:
+    """Which of our targets an entry of `--base` stands for, by its edges: accelerator
+    providers only means the accelerators' file; anything else (cpu among them) the CPU's."""
+    providers = {
+        edge["execution_provider"]
+        for edge in manifest["compatibility"]
+        if edge["model_artifact_id"] == artifact_id
+    }
+    return ACCELERATORS_TARGET if providers and "cpu" not in providers else CPU_TARGET
 
 
 def build_manifest(
     base: dict,
-    entries: list[dict],
-    runtimes: list[dict],
+    ours: list[Ours],
     *,
     release_id: str,
     created_at: str,
@@ -476,14 +536,15 @@ def build_manifest(
     supersede: bool = False,
 ) -> dict:
     """`base` carried over (runtimes, compatibility, supply chain, consumer range), our entries
-    added with their runtime declarations and CPU edges, as the next generation."""
+    added with their runtime declarations and one edge per marked provider, as the next
+    generation."""
     manifest = copy.deepcopy(base)
-    ours = {entry["artifact_id"]: entry for entry in entries}
+    by_id = {one.artifact_id: one for one in ours}
     kept = []
     for model in manifest["artifacts"]["models"]:
         aid = model["artifact_id"]
-        if aid in ours:
-            if model["archive_digest"] != ours[aid]["archive_digest"]:
+        if aid in by_id:
+            if model["archive_digest"] != by_id[aid].entry["archive_digest"]:
                 raise UserError(
                     f"--base already has artifact {aid} with other bytes "
                     f"({model['archive_digest']}); an artifact id never names two files"
@@ -491,34 +552,46 @@ def build_manifest(
             log.info("--base already lists %s with these bytes; writing it afresh", aid)
             continue
         if supersede and model["model"]["tensor_interface"] == SPECTRAL_CORE:
-            replacement = next((e for e in entries if e["variant"] == model["variant"]), None)
+            target = base_target(base, aid)
+            replacement = next(
+                (
+                    one.artifact_id
+                    for one in ours
+                    if one.entry["variant"] == model["variant"] and one.target == target
+                ),
+                None,
+            )
             if replacement and not model["deprecation"]["deprecated"]:
-                log.info("deprecating %s in favour of %s", aid, replacement["artifact_id"])
+                log.info("deprecating %s (%s) in favour of %s", aid, target, replacement)
                 model["deprecation"] = {
                     "deprecated": True,
-                    "reason": f"superseded by {replacement['artifact_id']}",
-                    "replacement_artifact_id": replacement["artifact_id"],
+                    "reason": f"superseded by {replacement}",
+                    "replacement_artifact_id": replacement,
                     "sunset_generation": None,
                 }
         kept.append(model)
-    manifest["artifacts"]["models"] = kept + entries
-    ids = {r["artifact_id"] for r in runtimes}
+    manifest["artifacts"]["models"] = kept + [one.entry for one in ours]
+    triples = {}
     for runtime in manifest["artifacts"]["runtimes"]:
+        rid = runtime["artifact_id"]
+        triples[rid] = runtime["target_triple"]
         supported = runtime["runtime"]["supported_model_artifact_ids"]
-        if runtime["artifact_id"] in ids:
-            supported += [aid for aid in ours if aid not in supported]
+        supported += [
+            one.artifact_id for one in ours if rid in one.marks and one.artifact_id not in supported
+        ]
     manifest["compatibility"] = [
-        edge for edge in manifest["compatibility"] if edge["model_artifact_id"] not in ours
+        edge for edge in manifest["compatibility"] if edge["model_artifact_id"] not in by_id
     ] + [
         {
-            "execution_provider": EXECUTION_PROVIDER,
-            "model_artifact_id": aid,
-            "runtime_artifact_id": runtime["artifact_id"],
+            "execution_provider": provider,
+            "model_artifact_id": one.artifact_id,
+            "runtime_artifact_id": rid,
             "status": "supported",
-            "target_triple": runtime["target_triple"],
+            "target_triple": triples[rid],
         }
-        for aid in ours
-        for runtime in runtimes
+        for one in ours
+        for rid, providers in one.marks.items()
+        for provider in providers
     ]
     if manifest.pop("gates", None) is not None:
         log.info("not carrying --base's gates over: they report on its own release")
@@ -528,7 +601,7 @@ def build_manifest(
         created_at=created_at,
         producer=producer,
         notes=(
-            f"Adds {', '.join(ours)} from {producer['repo']} (invoke catalog); runtimes, "
+            f"Adds {', '.join(by_id)} from {producer['repo']} (invoke catalog); runtimes, "
             f"compatibility and supply-chain records carried over from {base['release_id']}."
         ),
     )
@@ -615,8 +688,9 @@ def catalog(
                 f"--release-id {release_id} does not come after --base's {previous['release_id']}"
             )
         chosen = spectral_runtimes(previous, list(runtimes))
+        marks = {t: provider_marks(chosen, t) for t in dict.fromkeys(t.target for t in parsed)}
     server = server_url or github.server_url()
-    entries = []
+    ours = []
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".catalog-", dir=out_dir) as work:
         for tag in parsed:
@@ -625,24 +699,28 @@ def catalog(
             folder.mkdir()
             verified = verify_release(client, tag, found, folder)
             facts = file_facts(verified)
-            entries.append(
-                model_entry(
-                    verified,
-                    facts,
-                    [r["artifact_id"] for r in chosen],
-                    client.repository,
-                    server,
-                    tag_commit(client, tag),
-                )
+            entry = model_entry(
+                verified,
+                facts,
+                list(marks[tag.target]),
+                client.repository,
+                server,
+                tag_commit(client, tag),
             )
-            log.info("%s: %s verified, entry %s", tag.name, verified.model.name, artifact_id(tag))
+            ours.append(Ours(entry, tag.target, marks[tag.target]))
+            log.info(
+                "%s: %s verified, entry %s for %s",
+                tag.name,
+                verified.model.name,
+                artifact_id(tag),
+                ", ".join(PROVIDERS[tag.target]),
+            )
             verified.model.path.unlink()  # hundreds of MB; the next tag may need the room
     stamp = created_at or now().strftime("%Y-%m-%dT%H:%M:%SZ")
     with _base_fields(base):
         manifest = build_manifest(
             previous,
-            entries,
-            chosen,
+            ours,
             release_id=release_id,
             created_at=stamp,
             producer=producer,
@@ -650,13 +728,17 @@ def catalog(
         )
     validate(manifest, document, f"the manifest for {release_id}")
     write_text_atomic(target, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    log.info("wrote %s (%d model entries added)", target, len(entries))
+    log.info("wrote %s (%d model entries added)", target, len(ours))
     return target
 
 
 def summary(path: Path) -> str:
-    """One line per entry this repository added: what OpenKara will download."""
+    """One line per entry this repository added: what OpenKara will download, and for which
+    execution providers."""
     manifest = json.loads(path.read_text(encoding="utf-8"))
+    providers: dict[str, set[str]] = {}
+    for edge in manifest["compatibility"]:
+        providers.setdefault(edge["model_artifact_id"], set()).add(edge["execution_provider"])
     ours = [
         m
         for m in manifest["artifacts"]["models"]
@@ -664,8 +746,8 @@ def summary(path: Path) -> str:
     ]
     lines = [f"wrote {path} (generation {manifest['generation']}):"]
     lines += [
-        f"- {m['artifact_id']}: {m['download_url']} ({m['byte_size']:,} bytes, sha256 "
-        f"{m['archive_digest']})"
+        f"- {m['artifact_id']} ({', '.join(sorted(providers.get(m['artifact_id'], ())))}): "
+        f"{m['download_url']} ({m['byte_size']:,} bytes, sha256 {m['archive_digest']})"
         for m in ours
     ]
     return "\n".join(lines)

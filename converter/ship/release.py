@@ -28,7 +28,7 @@ import onnx
 
 from converter.build import storage
 from converter.errors import UserError
-from converter.facts import REPO_ROOT, SPECTRAL_CORE, WAVEFORM
+from converter.facts import ACCELERATORS_TARGET, CPU_TARGET, REPO_ROOT, SPECTRAL_CORE, WAVEFORM
 from converter.gate import evidence, oplist
 from converter.gate.contract import gate
 from converter.metadata import (
@@ -38,6 +38,7 @@ from converter.metadata import (
     SAMPLE_RATE,
     SEGMENT_SAMPLES,
     STEMS,
+    TARGET,
     TENSOR_INTERFACE,
     WEIGHT_STORAGE,
     public_version,
@@ -45,6 +46,7 @@ from converter.metadata import (
     read_sidecar,
     sha256_file,
     sidecar_path,
+    stamped_target,
     write_text_atomic,
 )
 from converter.ship import compare, github, pins
@@ -62,6 +64,9 @@ from converter.ship.tags import Tag, parse_tag
 log = logging.getLogger(__name__)
 
 UPLOAD_ATTEMPTS = 3
+# The weight storage each target's releases ship: float16 behind Cast halves the CPU file, but
+# CoreML and XNNPACK need constant float32 weights (docs/performance.md, issue 24's decision).
+RELEASE_STORAGE = {CPU_TARGET: storage.DEFAULT, ACCELERATORS_TARGET: storage.FLOAT32}
 
 # What a run does with one asset name; the dry run prints exactly these.
 KEEP = "keep (same SHA-256)"
@@ -97,9 +102,11 @@ def stamped_interface(metadata: dict[str, str]) -> str:
     return metadata.get(TENSOR_INTERFACE, WAVEFORM)
 
 
-def reuse_check(path: Path, model: str, interface: str = WAVEFORM) -> tuple[bool, str]:
-    """Whether `path` was built for `model` and `interface` by the toolchain installed now, and
-    why (not).
+def reuse_check(
+    path: Path, model: str, interface: str = WAVEFORM, target: str = CPU_TARGET
+) -> tuple[bool, str]:
+    """Whether `path` was built for `model`, `interface` and `target` by the toolchain
+    installed now, and why (not).
 
     A conversion takes long (hours for htdemucs_ft on CI); a file stamped with the same
     toolchain versions and carrying a matching sidecar is the same build and need not be redone.
@@ -114,9 +121,11 @@ def reuse_check(path: Path, model: str, interface: str = WAVEFORM) -> tuple[bool
         return False, f"{path} is stamped as model {metadata.get(MODEL_NAME)!r}, not {model!r}"
     if stamped_interface(metadata) != interface:
         return False, f"{path} is a {stamped_interface(metadata)} file, not {interface}"
-    stored = metadata.get(WEIGHT_STORAGE, storage.FLOAT32)
-    if stored != storage.DEFAULT:
-        return False, f"{path} stores its weights as {stored}; releases ship {storage.DEFAULT}"
+    if stamped_target(metadata) != target:
+        return False, f"{path} was built for --target {stamped_target(metadata)}, not {target}"
+    stored, ships = metadata.get(WEIGHT_STORAGE, storage.FLOAT32), RELEASE_STORAGE[target]
+    if stored != ships:
+        return False, f"{path} stores its weights as {stored}; releases ship {ships}"
     toolchain = json.loads(metadata.get(PROVENANCE, "{}")).get("toolchain") or {}
     if not toolchain:
         return False, f"{path} records no toolchain versions in {PROVENANCE}"
@@ -149,12 +158,14 @@ def build_model(tag: Tag, repo: Path | None, out_dir: Path) -> Path:
     # Waveform calls keep the seed's signature; only spectral builds name their interface.
     extra = {} if tag.interface == WAVEFORM else {"interface": tag.interface}
     path = out_dir / tag.file_name
-    reuse, why = reuse_check(path, tag.model, tag.interface)
+    reuse, why = reuse_check(path, tag.model, tag.interface, tag.target)
     if reuse:
         log.info("reusing %s: %s; validating it again", path, why)
         pipeline.validate(tag.model, repo, out_dir, **extra)
     else:
-        log.info("converting %s (%s): %s", tag.model, tag.interface, why)
+        log.info("converting %s (%s, %s): %s", tag.model, tag.interface, tag.target, why)
+        if tag.target != CPU_TARGET:
+            extra |= {"target": tag.target, "weight_storage": RELEASE_STORAGE[tag.target]}
         path = pipeline.convert(tag.model, repo, out_dir, **extra)
     gate(path)
     return path
@@ -217,14 +228,22 @@ def contract_gate(path: Path) -> None:
 
 
 def check_interface(path: Path, tag: Tag, metadata: dict[str, str]) -> None:
-    """A tag releases one interface: a waveform file under a spectral tag (or the reverse)
-    would reach an app that refuses it."""
+    """A tag releases one interface and one target: a waveform file under a spectral tag (or
+    the reverse) would reach an app that refuses it, a CPU file under an accelerators tag the
+    wrong providers."""
     stamped = stamped_interface(metadata)
     if stamped != tag.interface:
         raise UserError(
             f"{path} is a {stamped} file ({TENSOR_INTERFACE}={stamped!r}) but tag {tag.name} "
             f"releases {tag.interface} files; build it with `invoke convert --model {tag.model} "
             f"--interface {tag.interface}` or use the matching tag ({TAG_GRAMMAR})"
+        )
+    built = stamped_target(metadata)
+    if built != tag.target:
+        raise UserError(
+            f"{path} was built for --target {built} but tag {tag.name} releases {tag.target} "
+            f"files; build it with `invoke convert --model {tag.model} --target {tag.target}` "
+            f"or use the matching tag ({TAG_GRAMMAR})"
         )
 
 
@@ -345,6 +364,7 @@ def model_card(
         "| --- | --- |",
         f"| file | `{model_file.name}` |",
         f"| tensor interface (`{TENSOR_INTERFACE}`) | {tag.interface} |",
+        f"| target (`{TARGET}`) | {tag.target} |",
         f"| size | {model_file.size:,} bytes ({model_file.size / 1e6:.1f} MB) |",
         f"| weight storage (`{WEIGHT_STORAGE}`) | {metadata.get(WEIGHT_STORAGE, 'float32')} |",
         f"| SHA-256 | `{model_file.sha256}` |",
