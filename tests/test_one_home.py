@@ -135,3 +135,35 @@ def test_ort_versions_live_in_requirements_contract_txt(version):
     """The load-tested ORT versions are listed in requirements/contract.txt alone (code reads
     them through `evidence.contract_pins`)."""
     assert [f for f, s in _strings(PACKAGE + ENTRY_POINTS) if version in s] == []
+
+
+def _explained(lines: list[str], lineno: int) -> bool:
+    """A comment beside the import, or above it past other imports and blank lines."""
+    if "#" in lines[lineno - 1]:
+        return True
+    for line in reversed(lines[: lineno - 1]):
+        text = line.strip()
+        if text.startswith("#"):
+            return True
+        if text and not text.startswith(("import ", "from ")):
+            return False
+    return False
+
+
+def test_imports_inside_functions_say_why():
+    """An import inside a function keeps torch, onnx or onnxruntime out of a light process, or
+    a module one platform lacks out of the other (DEVELOPERS.md, "Import rules"); its comment
+    says which."""
+    silent = set()
+    for path in PACKAGE:
+        tree, _ = _parsed(path)
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for function in ast.walk(tree):
+            if isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
+                silent.update(
+                    f"{_name(path)}:{node.lineno}"
+                    for node in ast.walk(function)
+                    if isinstance(node, ast.Import | ast.ImportFrom)
+                    and not _explained(lines, node.lineno)
+                )
+    assert sorted(silent) == []
