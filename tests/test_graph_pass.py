@@ -17,7 +17,9 @@ from converter.build import accelerate, partition, storage
 from converter.build.graph_pass import AppliedTwice, GraphPass
 from converter.build.optimize import Optimize
 from converter.build.runtime_shapes import Anchor, Settle
-from converter.facts import REPO_ROOT, SPECTRAL_CORE, WAVEFORM
+from converter.facts import IR_VERSION, OPSET, REPO_ROOT, SPECTRAL_CORE, WAVEFORM
+
+INPUT_OUTPUT = (("x", [1, 2, 16]), ("y", [1, 16]))
 
 
 def _graph() -> onnx.ModelProto:
@@ -46,16 +48,10 @@ def _graph() -> onnx.ModelProto:
         helper.make_node("Reshape", ["nothing", "one"], ["zero_of_x"], name="zero_of_x"),
         helper.make_node("Add", ["flat", "zero_of_x"], ["y"], name="y"),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "passes",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 16])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])],
-        initializers,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
+    x, y = (helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in INPUT_OUTPUT)
+    graph = helper.make_graph(nodes, "passes", [x], [y], initializers)
+    opsets = [helper.make_opsetid("", OPSET)]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION)
 
 
 def _run(model: onnx.ModelProto) -> np.ndarray:
