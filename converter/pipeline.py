@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import onnx
@@ -107,7 +108,7 @@ def passes(
     target: str = accelerate.CPU,
     weight_storage: str = storage.DEFAULT,
     workdir: Path | None = None,
-    scales: list | tuple = (),
+    scales: Sequence = (),
 ) -> list[GraphPass]:
     """The graph passes `build` applies to the export, in order (DEVELOPERS.md, "Graph
     passes"). The CPU graph hides its shapes from ORT's folding and planner (anchors, the If
