@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import onnx
@@ -20,9 +21,10 @@ from converter import metadata as meta
 from converter.build import accelerate, partition, storage
 from converter.build.export import OPSET, export_bag
 from converter.build.exportable import fold_factors
+from converter.build.graph_pass import GraphPass
 from converter.build.loading import LoadedBag, load
-from converter.build.optimize import LEVEL, optimize
-from converter.build.runtime_shapes import anchor_shapes, settle
+from converter.build.optimize import LEVEL, Optimize
+from converter.build.runtime_shapes import Anchor, Settle
 from converter.errors import UserError, disk_space
 from converter.facts import INPUT_NAME, INTERFACES, MIX_INPUT, WAVEFORM, file_stem
 from converter.gate import oplist
@@ -102,6 +104,31 @@ def metadata_entries(
     }
 
 
+def passes(
+    interface: str,
+    target: str = accelerate.CPU,
+    weight_storage: str = storage.DEFAULT,
+    workdir: Path | None = None,
+    scales: Sequence = (),
+) -> list[GraphPass]:
+    """The graph passes `build` applies to the export, in order (DEVELOPERS.md, "Graph
+    passes"). The CPU graph hides its shapes from ORT's folding and planner (anchors, the If
+    split); the accelerators' graph makes every shape static instead."""
+    cpu = target == accelerate.CPU
+    listed: list[GraphPass] = [
+        Anchor(INPUT_NAME if interface == WAVEFORM else MIX_INPUT) if cpu else Settle(),
+        Optimize(workdir, fusions=cpu),
+    ]
+    if not cpu:
+        listed.append(accelerate.Rewrite())
+    if weight_storage == storage.FLOAT16:
+        # After the offline optimization: its constant folding would undo the Casts.
+        listed.append(storage.StoreHalf(scales, hold=cpu))
+    if cpu:  # last: every pass before it reads and rewrites the main graph
+        listed.append(partition.Split())
+    return listed
+
+
 def build(
     bag: LoadedBag,
     interface: str,
@@ -110,31 +137,16 @@ def build(
     timings: dict[str, float] | None = None,
     target: str = accelerate.CPU,
 ) -> tuple[onnx.ModelProto, storage.StorageReport | None]:
-    """The graph passes, one list for both interfaces. The CPU graph hides its shapes from
-    ORT's folding and planner (anchors, the If split); the accelerators' graph makes every
-    shape static instead. Returns the unstamped graph and the storage report."""
-    cpu = target == accelerate.CPU
+    """The export, then `passes` in order. Returns the unstamped graph and the storage report."""
     with step("export", timings):
         graph = export_bag(bag, timings, interface)
-    if cpu:
-        anchor_shapes(graph, INPUT_NAME if interface == WAVEFORM else MIX_INPUT)
-    else:
-        settle(graph)
-    with step("optimize", timings):
-        graph = optimize(graph, workdir=workdir, fusions=cpu)
-    if not cpu:
-        with step("accelerator rewrites", timings):
-            accelerate.rewrite(graph)
-    stored = None
-    if weight_storage == storage.FLOAT16:
-        # After the offline optimization: its constant folding would undo the Casts.
-        with step("weight storage", timings):
-            scales = [f.numpy() for m in bag.models for f in fold_factors(m)]
-            stored = storage.store_half(graph, scales, hold=cpu)
-    if cpu:  # last: every pass before it reads and rewrites the main graph
-        with step("split", timings):
-            partition.split(graph)
-    return graph, stored
+    scales = [f.numpy() for m in bag.models for f in fold_factors(m)]
+    listed = passes(interface, target, weight_storage, workdir, scales)
+    for graph_pass in listed:
+        with step(graph_pass.name, timings):
+            graph = graph_pass.apply(graph)
+    stored = [p.report for p in listed if isinstance(p, storage.StoreHalf)]
+    return graph, stored[0] if stored else None
 
 
 def operator_list(graph: onnx.ModelProto, path: Path, digest: str) -> str:

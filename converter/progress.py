@@ -37,7 +37,7 @@ def peak_rss_mb() -> float:
             for line in status:
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1]) / 1024
-    import resource
+    import resource  # here: POSIX only, and the verify tools must import on Windows
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024

@@ -123,11 +123,11 @@ class FolderLock:
 
 def _lock(fd: int) -> None:
     if os.name == "nt":
-        import msvcrt
+        import msvcrt  # here: Windows only
 
         msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
     else:
-        import fcntl
+        import fcntl  # here: POSIX only
 
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 

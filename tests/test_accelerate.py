@@ -14,6 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from converter.build import accelerate, storage
+from converter.build.graph_pass import AppliedTwice
 from converter.errors import UserError
 from converter.facts import SUM_LEAF, sum_blocks, walk_model
 from converter.measure import ep_report
@@ -162,8 +163,8 @@ def test_rewrites_compute_the_same_values_in_operators_coreml_takes():
         assert want.shape == got.shape and np.array_equal(want, got)
     tiled = [n for n in model.graph.node if n.op_type == "Tile"]
     assert len(tiled) == 1  # the pad block over ZERO_BLOCK_BYTES (the Expand is a Mul by ones)
-    with pytest.raises(ValueError, match="already"):
-        accelerate.rewrite(model)
+    with pytest.raises(AppliedTwice, match="accelerator rewrites already"):
+        accelerate.Rewrite().apply(model)
 
 
 def _model(nodes, inputs, outputs, consts) -> onnx.ModelProto:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import re
 from pathlib import Path
 
 import pytest
@@ -133,5 +134,52 @@ def test_tag_grammar_is_written_once():
 @pytest.mark.parametrize("version", list(evidence.contract_pins()))
 def test_ort_versions_live_in_requirements_contract_txt(version):
     """The load-tested ORT versions are listed in requirements/contract.txt alone (code reads
-    them through `evidence.contract_pins`)."""
-    assert [f for f, s in _strings(PACKAGE + ENTRY_POINTS) if version in s] == []
+    them through `evidence.contract_pins`, workflows install through the constraints)."""
+    texts = _strings(PACKAGE + ENTRY_POINTS) + _workflow_texts()
+    assert [f for f, s in texts if version in s] == []
+
+
+def _workflow_texts() -> list[tuple[str, str]]:
+    """(file, text) of every workflow and composite action."""
+    paths = sorted((ROOT / ".github").rglob("*.yml"))
+    return [(_name(path), path.read_text(encoding="utf-8")) for path in paths]
+
+
+def test_workflows_type_no_package_version():
+    """Every `pip install` in CI takes its versions from requirements/constraints.txt (the ORT
+    and onnxruntime-directml wheels of the accelerator report included): a `NAME==X` typed in
+    a workflow would go stale beside it."""
+    pinned = re.compile(r"[A-Za-z][\w.-]*==\d")
+    assert [(f, m) for f, text in _workflow_texts() for m in pinned.findall(text)] == []
+
+
+def _explained(lines: list[str], lineno: int) -> bool:
+    """A comment beside the import, or above it past other imports and blank lines."""
+    if "#" in lines[lineno - 1]:
+        return True
+    for line in reversed(lines[: lineno - 1]):
+        text = line.strip()
+        if text.startswith("#"):
+            return True
+        if text and not text.startswith(("import ", "from ")):
+            return False
+    return False
+
+
+def test_imports_inside_functions_say_why():
+    """An import inside a function keeps torch, onnx or onnxruntime out of a light process, or
+    a module one platform lacks out of the other (DEVELOPERS.md, "Import rules"); its comment
+    says which."""
+    silent = set()
+    for path in PACKAGE:
+        tree, _ = _parsed(path)
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for function in ast.walk(tree):
+            if isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
+                silent.update(
+                    f"{_name(path)}:{node.lineno}"
+                    for node in ast.walk(function)
+                    if isinstance(node, ast.Import | ast.ImportFrom)
+                    and not _explained(lines, node.lineno)
+                )
+    assert sorted(silent) == []

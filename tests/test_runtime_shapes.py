@@ -11,7 +11,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from converter.build import partition, storage
-from converter.build.runtime_shapes import PREFIX, anchor_shapes
+from converter.build.graph_pass import AppliedTwice
+from converter.build.runtime_shapes import PREFIX, Anchor, anchor_shapes
 from converter.facts import walk_model
 from converter.measure.graphstats import simplified
 
@@ -80,9 +81,9 @@ def test_unknown_input_and_second_pass_are_refused():
     model = _flatten_by_shape()
     with pytest.raises(ValueError, match="'audio' is not an input"):
         anchor_shapes(model, "audio")
-    anchor_shapes(model, "x")
-    with pytest.raises(ValueError, match="anchored already"):
-        anchor_shapes(model, "x")
+    Anchor("x").apply(model)
+    with pytest.raises(AppliedTwice, match="anchor shapes already"):
+        Anchor("x").apply(model)
 
 
 def test_converted_file_gives_load_time_folding_nothing_to_fold(small_models):

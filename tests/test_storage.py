@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from converter import metadata as meta
 from converter.build import storage
 from converter.build.fakerepo import model_kwargs, write_bag
+from converter.build.graph_pass import AppliedTwice
 from converter.errors import UserError
 from converter.facts import walk_model
 from converter.pipeline import convert
@@ -137,8 +138,8 @@ def test_store_half_keeps_the_outputs_and_restore_gives_back_the_same_bytes():
         np.testing.assert_allclose(
             run(model, x, optimize=optimize), run(before, x, optimize=optimize), rtol=1e-5
         )
-    with pytest.raises(ValueError, match="float16 already"):
-        storage.store_half(model)
+    with pytest.raises(AppliedTwice, match="weight storage already"):
+        storage.StoreHalf().apply(model)
     storage.restore_float32(model)
     assert model.SerializeToString() == original
     assert storage.storage_of(model) == storage.FLOAT32

@@ -330,6 +330,23 @@ def test_the_bytes_flow_from_build_through_load_tests_to_publish(release_yml):
     }
 
 
+def test_the_accelerator_report_installs_pinned_wheels(release_yml):
+    """CoreML's report runs on the toolchain's onnxruntime, DirectML's on onnxruntime-directml,
+    both at the versions requirements/constraints.txt pins, beside the verify tools' pins."""
+    (step,) = [s for s in steps(release_yml) if "invoke ep-report" in s.get("run", "")]
+    wheels = re.findall(r"&& '([\w-]+)' \|\| '([\w-]+)'", step["env"]["WHEEL"])[0]
+    assert wheels == ("onnxruntime-directml", "onnxruntime")
+    (install,) = [line for line in step["run"].splitlines() if " pip install " in line]
+    assert shlex.split(install)[4:] == [
+        "-c",
+        "requirements/constraints.txt",
+        *["onnx", "numpy", "invoke", "$WHEEL"],
+    ]
+    constraints = (ROOT / "requirements" / "constraints.txt").read_text(encoding="utf-8")
+    pinned = re.findall(r"^([\w.-]+)==", constraints, re.MULTILINE)
+    assert set(wheels) | {"onnx", "numpy", "invoke"} <= set(pinned)
+
+
 def test_no_expression_is_spliced_into_a_script():
     """Values reach scripts through env:, never `${{ }}` inside `run:` (template injection)."""
     for path in WORKFLOWS + ACTIONS:

@@ -36,11 +36,14 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from converter.build.graph_pass import GraphPass
 from converter.build.runtime_shapes import inferred
 from converter.facts import SUM_LEAF, is_ai_onnx, sum_blocks, walk_model
 from converter.facts import TARGETS as TARGETS  # re-exported: convert's --target check
@@ -505,8 +508,6 @@ def rewrite(model: onnx.ModelProto) -> Counter:
     """Apply every rewrite of the module docstring to `model`'s main graph, in place; returns
     {op type: nodes rewritten}."""
     graph = model.graph
-    if any(node.name.startswith(PREFIX) for node in graph.node):
-        raise ValueError("the graph is rewritten for accelerators already")
     shapes = _static_shapes(model)
     writer = _Writer(graph)
     done: Counter = Counter()
@@ -529,3 +530,17 @@ def rewrite(model: onnx.ModelProto) -> Counter:
         ", ".join(f"{op} {n}" for op, n in sorted(done.items())) or "nothing",
     )
     return done
+
+
+@dataclass
+class Rewrite(GraphPass):
+    """`rewrite`: operators both CoreML formats take. Seen by its nodes' names (a graph with
+    nothing to rewrite reads as never rewritten, and a second pass changes nothing in it)."""
+
+    name: ClassVar[str] = "accelerator rewrites"
+
+    def applied(self, model: onnx.ModelProto) -> bool:
+        return any(node.name.startswith(PREFIX) for node in model.graph.node)
+
+    def transform(self, model: onnx.ModelProto) -> None:
+        rewrite(model)

@@ -30,6 +30,7 @@ from demucs.demucs import LayerScale as DConvLayerScale
 from demucs.htdemucs import HTDemucs
 from demucs.states import serialize_model
 from demucs.transformer import LayerScale as TransformerLayerScale
+from omegaconf import OmegaConf
 from torch import nn
 
 from converter.errors import UserError
@@ -192,10 +193,8 @@ def checkpoint_bytes(
         growth = trained_like(model, seed)
         shown = " ".join(f"{g:.2f}" for g in growth)
         log.info("%s: trained-like, encoder growth per layer %s", signature, shown)
-    # The training config is irrelevant for inference; demucs stores it as a plain dict.
-    from omegaconf import OmegaConf
-
     buffer = io.BytesIO()
+    # The training config is irrelevant for inference; demucs stores it as a plain dict.
     torch.save(serialize_model(model, OmegaConf.create({})), buffer)
     data = buffer.getvalue()
     return f"{signature}-{hashlib.sha256(data).hexdigest()[:8]}.th", data

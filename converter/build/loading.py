@@ -12,8 +12,13 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch.hub
+import yaml
 from demucs.apply import BagOfModels
+from demucs.hf import DEFAULT_NAMESPACE, hf_repo_name
 from demucs.htdemucs import HTDemucs
+from demucs.pretrained import REMOTE_ROOT, ModelLoadingError, _parse_remote_files, get_model
+from huggingface_hub import try_to_load_from_cache
 
 from converter.errors import UserError
 from converter.facts import PRODUCTS
@@ -59,14 +64,7 @@ class LoadedBag:
 def _bag_signatures(name: str, repo: Path | None) -> list[str]:
     """The signatures `NAME.yaml` lists ([name] without one), checked as demucs will read them,
     so a broken bag file gets one line naming the file and the place instead of a parser dump."""
-    import yaml
-
-    if repo is not None:
-        bag_file = repo / f"{name}.yaml"
-    else:
-        from demucs.pretrained import REMOTE_ROOT
-
-        bag_file = REMOTE_ROOT / f"{name}.yaml"
+    bag_file = (repo if repo is not None else REMOTE_ROOT) / f"{name}.yaml"
     if bag_file.is_dir():
         raise UserError(f"{bag_file} is a directory, not a bag file; remove it")
     if not bag_file.is_file():
@@ -126,26 +124,16 @@ def _locate_checkpoint(name: str, signature: str, repo: Path | None) -> dict:
             "checksum": checksum,
             "sha256": sha256_file(path),
         }
-    from demucs.hf import DEFAULT_NAMESPACE, hf_repo_name
-
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        repo_id = f"{DEFAULT_NAMESPACE}/{hf_repo_name(name)}"
-        cached = try_to_load_from_cache(repo_id, f"{signature}.safetensors")
-        if isinstance(cached, str):
-            return {
-                "signature": signature,
-                "source": f"huggingface:{repo_id}",
-                "file": Path(cached).name,
-                "checksum": "",
-                "sha256": sha256_file(Path(cached)),
-            }
-    except ImportError:
-        pass
-    import torch.hub
-    from demucs.pretrained import REMOTE_ROOT, _parse_remote_files
-
+    repo_id = f"{DEFAULT_NAMESPACE}/{hf_repo_name(name)}"
+    cached = try_to_load_from_cache(repo_id, f"{signature}.safetensors")
+    if isinstance(cached, str):
+        return {
+            "signature": signature,
+            "source": f"huggingface:{repo_id}",
+            "file": Path(cached).name,
+            "checksum": "",
+            "sha256": sha256_file(Path(cached)),
+        }
     url = _parse_remote_files(REMOTE_ROOT / "files.txt")[signature]
     path = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[1]
     return {
@@ -166,8 +154,6 @@ def load(name: str, repo: Path | None = None) -> LoadedBag:
             f"--repo {repo} is not a directory: pass a local demucs model repo holding "
             f"SIG-CHECKSUM.th checkpoints and {name}.yaml (`invoke fake-repo --out DIR` writes one)"
         )
-    from demucs.pretrained import ModelLoadingError, get_model
-
     where = f"local repo {repo}" if repo is not None else "the Hugging Face hub / demucs remote"
     signatures = _bag_signatures(name, repo)
     log.info("loading %s from %s", name, where)

@@ -19,11 +19,14 @@ from __future__ import annotations
 import errno
 import logging
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import onnx
 import onnxruntime as ort
 
+from converter.build.graph_pass import GraphPass
 from converter.errors import UserError, short_of_space
 from converter.facts import COM_MICROSOFT, MAX_IR_VERSION, walk_model
 
@@ -128,3 +131,20 @@ def optimize(
         ", ".join(f"{k}={v}" for k, v in sorted(ops.items(), key=lambda kv: -kv[1])[:12]),
     )
     return optimized
+
+
+@dataclass
+class Optimize(GraphPass):
+    """`optimize` in `workdir`, with or without the com.microsoft fusions. Seen by what ONNX
+    Runtime leaves: it turns every Constant node into an initializer when it loads a graph, and
+    the exporter writes its scalars and shapes as Constant nodes."""
+
+    workdir: Path | None = None
+    fusions: bool = True
+    name: ClassVar[str] = "optimize"
+
+    def applied(self, model: onnx.ModelProto) -> bool:
+        return not any(node.op_type == "Constant" for node in model.graph.node)
+
+    def transform(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        return optimize(model, self.workdir, self.fusions)

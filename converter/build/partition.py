@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from converter.build.graph_pass import GraphPass
 from converter.build.runtime_shapes import never
 from converter.facts import is_ai_onnx
 
@@ -97,8 +100,6 @@ def split(model: onnx.ModelProto, max_nodes: int = MAX_NODES) -> int:
     in place. Returns the number of bodies (0: the graph is small enough as it is)."""
     graph = model.graph
     nodes = list(graph.node)
-    if any(node.name.startswith(PREFIX) for node in nodes):
-        raise ValueError("the graph is split already")
     if len(nodes) <= max_nodes:
         log.info("graph split: %d nodes fit one planner, left as one graph", len(nodes))
         return 0
@@ -205,3 +206,21 @@ def join(model: onnx.ModelProto) -> int:
     del graph.node[:]
     graph.node.extend(nodes)
     return len(bodies)
+
+
+@dataclass
+class Split(GraphPass):
+    """`split` into bodies of at most `max_nodes`; `join` undoes it. Seen by its `If` nodes (a
+    graph small enough to stay whole reads as never split)."""
+
+    max_nodes: int = MAX_NODES
+    name: ClassVar[str] = "split"
+
+    def applied(self, model: onnx.ModelProto) -> bool:
+        return any(node.name.startswith(PREFIX) for node in model.graph.node)
+
+    def transform(self, model: onnx.ModelProto) -> None:
+        split(model, self.max_nodes)
+
+    def inverse(self, model: onnx.ModelProto) -> None:
+        join(model)

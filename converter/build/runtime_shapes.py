@@ -17,12 +17,15 @@ NaN and infinities included, so it never turns a bad sample into a bad shape.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 
-from converter.facts import is_ai_onnx
+from converter.build.graph_pass import GraphPass
+from converter.facts import is_ai_onnx, walk_model
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +95,6 @@ def anchor_shapes(model: onnx.ModelProto, source: str) -> int:
     inputs = {i.name: i for i in graph.input}
     if source not in inputs:
         raise ValueError(f"{source!r} is not an input of the graph")
-    if any(node.name.startswith(PREFIX) for node in graph.node):
-        raise ValueError("the graph's shapes are anchored already")
     nodes, initializers = zero_nodes(inputs[source], PREFIX)
     anchored = 0
     for node in graph.node:
@@ -115,6 +116,22 @@ def anchor_shapes(model: onnx.ModelProto, source: str) -> int:
     return anchored
 
 
+def _never_nodes(graph: onnx.GraphProto) -> list[int]:
+    """Indices of `graph`'s always-false `x < -inf` nodes (a constant -inf bound)."""
+    values = {i.name: i for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = node.attribute[0].t
+    found = []
+    for index, node in enumerate(graph.node):
+        if node.op_type != "Less" or not is_ai_onnx(node.domain) or node.input[1] not in values:
+            continue
+        bound = numpy_helper.to_array(values[node.input[1]])
+        if bound.size == 1 and np.isneginf(bound).all():
+            found.append(index)
+    return found
+
+
 def settle(model: onnx.ModelProto) -> int:
     """Replace every always-false `x < -inf` of `model`'s main graph by a constant false, in place.
 
@@ -124,23 +141,44 @@ def settle(model: onnx.ModelProto) -> int:
     cuts a partition at each computed Reshape/Slice shape). Returns how many were replaced.
     """
     graph = model.graph
-    values = {i.name: i for i in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            values[node.output[0]] = node.attribute[0].t
-    settled = 0
-    for index, node in enumerate(graph.node):
-        if node.op_type != "Less" or not is_ai_onnx(node.domain) or node.input[1] not in values:
-            continue
-        bound = numpy_helper.to_array(values[node.input[1]])
-        if bound.size == 1 and np.isneginf(bound).all():
-            false = numpy_helper.from_array(np.zeros((), np.bool_))
-            graph.node[index].CopyFrom(
-                helper.make_node("Constant", [], [node.output[0]], name=node.name, value=false)
-            )
-            settled += 1
-    log.info("settled %d run-time zeros into constants: every shape becomes static", settled)
-    return settled
+    found = _never_nodes(graph)
+    for index in found:
+        node = graph.node[index]
+        false = numpy_helper.from_array(np.zeros((), np.bool_))
+        node.CopyFrom(
+            helper.make_node("Constant", [], [node.output[0]], name=node.name, value=false)
+        )
+    log.info("settled %d run-time zeros into constants: every shape becomes static", len(found))
+    return len(found)
+
+
+@dataclass
+class Anchor(GraphPass):
+    """`anchor_shapes` to graph input `source`: the CPU graph's shapes hidden from every
+    optimizer. Seen by its nodes' names, in the main graph or split into `If` bodies."""
+
+    source: str
+    name: ClassVar[str] = "anchor shapes"
+
+    def applied(self, model: onnx.ModelProto) -> bool:
+        return any(node.name.startswith(PREFIX) for _, node in walk_model(model))
+
+    def transform(self, model: onnx.ModelProto) -> None:
+        anchor_shapes(model, self.source)
+
+
+@dataclass
+class Settle(GraphPass):
+    """`settle`: every shape static, for accelerators. Settled means no `x < -inf` is left
+    in the main graph (the offline optimization then folds the constants it wrote)."""
+
+    name: ClassVar[str] = "settle shapes"
+
+    def applied(self, model: onnx.ModelProto) -> bool:
+        return not _never_nodes(model.graph)
+
+    def transform(self, model: onnx.ModelProto) -> None:
+        settle(model)
 
 
 def inferred(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -27,12 +27,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from converter.build import partition
+from converter.build.graph_pass import GraphPass
 from converter.build.runtime_shapes import zero_nodes
 from converter.facts import WEIGHT_STORAGES, walk_model
 
@@ -179,8 +181,6 @@ def store_half(
     every shape input constant).
     """
     graph = model.graph
-    if any(node.name.startswith(PREFIX) for node in graph.node):
-        raise ValueError("the graph's weights are stored as float16 already")
     candidates = _unique_scales(scales)
     first_use, nested, readers = _referenced(graph)
     protected = nested | {i.name for i in graph.input} | {o.name for o in graph.output}
@@ -347,3 +347,23 @@ def storage_of(model: onnx.ModelProto) -> str:
     """FLOAT16 when `store_half` rewrote the graph, else FLOAT32 (read off the graph itself)."""
     stored = any(node.name.startswith(PREFIX) for _, node in walk_model(model))
     return FLOAT16 if stored else FLOAT32
+
+
+@dataclass
+class StoreHalf(GraphPass):
+    """`store_half` with the folded factors' `scales`, `hold` as there; `restore_float32`
+    undoes it. `report` holds what it did once applied. Seen as `storage_of` sees it."""
+
+    scales: Sequence[np.ndarray] = ()
+    hold: bool = True
+    report: StorageReport | None = None
+    name: ClassVar[str] = "weight storage"
+
+    def applied(self, model: onnx.ModelProto) -> bool:
+        return storage_of(model) == FLOAT16
+
+    def transform(self, model: onnx.ModelProto) -> None:
+        self.report = store_half(model, self.scales, self.hold)
+
+    def inverse(self, model: onnx.ModelProto) -> None:
+        restore_float32(model)

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from demucs.apply import apply_model
 from tqdm import tqdm
 
 from converter.build.loading import LoadedBag
@@ -69,9 +71,6 @@ def fixed_inputs(channels: int, length: int, samplerate: int) -> dict[str, np.nd
 
 def reference(bag: LoadedBag, audio: np.ndarray, double: bool = False) -> np.ndarray:
     """demucs' output for `audio`, in float32 (the bar) or, with `double`, float64 (the truth)."""
-    import torch
-    from demucs.apply import apply_model
-
     model = copy.deepcopy(bag.bag).double() if double else bag.bag
     mix = torch.from_numpy(audio.astype(np.float64) if double else audio)
     with torch.no_grad():

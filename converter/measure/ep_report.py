@@ -285,6 +285,7 @@ def _macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
 def checker_verdicts(shaped: onnx.ModelProto) -> list[CheckerVerdict]:
     """ORT's checker on `shaped` (a `with_shapes` copy), for both CoreML formats, as
     `analyze_model(..., skip_optimize=True)` computes it."""
+    # onnxruntime here: `invoke release` imports this module (through compare) without it
     from onnxruntime.tools.mobile_helpers import usability_checker as checker
 
     verdicts = []
@@ -433,6 +434,7 @@ def placements(
 
 def report(path: Path, providers: list[str] | None = None) -> dict:
     """Everything `invoke ep-report FILE` prints, as a dict (also written as JSON by the task)."""
+    # onnxruntime here: `invoke release` imports this module (through compare) without it
     import onnxruntime as ort
 
     model = read_model(path)

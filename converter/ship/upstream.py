@@ -81,6 +81,7 @@ def index_url(environ: dict[str, str] | None = None) -> str:
     for key in ("install.index-url", "global.index-url"):
         if config.get(key):
             return config[key]
+    # here: pip's private API, read only when pip's configuration names no index
     from pip._internal.models.index import PyPI
 
     return PyPI.simple_url
