@@ -50,17 +50,41 @@ def _reflect_pad(x: np.ndarray, left: int, right: int) -> np.ndarray:
     return np.pad(x, widths + [(left, right)], mode="reflect")
 
 
-def _each(count: int, work: Callable[[int], None]) -> None:
-    """work(0) .. work(count - 1) on up to one thread per core: numpy's FFTs and array
-    arithmetic release the GIL, so independent signals run in parallel."""
-    workers = min(count, os.cpu_count() or 1)
-    if workers <= 1:
-        for index in range(count):
-            work(index)
+def _each(count: int, work: Callable[[int, dict], None]) -> None:
+    """work(0, scratch) .. work(count - 1, scratch) on up to one thread per core: numpy's FFTs
+    and array arithmetic release the GIL, so independent signals run in parallel. Each thread
+    passes its own `scratch` dict to every signal it takes, so buffers are allocated once per
+    thread, not per signal (fresh megabytes cost page faults that rival the FFTs)."""
+    workers = max(1, min(count, os.cpu_count() or 1))
+
+    def rows(first: int) -> None:
+        scratch: dict = {}
+        for index in range(first, count, workers):
+            work(index, scratch)
+
+    if workers == 1:
+        rows(0)
         return
     with ThreadPoolExecutor(workers) as pool:
-        for _ in pool.map(work, range(count)):
+        for _ in pool.map(rows, range(workers)):
             pass
+
+
+def _buffer(scratch: dict, name: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    """scratch[name], allocated on first use: one thread's reusable work array."""
+    if name not in scratch:
+        scratch[name] = np.empty(shape, dtype=dtype)
+    return scratch[name]
+
+
+# numpy 2 computes FFTs in the input's precision and writes into `out=`; numpy 1 (the contract
+# venvs of ORT 1.17 and 1.18) always returns a new float64 array.
+_FFT_OUT = np.lib.NumpyVersion(np.__version__) >= "2.0.0"
+
+
+def _fft_out(scratch: dict, name: str, shape: tuple[int, ...], dtype: type) -> dict:
+    """The `out=` keyword for an FFT writing into a reused buffer, where numpy supports it."""
+    return {"out": _buffer(scratch, name, shape, dtype)} if _FFT_OUT else {}
 
 
 def spec(audio: np.ndarray, n_fft: int = N_FFT, dtype: type = np.float64) -> np.ndarray:
@@ -74,11 +98,16 @@ def spec(audio: np.ndarray, n_fft: int = N_FFT, dtype: type = np.float64) -> np.
     out = np.empty((len(signals), 2, bins, count), dtype=dtype)
     window = _window(n_fft).astype(dtype)
 
-    def one(row: int) -> None:
+    def one(row: int, scratch: dict) -> None:
         padded = _reflect_pad(signals[row], outer, outer + count * hop - length)
         centred = _reflect_pad(padded, n_fft // 2, n_fft // 2)
         windows = np.lib.stride_tricks.sliding_window_view(centred, n_fft)[::hop]
-        z = np.fft.rfft(windows[FIRST_FRAME : FIRST_FRAME + count] * window, axis=-1)
+        framed = _buffer(scratch, "framed", (count, n_fft), dtype)
+        np.multiply(windows[FIRST_FRAME : FIRST_FRAME + count], window, out=framed)
+        spectrum_shape = (count, n_fft // 2 + 1)
+        z = np.fft.rfft(
+            framed, axis=-1, **_fft_out(scratch, "z", spectrum_shape, np.result_type(dtype, 1j))
+        )
         # numpy divides a complex by a real as a product with its reciprocal: the same bits
         # here, written straight into the transposed output.
         scale = 1 / math.sqrt(n_fft)
@@ -131,17 +160,20 @@ def ispec(
     spectra = z.reshape(-1, 2, bins, count)
     out = np.empty((len(spectra), length), dtype=dtype)
 
-    def one(row: int) -> None:
+    def one(row: int, scratch: dict) -> None:
         # Frame-major, so each inverse FFT reads contiguous memory; irfft supplies the zero
         # Nyquist bin, and the two zero edge frames each side add nothing to the overlap-add.
-        full = np.empty((count, bins), dtype=np.result_type(dtype, 1j))
+        full = _buffer(scratch, "full", (count, bins), np.result_type(dtype, 1j))
         full.real = spectra[row, 0].T
         full.imag = spectra[row, 1].T
-        chunks = np.fft.irfft(full, n=n_fft, axis=-1)
+        chunks = np.fft.irfft(
+            full, n=n_fft, axis=-1, **_fft_out(scratch, "chunks", (count, n_fft), dtype)
+        )
         chunks *= window
         # Overlap-add: frame t covers hops t .. t+3; sum the four quarter-frames into hop blocks.
         chunks = chunks.reshape(count, parts, hop)
-        blocks = np.zeros((total + parts - 1, hop), dtype=chunks.dtype)
+        blocks = _buffer(scratch, "blocks", (total + parts - 1, hop), chunks.dtype)
+        blocks.fill(0)
         for k in range(parts):
             blocks[FIRST_FRAME + k : FIRST_FRAME + k + count] += chunks[:, k]
         signal = blocks.reshape(-1)[start : start + length]

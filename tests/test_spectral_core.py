@@ -339,6 +339,30 @@ def test_single_precision_transforms_stay_single_and_match_float64(length):
         _close(back, spectral_contract.ispec(spectrum, length))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("fft_out", [True, False])
+def test_transforms_on_reused_per_thread_buffers_equal_one_signal_at_a_time(
+    monkeypatch, dtype, fft_out
+):
+    """Threads that reuse their buffers across signals (and numpy 1's FFTs without `out=`)
+    give bit for bit the values of one worker: no signal sees another's leftovers."""
+    length = 10_000
+    audio = np.random.default_rng(3).standard_normal((3, 2, length))  # 6 signals, ragged on 4
+    spectrum = np.random.default_rng(4).standard_normal((1, 5, 2, 2, 2048, 10))  # 10 signals
+    monkeypatch.setattr(spectral_contract, "_FFT_OUT", fft_out)
+    results = {}
+    for workers in (1, 2, 4):
+        monkeypatch.setattr(spectral_contract.os, "cpu_count", lambda workers=workers: workers)
+        results[workers] = (
+            spectral_contract.spec(audio, dtype=dtype),
+            spectral_contract.ispec(spectrum, length, dtype=dtype),
+        )
+    for workers in (2, 4):
+        for got, want in zip(results[workers], results[1], strict=True):
+            assert got.dtype == want.dtype == dtype
+            assert np.array_equal(got, want)
+
+
 def test_interface_option_is_checked_and_named_in_errors(tmp_path):
     with pytest.raises(UserError, match="--interface 'spectral' is not one of waveform, spectral"):
         convert("htdemucs", out_dir=tmp_path, interface="spectral")
