@@ -39,6 +39,7 @@ def _cli(func):
         )
         with interrupts.stop_on_signals():
             try:
+                _refuse_help_as_value(func.__name__, [*args, *kwargs.values()])
                 return func(c, *args, **kwargs)
             except UserError as exc:
                 raise Exit(f"error: {exc}", code=1) from None
@@ -46,6 +47,14 @@ def _cli(func):
                 raise Exit(*interrupts.summary(exc)) from None
 
     return wrapper
+
+
+def _refuse_help_as_value(name: str, values: list) -> None:
+    """invoke reads `invoke TASK --help` as the value of TASK's first argument (a folder named
+    `--help`); refuse it before any work."""
+    if any(value in ("-h", "--help") for value in values):
+        task = name.replace("_", "-")
+        raise UserError(f"--help was read as an argument's value: run `invoke --help {task}`")
 
 
 def _number(option: str, value, kind: type[int] | type[float]):

@@ -74,6 +74,15 @@ def test_fake_repo_writes_demucs_checkpoints_and_refuses_an_unknown_size(convert
     )
 
 
+def test_help_after_a_task_is_not_taken_as_its_folder(tmp_path):
+    """invoke hands `--help` after a task to its first argument: one line naming the command
+    that prints the help, and no folder `--help` written."""
+    run = invoke("fake-repo", "--help", cwd=tmp_path)
+    assert_one_clear_error(run, "invoke --help fake-repo")
+    assert not any(tmp_path.iterdir())
+    assert invoke("--help", "fake-repo").returncode == 0
+
+
 def test_convert_writes_the_file_its_sidecar_and_reference_and_nothing_else(converted):
     out = converted["out"]
     names = sorted(path.name for path in out.iterdir())
