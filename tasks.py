@@ -93,8 +93,10 @@ ACCEPT_HELP = {
         "model": f"Pretrained model to convert: {MODELS}.",
         "repo": "Local demucs model repo (SIG-CHECKSUM.th files + NAME.yaml); default: the hub.",
         "out_dir": "Where to write NAME.onnx and NAME.onnx.sha256 (default: models/).",
-        "weight_storage": "float16 (default: weights exact in float16 stored as float16, Cast in "
-        "the graph; half the size, same outputs) or float32 (every initializer float32).",
+        "weight_storage": "float16 (weights exact in float16 stored as float16, Cast in the "
+        "graph; half the size, same outputs) or float32 (every initializer float32). Default: "
+        "the target's, float16 for cpu, float32 for accelerators (CoreML and XNNPACK take only "
+        "constant float32 weights).",
         "interface": INTERFACE_HELP,
         "target": "cpu (default: the CPU EP's graph, shapes hidden from ORT's folding, split "
         "into If bodies) or accelerators (static shapes, no control flow, standard ops only: "
@@ -107,7 +109,7 @@ def convert(
     model="htdemucs",
     repo=None,
     out_dir="models",
-    weight_storage="float16",
+    weight_storage=None,
     interface=WAVEFORM,
     target="cpu",
 ):

@@ -140,6 +140,9 @@ HOW_TO_MAKE_A_MODEL = (
 FLOAT16_STORAGE = "float16"
 FLOAT32_STORAGE = "float32"
 WEIGHT_STORAGES = (FLOAT16_STORAGE, FLOAT32_STORAGE)
+# Each target's storage, `invoke convert`'s default and what its releases ship: float16 behind
+# Cast halves the CPU file; CoreML and XNNPACK take only constant float32 weights (issue 24).
+TARGET_STORAGE = {CPU_TARGET: FLOAT16_STORAGE, ACCELERATORS_TARGET: FLOAT32_STORAGE}
 
 
 def version_key(version: str) -> tuple[int, ...]:

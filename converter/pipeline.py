@@ -26,7 +26,14 @@ from converter.build.loading import LoadedBag, load
 from converter.build.optimize import LEVEL, Optimize
 from converter.build.runtime_shapes import Anchor, Settle
 from converter.errors import UserError, disk_space
-from converter.facts import INPUT_NAME, INTERFACES, MIX_INPUT, WAVEFORM, file_stem
+from converter.facts import (
+    INPUT_NAME,
+    INTERFACES,
+    MIX_INPUT,
+    TARGET_STORAGE,
+    WAVEFORM,
+    file_stem,
+)
 from converter.gate import oplist
 from converter.gate.contract import gate
 from converter.gate.ortcheck import reference_path
@@ -107,13 +114,15 @@ def metadata_entries(
 def passes(
     interface: str,
     target: str = accelerate.CPU,
-    weight_storage: str = storage.DEFAULT,
+    weight_storage: str | None = None,
     workdir: Path | None = None,
     scales: Sequence = (),
 ) -> list[GraphPass]:
     """The graph passes `build` applies to the export, in order (DEVELOPERS.md, "Graph
     passes"). The CPU graph hides its shapes from ORT's folding and planner (anchors, the If
-    split); the accelerators' graph makes every shape static instead."""
+    split); the accelerators' graph makes every shape static instead. `weight_storage`
+    defaults to the target's."""
+    weight_storage = weight_storage or TARGET_STORAGE[target]
     cpu = target == accelerate.CPU
     listed: list[GraphPass] = [
         Anchor(INPUT_NAME if interface == WAVEFORM else MIX_INPUT) if cpu else Settle(),
@@ -162,24 +171,27 @@ def convert(
     model: str,
     repo: Path | None = None,
     out_dir: Path = Path("models"),
-    weight_storage: str = storage.DEFAULT,
+    weight_storage: str | None = None,
     interface: str = WAVEFORM,
     target: str = accelerate.CPU,
     outputs: dict | None = None,
 ) -> Path:
     """Build, validate and write `out_dir/NAME.onnx` (+ `.sha256`, reference npz, operator
-    list; NAME per `facts.file_stem`), its exact float16 weights stored as float16 unless
-    `weight_storage` is 'float32'; `target` 'accelerators' builds for CoreML/DirectML/XNNPACK;
-    `outputs` receives the gate's inputs and demucs' outputs (`validation.validate_file`)."""
+    list; NAME per `facts.file_stem`); `target` 'accelerators' builds for CoreML/DirectML/
+    XNNPACK; `weight_storage` defaults to the target's (`facts.TARGET_STORAGE`); `outputs`
+    receives the gate's inputs and demucs' outputs (`validation.validate_file`)."""
     started = time.perf_counter()
     timings: dict[str, float] = {}
+    if target not in accelerate.TARGETS:
+        raise UserError(f"--target {target!r} is not one of {', '.join(accelerate.TARGETS)}")
+    if weight_storage is None:
+        weight_storage = TARGET_STORAGE[target]
+        log.info("weight storage %s: --target %s's default", weight_storage, target)
     if weight_storage not in storage.STORAGES:
         raise UserError(
             f"--weight-storage {weight_storage!r} is not one of {', '.join(storage.STORAGES)}"
         )
     check_interface(interface)
-    if target not in accelerate.TARGETS:
-        raise UserError(f"--target {target!r} is not one of {', '.join(accelerate.TARGETS)}")
     finals = list(file_paths(model, out_dir, interface))
     with (
         disk_space(out_dir, "--out-dir"),

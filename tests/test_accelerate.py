@@ -18,6 +18,7 @@ from converter.build.graph_pass import AppliedTwice
 from converter.errors import UserError
 from converter.facts import SUM_LEAF, sum_blocks, walk_model
 from converter.measure import ep_report
+from converter.metadata import WEIGHT_STORAGE, read_metadata
 from converter.pipeline import convert
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,18 +26,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def accelerated(small_repo, tmp_path_factory) -> Path:
-    """Small htdemucs for accelerators, float32 storage (constant weights)."""
+    """Small htdemucs for accelerators, its storage the target's default (float32)."""
     return convert(
         "htdemucs",
         repo=small_repo,
         out_dir=tmp_path_factory.mktemp("accelerated"),
-        weight_storage=storage.FLOAT32,
         target=accelerate.ACCELERATORS,
     )
 
 
 def test_the_accelerators_graph_is_static_standard_and_flat(accelerated):
     model = onnx.load(accelerated)
+    # --target accelerators without --weight-storage: constant float32 weights, as released
+    assert read_metadata(model)[WEIGHT_STORAGE] == storage.FLOAT32
+    assert TensorProto.FLOAT16 not in {i.data_type for i in model.graph.initializer}
     assert ep_report.nodes_in_subgraphs(model) == 0
     assert not {n.op_type for _, n in walk_model(model)} & {"If", "Loop", "Scan"}
     assert {n.domain for _, n in walk_model(model)} <= {"", "ai.onnx"}  # no FusedConv

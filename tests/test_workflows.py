@@ -239,8 +239,10 @@ def test_the_tag_is_read_by_the_package_before_any_install(release_yml, tmp_path
     assert convert["env"] == {
         "MODEL": "${{ steps.tag.outputs.model }}",
         "INTERFACE": "${{ steps.tag.outputs.interface }}",
+        "TARGET": "${{ steps.tag.outputs.target }}",
         "FILE": "${{ steps.tag.outputs.file }}",
     }
+    # an -accelerators- tag builds the accelerators' file (its storage follows the target)
     assert shlex.split(convert["run"].splitlines()[0]) == [
         "invoke",
         "convert",
@@ -248,6 +250,8 @@ def test_the_tag_is_read_by_the_package_before_any_install(release_yml, tmp_path
         "$MODEL",
         "--interface",
         "$INTERFACE",
+        "--target",
+        "$TARGET",
     ]
 
 

@@ -41,7 +41,6 @@ from converter.facts import WEIGHT_STORAGES, walk_model
 log = logging.getLogger(__name__)
 
 FLOAT16, FLOAT32 = STORAGES = WEIGHT_STORAGES  # their one home: converter.facts
-DEFAULT = FLOAT16
 
 PREFIX = "weight_storage/"
 HALF_SUFFIX = "/float16"

@@ -26,9 +26,15 @@ from pathlib import Path
 
 import onnx
 
-from converter.build import storage
 from converter.errors import UserError
-from converter.facts import ACCELERATORS_TARGET, CPU_TARGET, REPO_ROOT, SPECTRAL_CORE, WAVEFORM
+from converter.facts import (
+    CPU_TARGET,
+    FLOAT32_STORAGE,
+    REPO_ROOT,
+    SPECTRAL_CORE,
+    TARGET_STORAGE,
+    WAVEFORM,
+)
 from converter.gate import evidence, oplist
 from converter.gate.contract import gate
 from converter.metadata import (
@@ -64,9 +70,6 @@ from converter.ship.tags import Tag, parse_tag
 log = logging.getLogger(__name__)
 
 UPLOAD_ATTEMPTS = 3
-# The weight storage each target's releases ship: float16 behind Cast halves the CPU file, but
-# CoreML and XNNPACK need constant float32 weights (docs/performance.md, issue 24's decision).
-RELEASE_STORAGE = {CPU_TARGET: storage.DEFAULT, ACCELERATORS_TARGET: storage.FLOAT32}
 
 # What a run does with one asset name; the dry run prints exactly these.
 KEEP = "keep (same SHA-256)"
@@ -123,7 +126,7 @@ def reuse_check(
         return False, f"{path} is a {stamped_interface(metadata)} file, not {interface}"
     if stamped_target(metadata) != target:
         return False, f"{path} was built for --target {stamped_target(metadata)}, not {target}"
-    stored, ships = metadata.get(WEIGHT_STORAGE, storage.FLOAT32), RELEASE_STORAGE[target]
+    stored, ships = metadata.get(WEIGHT_STORAGE, FLOAT32_STORAGE), TARGET_STORAGE[target]
     if stored != ships:
         return False, f"{path} stores its weights as {stored}; releases ship {ships}"
     toolchain = json.loads(metadata.get(PROVENANCE, "{}")).get("toolchain") or {}
@@ -165,7 +168,7 @@ def build_model(tag: Tag, repo: Path | None, out_dir: Path) -> Path:
     else:
         log.info("converting %s (%s, %s): %s", tag.model, tag.interface, tag.target, why)
         if tag.target != CPU_TARGET:
-            extra |= {"target": tag.target, "weight_storage": RELEASE_STORAGE[tag.target]}
+            extra |= {"target": tag.target}  # its weight storage: facts.TARGET_STORAGE
         path = pipeline.convert(tag.model, repo, out_dir, **extra)
     gate(path)
     return path
@@ -366,7 +369,8 @@ def model_card(
         f"| tensor interface (`{TENSOR_INTERFACE}`) | {tag.interface} |",
         f"| target (`{TARGET}`) | {tag.target} |",
         f"| size | {model_file.size:,} bytes ({model_file.size / 1e6:.1f} MB) |",
-        f"| weight storage (`{WEIGHT_STORAGE}`) | {metadata.get(WEIGHT_STORAGE, 'float32')} |",
+        f"| weight storage (`{WEIGHT_STORAGE}`) | "
+        f"{metadata.get(WEIGHT_STORAGE, FLOAT32_STORAGE)} |",
         f"| SHA-256 | `{model_file.sha256}` |",
         f"| `{CACHE_KEY}` | `{metadata.get(CACHE_KEY, '?')}` |",
         f"| operator list (ONNX Runtime reduced build) | `{operators.name}` |",
