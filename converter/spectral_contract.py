@@ -9,10 +9,12 @@ parameters exist only for the small test-size models (same framing, hop n_fft / 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -50,17 +52,35 @@ def _reflect_pad(x: np.ndarray, left: int, right: int) -> np.ndarray:
     return np.pad(x, widths + [(left, right)], mode="reflect")
 
 
+# Work arrays kept between calls, one scratch dict per concurrent worker: fresh megabytes cost
+# page faults, and numpy asks for transparent huge pages on large arrays, whose faults can stall
+# on memory compaction for longer than the FFTs take once an ONNX Runtime session has run.
+_SCRATCH: list[dict] = []
+_SCRATCH_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _scratch() -> Iterator[dict]:
+    """One worker's scratch dict, taken from the kept ones and given back after."""
+    with _SCRATCH_LOCK:
+        scratch = _SCRATCH.pop() if _SCRATCH else {}
+    try:
+        yield scratch
+    finally:
+        with _SCRATCH_LOCK:
+            _SCRATCH.append(scratch)
+
+
 def _each(count: int, work: Callable[[int, dict], None]) -> None:
     """work(0, scratch) .. work(count - 1, scratch) on up to one thread per core: numpy's FFTs
     and array arithmetic release the GIL, so independent signals run in parallel. Each thread
-    passes its own `scratch` dict to every signal it takes, so buffers are allocated once per
-    thread, not per signal (fresh megabytes cost page faults that rival the FFTs)."""
+    passes one kept `scratch` dict to every signal it takes (`_SCRATCH`)."""
     workers = max(1, min(count, os.cpu_count() or 1))
 
     def rows(first: int) -> None:
-        scratch: dict = {}
-        for index in range(first, count, workers):
-            work(index, scratch)
+        with _scratch() as scratch:
+            for index in range(first, count, workers):
+                work(index, scratch)
 
     if workers == 1:
         rows(0)
@@ -71,10 +91,13 @@ def _each(count: int, work: Callable[[int, dict], None]) -> None:
 
 
 def _buffer(scratch: dict, name: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
-    """scratch[name], allocated on first use: one thread's reusable work array."""
-    if name not in scratch:
-        scratch[name] = np.empty(shape, dtype=dtype)
-    return scratch[name]
+    """A work array of `shape` and `dtype` from `scratch`, kept per name and precision and
+    replaced when the shape changes (test-size models), so it never grows past one of each."""
+    key = (name, np.dtype(dtype).str)
+    kept = scratch.get(key)
+    if kept is None or kept.shape != shape:
+        kept = scratch[key] = np.empty(shape, dtype=dtype)
+    return kept
 
 
 # numpy 2 computes FFTs in the input's precision and writes into `out=`; numpy 1 (the contract

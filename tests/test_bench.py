@@ -7,6 +7,7 @@ output, never by a test.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -417,3 +418,19 @@ def test_cli_refuses_a_nan_song_length_in_one_line(tmp_path):
     )
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("error: --song-seconds nan")
+
+
+def test_children_do_not_ask_numpy_for_huge_pages(monkeypatch):
+    """Each bench child runs with numpy's huge-page requests off (`bench.CHILD_ENV`), so a
+    spectral file's transforms are not timed through the kernel's memory compaction."""
+    seen = {}
+
+    def run(argv, cwd, env):
+        seen.update(env)
+        Path(argv[-1]).write_text("{}", encoding="utf-8")
+        return subprocess.CompletedProcess(argv, 0)
+
+    monkeypatch.setattr(bench.subprocess, "run", run)
+    bench.run_child("pair_latency", files={}, config="x", runs=1, threads=1)
+    assert seen["NUMPY_MADVISE_HUGEPAGE"] == "0"
+    assert seen["PATH"] == os.environ["PATH"]

@@ -363,6 +363,25 @@ def test_transforms_on_reused_per_thread_buffers_equal_one_signal_at_a_time(
             assert np.array_equal(got, want)
 
 
+def test_transform_work_arrays_are_kept_between_calls_one_per_name_and_precision():
+    """The app-like loop (spec, run, ispec per segment) allocates no fresh work arrays after
+    the first segment, and a different length replaces, never adds, a kept array."""
+    audio = np.random.default_rng(5).standard_normal((1, 2, 10_000)).astype(np.float32)
+
+    def kept() -> dict[int, tuple]:
+        return {id(a): a.shape for s in spectral_contract._SCRATCH for a in s.values()}
+
+    spectrum = spectral_contract.spec(audio, dtype=np.float32)
+    spectral_contract.ispec(spectrum, 10_000, dtype=np.float32)
+    first = kept()
+    spectrum = spectral_contract.spec(audio, dtype=np.float32)
+    spectral_contract.ispec(spectrum, 10_000, dtype=np.float32)
+    assert first and kept() == first
+    spectral_contract.spec(audio[..., :5_000], dtype=np.float32)
+    assert len(kept()) == len(first)  # the shorter signal's frames replaced the kept ones
+    assert any(shape[0] == spectral_contract.frames(5_000) for shape in kept().values())
+
+
 def test_interface_option_is_checked_and_named_in_errors(tmp_path):
     with pytest.raises(UserError, match="--interface 'spectral' is not one of waveform, spectral"):
         convert("htdemucs", out_dir=tmp_path, interface="spectral")

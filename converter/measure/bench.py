@@ -241,6 +241,13 @@ CHILDREN = {
 }
 
 
+# numpy asks for transparent huge pages on arrays of 4 MiB and more; where the kernel then
+# compacts memory on the fault (THP defrag "madvise"), each fresh spectrum a spectral-core
+# file's numpy transforms write can stall for longer than the FFT itself once a session has
+# run. The transforms stand in for the app's native FFT, so the children do not ask.
+CHILD_ENV = {"NUMPY_MADVISE_HUGEPAGE": "0"}
+
+
 def run_child(kind: str, **kwargs) -> dict:
     """Run one child; return its result plus wall time and the child's own peak RSS."""
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
@@ -257,6 +264,7 @@ def run_child(kind: str, **kwargs) -> dict:
                 str(result),
             ],
             cwd=REPO_ROOT,
+            env={**os.environ, **CHILD_ENV},
         )
         wall = time.perf_counter() - start
         if done.returncode != 0 or not result.is_file():
