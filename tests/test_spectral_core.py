@@ -363,9 +363,12 @@ def test_transforms_on_reused_per_thread_buffers_equal_one_signal_at_a_time(
             assert np.array_equal(got, want)
 
 
-def test_transform_work_arrays_are_kept_between_calls_one_per_name_and_precision():
+def test_transform_work_arrays_are_kept_between_calls_one_per_name_and_precision(monkeypatch):
     """The app-like loop (spec, run, ispec per segment) allocates no fresh work arrays after
     the first segment, and a different length replaces, never adds, a kept array."""
+    # one worker, so one scratch dict (with more, the pool grows to as many as ran at once)
+    monkeypatch.setattr(spectral_contract, "_SCRATCH", [])
+    monkeypatch.setattr(spectral_contract.os, "cpu_count", lambda: 1)
     audio = np.random.default_rng(5).standard_normal((1, 2, 10_000)).astype(np.float32)
 
     def kept() -> dict[int, tuple]:
